@@ -1,0 +1,76 @@
+"""Small helpers shared by the networks: the dequantising linear layer and fp32 norms."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def is_fp8(dtype: torch.dtype) -> bool:
+    return dtype in FP8_DTYPES
+
+
+class Linear(nn.Module):
+    """``nn.Linear`` whose weight may be stored in fp8 with a scale.
+
+    fp8 weights stay fp8 in memory (a 14 GB file never silently becomes 28 GB);
+    they are dequantised on use to the activation's dtype:
+    ``w = weight.to(dtype) * weight_scale``. ``weight_scale`` is ``None`` for
+    unscaled weights, a 0-d tensor (per-tensor scale, ComfyUI fp8_scaled) or a
+    ``[out_features, 1]`` tensor (per-output-channel).
+    The weight is read as the input's dtype so the layer never upcasts the
+    activations by accident.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.weight_scale: torch.Tensor | None
+        self.register_buffer("weight_scale", None)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.weight.to(dtype)
+        if self.weight_scale is not None:
+            w = w * self.weight_scale.to(dtype)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        b = self.bias.to(x.dtype) if self.bias is not None else None
+        return F.linear(x, w, b)
+
+    def extra_repr(self) -> str:
+        scaled = ", scaled" if self.weight_scale is not None else ""
+        return (
+            f"in={self.in_features}, out={self.out_features}, "
+            f"bias={self.bias is not None}, dtype={self.weight.dtype}{scaled}"
+        )
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 (the reference does; bf16 loses the small variances)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return y.type_as(x) * self.weight.to(x.dtype)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm whose statistics are computed in fp32, result cast back."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
