@@ -74,3 +74,16 @@ class FP32LayerNorm(nn.LayerNorm):
         w = self.weight.float() if self.weight is not None else None
         b = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+def quantize_fp8(w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor absmax quantisation: returns (fp8 weight, fp32 0-d scale).
+
+    ``w ~= q.float() * scale``; the scale maps the largest magnitude onto the
+    format's largest finite value (448 for e4m3fn).
+    """
+    wf = w.float()
+    amax = wf.abs().max().clamp(min=1e-12)
+    scale = (amax / torch.finfo(dtype).max).to(torch.float32)
+    q = (wf / scale).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max).to(dtype)
+    return q, scale
