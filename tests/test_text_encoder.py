@@ -100,14 +100,15 @@ def test_buckets_match_transformers() -> None:
 def test_parity_with_transformers(hf_pair, tokenizer: Tokenizer) -> None:
     hf, ours = hf_pair
     assert ours.config == PRESETS["demo"]
-    ids, mask, truncated = tokenizer.encode([LONG, SHORT], max_len=200)
-    assert truncated == [False, False] and int(mask[0].sum()) > 130 > int(mask[1].sum())
+    # 300 positions: distances beyond max_distance (128) hit the last log bucket.
+    ids, mask, truncated = tokenizer.encode([LONG, SHORT], max_len=300)
+    assert truncated == [False, False] and int(mask[0].sum()) > 200 > 20 > int(mask[1].sum())
     with torch.no_grad():
         ref = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         out = ours(ids, mask)
     err = rel_err(out, ref)
     print(f"\nparity fp32 rel err (whole batch incl. pads): {err:.2e}")
-    assert out.shape == ref.shape == (2, 200, 64)
+    assert out.shape == ref.shape == (2, 300, 64)
     assert err <= 1e-5
     for row in range(2):  # each prompt separately, real tokens only
         k = int(mask[row].sum())
@@ -119,10 +120,12 @@ def test_lower_precision_close(hf_pair, tokenizer: Tokenizer) -> None:
     ids, mask, _ = tokenizer.encode([SHORT, LONG], max_len=64)
     with torch.no_grad():
         ref = ours(ids, mask)
-        for dtype in (torch.bfloat16, torch.float16):
+        # Loose bounds: these random weights make attention very peaked, which
+        # amplifies rounding (transformers' own bf16 run is 4.4% off here).
+        for dtype, bound in ((torch.bfloat16, 5e-2), (torch.float16, 1e-2)):
             out = ours(ids, mask, dtype=dtype)
             assert out.dtype == dtype
-            assert rel_err(out, ref) < 3e-2, dtype
+            assert rel_err(out, ref) < bound, dtype
 
 
 def test_fp16_clamp() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,6 +13,18 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
+
+
+class RuntimeAdapter(NamedTuple):
+    """A LoRA term added at run time: ``y += scale * (x @ down.T) @ up.T``.
+
+    ``up`` is None for a full-weight difference: ``y += scale * x @ down.T``.
+    Kept in the LoRA file's dtype and cast to the activation's on use.
+    """
+
+    down: torch.Tensor
+    up: torch.Tensor | None
+    scale: float
 
 
 class Linear(nn.Module):
@@ -33,6 +47,8 @@ class Linear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.weight_scale: torch.Tensor | None
         self.register_buffer("weight_scale", None)
+        # Unmerged LoRAs (models/lora.py); a plain attribute so state_dict() never sees them.
+        self.adapters: tuple[RuntimeAdapter, ...] = ()
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight.to(dtype)
@@ -43,13 +59,25 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.dequantized_weight(x.dtype)
         b = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w, b)
+        y = F.linear(x, w, b)
+        if self.adapters:
+            y = self._add_adapters(x, y)
+        return y
+
+    def _add_adapters(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for a in self.adapters:
+            h = F.linear(x, a.down.to(x.dtype))
+            if a.up is not None:
+                h = F.linear(h, a.up.to(x.dtype))
+            y = y + a.scale * h
+        return y
 
     def extra_repr(self) -> str:
         scaled = ", scaled" if self.weight_scale is not None else ""
+        lora = f", {len(self.adapters)} runtime LoRA(s)" if self.adapters else ""
         return (
             f"in={self.in_features}, out={self.out_features}, "
-            f"bias={self.bias is not None}, dtype={self.weight.dtype}{scaled}"
+            f"bias={self.bias is not None}, dtype={self.weight.dtype}{scaled}{lora}"
         )
 
 

@@ -214,3 +214,84 @@ def _default_compute_dtype(device: DeviceLike) -> torch.dtype:
 
 def describe(source: str | os.PathLike) -> CheckpointInfo:
     return inspect_checkpoint(source)
+
+
+def load_vae(
+    source: str | os.PathLike, *, device: DeviceLike = "cpu", dtype: torch.dtype | None = None
+):
+    """Load the Wan 2.1 VAE (official/ComfyUI file, ``.pth``, or a diffusers ``vae/`` folder)."""
+    from wanrender.models import vae as vaemod
+
+    path, ck, info, folder_cfg = _open(source)
+    _expect_role(path, info, "vae", "the Wan 2.1 VAE")
+    if info.variant != "wan2.1":
+        raise ModelFileError(path, info.notes[0] if info.notes else f"unsupported VAE ({info.variant})", "use wan_2.1_vae.safetensors")
+    weights, scales = canonical_state(ck, info.prefix)
+    if info.layout == "diffusers":
+        weights = vaemod.official_keys_from_diffusers(weights)
+        cfg = vaemod.config_from_diffusers(folder_cfg or {})
+    else:
+        meta = getattr(ck, "metadata", {}) or {}
+        cfg = vaemod.VAEConfig.preset(meta.get("wanrender.preset", "wan2.1"))
+        base = weights["encoder.conv1.weight"].shape[0]
+        if base != cfg.base_dim:
+            cfg = vaemod.VAEConfig(base_dim=base)
+    with torch.device("meta"):
+        model = vaemod.WanVAE(cfg)
+    assign_weights(model, weights, scales, source=path, device=device, dtype=dtype)
+    log.info("loaded VAE (%s) from %s", info.describe(), path)
+    return model.eval()
+
+
+def load_text_encoder(
+    source: str | os.PathLike,
+    *,
+    device: DeviceLike = "cpu",
+    dtype: torch.dtype | None = None,
+    compute_dtype: torch.dtype = torch.float32,
+):
+    """Load the UMT5 encoder (ComfyUI ``umt5_xxl_*`` file, official ``.pth``, or an HF folder)."""
+    from wanrender.models import text_encoder as te
+
+    path, ck, info, _ = _open(source)
+    _expect_role(path, info, "text_encoder", "the UMT5-XXL text encoder")
+    if info.variant == "t5":
+        raise ModelFileError(path, info.notes[0], "use umt5_xxl_fp8_e4m3fn_scaled.safetensors")
+    try:
+        model = te.UMT5Encoder.from_state_dict({k: ck[k] for k in ck}, compute_dtype=compute_dtype)
+    except (ValueError, KeyError) as e:
+        raise ModelFileError(path, f"does not fit the UMT5 encoder ({e})", "check it is the right file") from None
+    _place(model, device, dtype)
+    log.info("loaded text encoder (%s) from %s", info.describe(), path)
+    return model
+
+
+def load_tokenizer(source: str | os.PathLike):
+    """The umt5 SentencePiece tokenizer: ``spiece.model``, a folder holding it, or a
+    text-encoder file that carries it (ComfyUI's ``spiece_model`` tensor)."""
+    from wanrender.models.text_encoder import Tokenizer
+
+    p = Path(source)
+    if not p.exists():
+        raise ModelFileError(p, "file not found", "check the path")
+    if p.is_dir():
+        return Tokenizer.from_dir(p)
+    if p.suffix == ".model":
+        return Tokenizer.from_file(p)
+    ck = open_checkpoint(p)
+    if "spiece_model" not in ck:
+        raise ModelFileError(p, "this file carries no tokenizer", "pass the umt5 tokenizer folder (spiece.model)")
+    return Tokenizer.from_bytes(ck["spiece_model"])
+
+
+def _place(model: nn.Module, device: DeviceLike, dtype: torch.dtype | None) -> None:
+    """Move to ``device``; cast floating non-fp8 tensors to ``dtype`` (fp8 stays fp8)."""
+    for mod in model.modules():
+        for store in (mod._parameters, mod._buffers):
+            for name, t in list(store.items()):
+                if t is None:
+                    continue
+                new = t.to(device)
+                if dtype is not None and new.is_floating_point() and not is_fp8(new.dtype):
+                    new = new.to(dtype)
+                store[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new

@@ -1,0 +1,245 @@
+"""The ``wanrender`` command line. Logging is set up here, once; imports stay lazy
+so that ``wanrender --help`` is instant and nothing touches a GPU until asked."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from wanrender.errors import WanrenderError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast Wan 2.2 image-to-video rendering.")
+models_app = typer.Typer(no_args_is_help=True, help="Inspect and fetch model files.")
+app.add_typer(models_app, name="models")
+console = Console(stderr=True)
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    from wanrender.log import setup_logging
+
+    setup_logging(verbose)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    raise typer.Exit(2)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    from wanrender import __version__
+
+    typer.echo(__version__)
+
+
+def _progress_printer():
+    """A rich progress display driven by the engine's (stage, step, total, detail) events."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=False,
+    )  # fmt: skip
+    tasks: dict[str, int] = {}
+
+    def on_event(stage: str, step: int | None, total: int | None, detail: str) -> None:
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total or 1, detail="")
+        tid = tasks[stage]
+        if step is None:
+            done = detail != "start"
+            bar.update(tid, completed=1 if done else 0, detail=detail if done else "…")
+        else:
+            bar.update(tid, total=total, completed=step, detail=detail)
+
+    return bar, on_event
+
+
+def _summary(result, req) -> None:
+    from rich.table import Table
+
+    t = Table(title="Render summary", title_justify="left", show_header=True)
+    t.add_column("stage")
+    t.add_column("seconds", justify="right")
+    for k, v in result.timings.items():
+        t.add_row(k, f"{v:.2f}")
+    t.add_row("[bold]total[/]", f"{sum(v for k, v in result.timings.items() if k != 'sampling'):.2f}")
+    Console().print(t)
+    steps = result.meta.get("step_seconds") or []
+    out = Console()
+    if steps:
+        out.print(f"s/step: {sum(steps) / len(steps):.3f} over {len(steps)} steps", highlight=False)
+    if result.peak_vram_bytes is not None:
+        out.print(f"peak VRAM: {result.peak_vram_bytes / 2**30:.2f} GiB", highlight=False)
+    out.print(f"[bold green]video:[/] {result.video}  [dim](sidecar {result.sidecar})[/]", highlight=False)
+
+
+def _run_render(req, files, device) -> None:
+    from wanrender.generate import run_generate
+
+    bar, on_event = _progress_printer()
+    with bar:
+        result = run_generate(req, files, device=device, progress=on_event)
+    _summary(result, req)
+
+
+@app.command()
+def generate(
+    image: Path = typer.Argument(..., help="Start image (PNG, JPEG, WebP)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What should happen in the video."),
+    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt (used when cfg != 1)."),
+    preset: str = typer.Option("turbo", "--preset", help="turbo (4 steps + LoRAs), quality (20 steps, cfg 3.5)."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4k+1 (81 = 5 s at 16 fps)."),
+    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 832x1216)."),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    switch: Optional[int] = typer.Option(None, "--switch", help="Step where the low-noise expert takes over."),
+    cfg: Optional[float] = typer.Option(None, "--cfg"),
+    shift: Optional[str] = typer.Option(None, "--shift", help="S or S_HIGH,S_LOW."),
+    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or dpmpp_2m."),
+    seed: int = typer.Option(0, "--seed"),
+    fit: str = typer.Option("crop", "--fit", help="crop (fill, like ComfyUI) or pad."),
+    fps: int = typer.Option(16, "--fps"),
+    crf: int = typer.Option(18, "--crf", help="H.264 quality, lower is better."),
+    save_frames: bool = typer.Option(False, "--frames-png", help="Also save PNG frames."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Folder with the model files."),
+    high: Optional[Path] = typer.Option(None, "--high"),
+    low: Optional[Path] = typer.Option(None, "--low"),
+    vae: Optional[Path] = typer.Option(None, "--vae"),
+    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer"),
+    lora_high: Optional[Path] = typer.Option(None, "--lora-high"),
+    lora_low: Optional[Path] = typer.Option(None, "--lora-low"),
+    lora_strength: Optional[str] = typer.Option(None, "--lora-strength", help="S or S_HIGH,S_LOW."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .mp4 (default: outputs/...)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
+) -> None:
+    """Render a video from IMAGE and a prompt."""
+    from wanrender.generate import resolve_files
+    from wanrender.request import from_preset
+
+    try:
+        width = height = None
+        if size:
+            try:
+                width, height = (int(v) for v in size.lower().split("x"))
+            except ValueError:
+                raise WanrenderError(f"--size {size!r} is invalid — use WIDTHxHEIGHT, e.g. 832x1216") from None
+        sh, sl = _pair(shift, "--shift")
+        lh, ll = _pair(lora_strength, "--lora-strength")
+        req = from_preset(
+            preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
+            switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
+            crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
+        )  # fmt: skip
+        files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)
+        _run_render(req, files, device)
+    except WanrenderError as e:
+        _fail(e)
+
+
+def _pair(value: Optional[str], flag: str) -> tuple[Optional[float], Optional[float]]:
+    if value is None:
+        return None, None
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("outputs/demo.mp4"), "--out", "-o", help="Output .mp4."),
+    seed: int = typer.Option(0, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Render the embedded demo: a real photo through the real pipeline with tiny RANDOM-weight models."""
+    from wanrender.demo import demo_image, ensure_demo_models
+    from wanrender.request import from_preset
+
+    console.print(
+        "[yellow]Demo:[/] tiny models of the Wan 2.2 architecture with [bold]random weights[/] — the video is "
+        "structured noise, not a real animation. For real renders: 'wanrender models fetch --dir models' then "
+        "'wanrender generate IMAGE --prompt ... --models models'.",
+        highlight=False,
+    )
+    try:
+        files = ensure_demo_models()
+        req = from_preset("demo", demo_image(), "slow dolly-in, gentle camera motion, soft light", seed=seed, out=out)
+        _run_render(req, files, device)
+    except WanrenderError as e:
+        _fail(e)
+
+
+@models_app.command("check")
+def models_check(folder: Path = typer.Argument(..., help="Folder with model files.")) -> None:
+    """List what FOLDER holds (role, format, dtype, size) and what a render still needs."""
+    from rich.table import Table
+
+    from wanrender.models.inventory import human_size, scan
+
+    try:
+        ms = scan(folder)
+    except WanrenderError as e:
+        _fail(e)
+        return
+    table = Table(title=f"Model files in {folder}", title_justify="left")
+    for col in ("file", "role", "format", "dtypes", "size"):
+        table.add_column(col)
+    for e in ms.entries:
+        rel = str(e.path.relative_to(folder)) if e.path.is_relative_to(folder) else str(e.path)
+        if e.info is None:
+            table.add_row(rel, "[red]unreadable[/]", e.error or "", "", "")
+            continue
+        i = e.info
+        role = i.role + (f" ({i.expert})" if i.expert else "")
+        if i.role == "text_encoder" and i.has_tokenizer:
+            role += " + tokenizer"
+        fmt = ", ".join(x for x in (i.variant, i.layout, i.precision, i.scale_style or "") if x)
+        dts = ", ".join(f"{k}×{v}" for k, v in sorted(i.dtypes.items(), key=lambda kv: -kv[1])[:3])
+        table.add_row(rel, role, fmt, dts, human_size(i.size_bytes))
+    Console().print(table)
+    out = Console()
+    for label, path in (
+        ("high-noise expert", ms.high),
+        ("low-noise expert", ms.low),
+        ("VAE", ms.vae),
+        ("text encoder", ms.text_encoder),
+        ("tokenizer", ms.tokenizer),
+        ("4-step LoRA (high)", ms.lora_high),
+        ("4-step LoRA (low)", ms.lora_low),
+    ):
+        mark = "[green]✓[/]" if path else ("[yellow]–[/]" if "LoRA" in label else "[red]✗[/]")
+        out.print(f"{mark} {label}: {path.name if path else 'not found'}", highlight=False)
+    for note in ms.notes:
+        out.print(f"  note: {note}", highlight=False)
+    missing = ms.missing()
+    if missing:
+        out.print("[bold]A render still needs:[/] " + "; ".join(missing), highlight=False)
+        raise typer.Exit(1)
+    if not (ms.lora_high and ms.lora_low):
+        out.print("Ready for the quality preset; the turbo preset also needs the two 4-step LoRAs.")
+    else:
+        out.print("[bold green]Ready to render.[/]")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    try:
+        app()
+    except WanrenderError as e:
+        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

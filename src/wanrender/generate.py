@@ -1,0 +1,167 @@
+"""``wanrender generate``: resolve model files, read the image, render, write outputs.
+
+Outputs (video, optional PNG frames, JSON sidecar) are written under temporary
+names and renamed only when everything succeeded: an error or Ctrl-C leaves no
+half-written file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from wanrender.engine import Engine, ModelFiles, Progress, RenderResult
+from wanrender.errors import WanrenderError
+from wanrender.media import image as imagemod
+from wanrender.media.sidecar import describe_files, versions, write_sidecar
+from wanrender.request import RenderRequest
+
+log = logging.getLogger(__name__)
+
+
+def resolve_files(
+    models_dir: Path | None,
+    high: Path | None = None,
+    low: Path | None = None,
+    vae: Path | None = None,
+    text_encoder: Path | None = None,
+    tokenizer: Path | None = None,
+    lora_high: Path | None = None,
+    lora_low: Path | None = None,
+) -> ModelFiles:
+    """Explicit files win; the rest is found in ``models_dir``."""
+    from wanrender.models.inventory import ModelSet, scan
+
+    found = scan(models_dir) if models_dir is not None else ModelSet()
+    picked = ModelSet(
+        high=high or found.high, low=low or found.low, vae=vae or found.vae,
+        text_encoder=text_encoder or found.text_encoder,
+        tokenizer=tokenizer or found.tokenizer or (text_encoder if text_encoder else None),
+        lora_high=lora_high or found.lora_high, lora_low=lora_low or found.lora_low,
+    )  # fmt: skip
+    if picked.missing():
+        where = models_dir or Path("--models DIR")
+        picked.require_complete(Path(where))
+    return ModelFiles(
+        high=picked.high, low=picked.low, vae=picked.vae, text_encoder=picked.text_encoder,  # type: ignore[arg-type]
+        tokenizer=picked.tokenizer, lora_high=picked.lora_high, lora_low=picked.lora_low,  # type: ignore[arg-type]
+    )
+
+
+def default_out(req: RenderRequest) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("outputs") / f"{req.image.stem}_{req.preset}_s{req.seed}_{stamp}.mp4"
+
+
+def check_lora_needs(req: RenderRequest, files: ModelFiles) -> None:
+    if req.preset == "turbo" and (files.lora_high is None or files.lora_low is None):
+        if req.lora_strength_high or req.lora_strength_low:
+            raise WanrenderError(
+                "the turbo preset needs the two 4-step LoRAs (high and low) — pass --lora-high/--lora-low, "
+                "put them in --models DIR, or use --preset quality"
+            )
+
+
+def run_generate(
+    req: RenderRequest,
+    files: ModelFiles,
+    device: str | None = None,
+    progress: Progress | None = None,
+    engine: Engine | None = None,
+) -> RenderResult:
+    """Everything ``wanrender generate`` does after parsing flags."""
+    from wanrender.media.video import write_video
+
+    check_lora_needs(req, files)
+    rgb = imagemod.load_image(req.image)  # validated before any model is loaded
+    image = imagemod.fit_image(rgb, req.width, req.height, req.fit)
+    out = req.out or default_out(req)
+    if out.suffix.lower() != ".mp4":
+        raise WanrenderError(f"--out {out}: the video is written as MP4 — use a name ending in .mp4")
+    req = replace(req, out=out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if engine is None:
+        if progress:
+            progress("load_models", None, None, "start")
+        engine = Engine.load(files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low)
+        if progress:
+            progress("load_models", None, None, f"{engine.load_seconds:.2f}s")
+
+    def write(result: RenderResult) -> None:
+        frames_dir = out.with_suffix("") if req.save_frames else None
+        sidecar = out.with_suffix(".json")
+        written: list[Path] = []
+        try:
+            write_video(result.frames, out, fps=req.fps, crf=req.crf)
+            written.append(out)
+            if frames_dir is not None:
+                _write_frames(result.frames, frames_dir)
+                written.append(frames_dir)
+            write_sidecar(sidecar, _sidecar(req, engine, result))
+        except BaseException:
+            for p in written:  # all or nothing: no video without its sidecar
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            raise
+        result.video, result.sidecar = out, sidecar
+
+    try:
+        return engine.render(req, image, progress, write)
+    except torch.cuda.OutOfMemoryError:
+        raise WanrenderError(
+            f"the GPU ran out of memory at {req.frames} frames {req.width}x{req.height} — try fewer frames or a smaller size"
+        ) from None
+
+
+def _write_frames(frames, folder: Path) -> None:
+    from PIL import Image
+
+    tmp = folder.with_name(f".{folder.name}.partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        for i, f in enumerate(frames):
+            Image.fromarray(f).save(tmp / f"frame_{i:05d}.png")
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult) -> dict:
+    s = result.meta.get("step_seconds", [])
+    return {
+        "request": req.to_json(),
+        "plan": {
+            "device": str(engine.device),
+            "compute_dtype": str(engine.high.compute_dtype).replace("torch.", ""),
+            "attention": getattr(engine.high.attention, "__name__", str(engine.high.attention)),
+            "passes": [p.__dict__ for p in _passes(req)],
+            "lora": engine.lora_report,
+        },
+        "models": describe_files(engine.files.as_dict()),
+        "seed": req.seed,
+        "noise": "torch.randn on the CPU, fp32, torch.Generator().manual_seed(seed), shape [1,16,T,H/8,W/8]",
+        "frames": int(result.frames.shape[0]),
+        "size": [int(result.frames.shape[2]), int(result.frames.shape[1])],
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "render_s": round(sum(v for k, v in result.timings.items() if k != "sampling"), 3),
+        "seconds_per_step": round(sum(s) / len(s), 4) if s else None,
+        "load_models_s": round(engine.load_seconds, 3),
+        "peak_vram_bytes": result.peak_vram_bytes,
+        "versions": versions(),
+    }
+
+
+def _passes(req: RenderRequest):
+    from wanrender.pipeline.i2v import Sampling
+
+    return Sampling(req.steps, req.switch, req.cfg, req.shift_high, req.shift_low, req.sampler).passes()

@@ -1,0 +1,80 @@
+"""The JSON sidecar written next to every video, and cached file checksums."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from wanrender.media.atomic import atomic_write_text
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("WANRENDER_HOME")
+    return Path(root) if root else Path.home() / ".cache" / "wanrender"
+
+
+def sha256_file(path: Path, cache: Path | None = None) -> str:
+    """SHA-256 of a file, cached by (path, size, mtime): hashing 14 GB takes a while."""
+    path = Path(path).resolve()
+    st = path.stat()
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    cache_file = (cache or cache_dir()) / "sha256.json"
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    known[key] = digest
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_file, json.dumps(known, indent=1))
+    except OSError:
+        pass  # a read-only cache only costs time
+    return digest
+
+
+def describe_files(files: dict[str, Path | None]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for role, p in files.items():
+        if p is None:
+            continue
+        paths = sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]
+        out[role] = {
+            "path": str(p),
+            "files": [{"name": q.name, "bytes": q.stat().st_size, "sha256": sha256_file(q)} for q in paths],
+        }
+    return out
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from wanrender import __version__
+
+    v = {"wanrender": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+         "platform": platform.platform()}  # fmt: skip
+    if torch.cuda.is_available():
+        v["cuda"] = str(torch.version.cuda)
+        v["gpu"] = torch.cuda.get_device_name()
+    try:
+        import av
+
+        v["pyav"] = av.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def write_sidecar(path: Path, data: dict) -> Path:
+    atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str))
+    return path

@@ -1,0 +1,263 @@
+"""Video files in and out through PyAV (libav* linked in the wheel; no ffmpeg binary).
+
+Frames are always ``uint8`` RGB arrays of shape ``[H, W, 3]``. Writing is
+atomic: the MP4 is built under a temporary name in the destination folder and
+renamed over the target only once the muxer has closed cleanly, so a crash or
+a bad frame halfway never leaves a playable-looking but truncated file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wanrender.errors import WanrenderError
+
+# Pixel formats whose chroma planes are halved in both directions; H.264 then
+# needs even width and height.
+_SUBSAMPLED = {"yuv420p", "nv12", "yuvj420p"}
+_PIX_FMTS = {"yuv420p", "yuv444p", "yuvj420p"}
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the container header says about the first video stream."""
+
+    width: int
+    height: int
+    fps: float
+    frames: int  # 0 when the container does not record a count
+    codec: str
+
+
+def _fps_fraction(fps: float) -> Fraction:
+    if not isinstance(fps, (int, float, Fraction)) or not np.isfinite(float(fps)) or fps <= 0:
+        raise WanrenderError(f"fps must be a positive number, got {fps!r} — pass e.g. fps=16")
+    # NTSC-style rates (29.97) survive as 30000/1001 instead of a huge denominator.
+    return Fraction(fps).limit_denominator(1001)
+
+
+def _check_frame(frame: Any, index: int, shape: tuple[int, ...] | None) -> np.ndarray:
+    if not isinstance(frame, np.ndarray):
+        raise WanrenderError(
+            f"frame {index} is a {type(frame).__name__}, not a numpy array — pass uint8 [H,W,3] RGB arrays"
+        )
+    if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        raise WanrenderError(
+            f"frame {index} has dtype {frame.dtype} and shape {frame.shape} — frames must be uint8 [H,W,3] RGB"
+        )
+    if shape is not None and frame.shape != shape:
+        raise WanrenderError(
+            f"frame {index} is {frame.shape[1]}x{frame.shape[0]} but frame 0 is {shape[1]}x{shape[0]}"
+            " — all frames of a video must have one size"
+        )
+    return np.ascontiguousarray(frame)
+
+
+def _iter_input_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4:
+            raise WanrenderError(
+                f"frames array has shape {frames.shape} — expected [T,H,W,3] (or pass an iterable of [H,W,3] frames)"
+            )
+        return iter(frames)
+    if isinstance(frames, (str, bytes, os.PathLike)) or not isinstance(frames, Iterable):
+        raise WanrenderError(
+            f"frames is a {type(frames).__name__} — pass a uint8 [T,H,W,3] array or an iterable of [H,W,3] frames"
+        )
+    return iter(frames)
+
+
+def temp_path_for(path: Path) -> Path:
+    """A hidden sibling of ``path``: same folder, so the final rename is atomic."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def write_video(
+    frames: np.ndarray | Iterable[np.ndarray],
+    path: str | os.PathLike[str],
+    fps: float = 16,
+    crf: int = 18,
+    pix_fmt: str = "yuv420p",
+    preset: str = "medium",
+) -> int:
+    """Encode RGB frames to an H.264 MP4 at ``path``; returns the number of frames.
+
+    ``frames`` may be a ``[T,H,W,3]`` array or any iterable (a generator streams:
+    only one frame is held at a time). Nothing appears at ``path`` unless every
+    frame was encoded and the file was closed.
+    """
+    import av
+
+    out = Path(path)
+    rate = _fps_fraction(fps)
+    if not isinstance(crf, int) or not 0 <= crf <= 51:
+        raise WanrenderError(f"crf must be an integer in 0..51, got {crf!r} — 18 is visually lossless")
+    if pix_fmt not in _PIX_FMTS:
+        raise WanrenderError(f"pix_fmt {pix_fmt!r} is not supported — use one of {sorted(_PIX_FMTS)}")
+    if not out.parent.is_dir():
+        raise WanrenderError(f"{out.parent}: folder does not exist — create it or choose another output path")
+    if out.is_dir():
+        raise WanrenderError(f"{out}: is a folder — give a file name ending in .mp4")
+
+    it = _iter_input_frames(frames)
+    tmp = temp_path_for(out)
+    count = 0
+    container = None
+    try:
+        shape: tuple[int, ...] | None = None
+        stream = None
+        for raw in it:
+            frame = _check_frame(raw, count, shape)
+            if stream is None:
+                shape = frame.shape
+                h, w = shape[0], shape[1]
+                if pix_fmt in _SUBSAMPLED and (h % 2 or w % 2):
+                    raise WanrenderError(
+                        f"frames are {w}x{h}; H.264 {pix_fmt} needs even width and height"
+                        " — crop or pad by one pixel, or use pix_fmt='yuv444p'"
+                    )
+                # +faststart moves the index to the front so browsers can play while downloading.
+                container = av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
+                stream = container.add_stream("libx264", rate=rate)
+                stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+                stream.options = {"crf": str(crf), "preset": preset}
+            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            vf.pts = count
+            vf.time_base = 1 / rate
+            for packet in stream.encode(vf):
+                container.mux(packet)
+            count += 1
+        if stream is None or container is None:
+            raise WanrenderError(f"{out}: no frames to write — the frame source was empty")
+        for packet in stream.encode(None):
+            container.mux(packet)
+        container.close()
+        container = None
+        os.replace(tmp, out)
+    except av.FFmpegError as err:
+        raise WanrenderError(f"{out}: encoding failed ({err}) — check disk space and the frame size") from err
+    finally:
+        if container is not None:
+            try:
+                container.close()
+            except Exception:  # noqa: BLE001 - the original error matters more than a close failure
+                pass
+        if tmp.exists():
+            tmp.unlink()
+    return count
+
+
+def _open_input(path: str | os.PathLike[str]) -> tuple[Any, Any, Path]:
+    import av
+
+    src = Path(path)
+    if not src.exists():
+        raise WanrenderError(f"{src}: no such file — check the path")
+    if not src.is_file():
+        raise WanrenderError(f"{src}: is not a file — give the path of a video file")
+    try:
+        container = av.open(str(src), mode="r")
+    except av.FFmpegError as err:
+        raise WanrenderError(
+            f"{src}: not a readable video ({err.strerror or err}) — the file is corrupt or not a video; re-export it as MP4"
+        ) from err
+    if not container.streams.video:
+        container.close()
+        raise WanrenderError(f"{src}: has no video stream — give a video file (MP4, MKV, MOV, ...)")
+    return container, container.streams.video[0], src
+
+
+def _stream_fps(stream: Any, src: Path) -> float:
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate is not None and rate > 0:
+            return float(rate)
+    raise WanrenderError(f"{src}: the container records no frame rate — re-mux it with an explicit fps")
+
+
+def probe_video(path: str | os.PathLike[str]) -> VideoInfo:
+    """Header facts without decoding (frame count may be 0 when not recorded)."""
+    container, stream, src = _open_input(path)
+    try:
+        ctx = stream.codec_context
+        return VideoInfo(
+            width=int(ctx.width),
+            height=int(ctx.height),
+            fps=_stream_fps(stream, src),
+            frames=int(stream.frames or 0),
+            codec=str(ctx.name),
+        )
+    finally:
+        container.close()
+
+
+# MP4 edit lists can legitimately hide a frame or two that the header counts.
+_TRUNCATION_SLACK = 2
+
+
+def _decode(container: Any, stream: Any, src: Path) -> Iterator[np.ndarray]:
+    import av
+
+    shape: tuple[int, ...] | None = None
+    index = 0
+    expected = int(stream.frames or 0)
+    try:
+        for frame in container.decode(stream):
+            arr = frame.to_ndarray(format="rgb24")
+            if shape is None:
+                shape = arr.shape
+            elif arr.shape != shape:
+                raise WanrenderError(
+                    f"{src}: frame {index} is {arr.shape[1]}x{arr.shape[0]} but frame 0 is {shape[1]}x{shape[0]}"
+                    " — re-encode the video at one size"
+                )
+            yield arr
+            index += 1
+        # A cut-short file decodes without any error, just fewer frames: compare
+        # with the count the container header recorded, when it has one.
+        if expected and index > 0 and index < expected - _TRUNCATION_SLACK:
+            raise WanrenderError(
+                f"{src}: only {index} of the {expected} frames the header lists could be decoded"
+                " — the file is truncated; copy or render it again"
+            )
+    except av.FFmpegError as err:
+        raise WanrenderError(
+            f"{src}: video data is corrupt near frame {index} ({err.strerror or err}) — re-export the video"
+        ) from err
+    finally:
+        container.close()
+
+
+def iter_video(path: str | os.PathLike[str]) -> tuple[float, Iterator[np.ndarray]]:
+    """Open ``path`` and return ``(fps, frames)`` where frames decode lazily.
+
+    The first frame is decoded before returning so that an unreadable or empty
+    file fails here, not in the middle of the caller's pipeline.
+    """
+    container, stream, src = _open_input(path)
+    fps = _stream_fps(stream, src)
+    # Frame-level threads speed decoding up; output order is unchanged.
+    stream.thread_type = "AUTO"
+    frames = _decode(container, stream, src)
+    try:
+        first = next(frames)
+    except StopIteration:
+        raise WanrenderError(f"{src}: contains no video frames — re-export the video") from None
+
+    def chained() -> Iterator[np.ndarray]:
+        yield first
+        yield from frames
+
+    return fps, chained()
+
+
+def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
+    """Decode a whole video into memory: ``(frames uint8 [T,H,W,3], fps)``."""
+    fps, frames = iter_video(path)
+    return np.stack(list(frames)), fps

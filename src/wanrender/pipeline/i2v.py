@@ -1,0 +1,106 @@
+"""Image-to-video, step by step, as ComfyUI's Wan 2.2 I2V workflow computes it.
+
+1. ``image_condition``: the start image followed by gray frames, VAE-encoded, with
+   the 4-channel first-frame mask in front (``WanImageToVideo``).
+2. ``initial_noise``: seeded on the CPU in fp32, as ComfyUI's ``prepare_noise``.
+3. ``sample``: pass 1 with the high-noise expert (noise added, leftover noise
+   returned), pass 2 with the low-noise expert (no noise added) — two
+   ``KSamplerAdvanced`` nodes.
+4. ``decode``: VAE decode to uint8 RGB frames.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wanrender.pipeline.sampling import PassPlan, StepCallback, cfg_velocity, run_pass
+
+LATENT_CHANNELS = 16
+TEMPORAL_STRIDE = 4
+SPATIAL_STRIDE = 8
+
+
+def latent_shape(frames: int, width: int, height: int) -> tuple[int, int, int, int, int]:
+    return (1, LATENT_CHANNELS, (frames - 1) // TEMPORAL_STRIDE + 1, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE)
+
+
+@torch.no_grad()
+def image_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
+    """[3, H, W] image in [0, 1] -> [1, 4 + 16, T, H/8, W/8]: mask then image latent.
+
+    The continuation frames are 0.5 gray (0 in the VAE's [-1, 1] range). The mask is
+    1 on the first latent frame (the given image) and 0 elsewhere, in 4 channels:
+    one per pixel frame that a latent frame stands for.
+    """
+    _, h, w = image.shape
+    p = next(vae.parameters())
+    video = torch.zeros(1, 3, frames, h, w, dtype=p.dtype, device=p.device)
+    video[:, :, 0] = (image.to(p.device, p.dtype) * 2 - 1)
+    latent = vae.encode(video).float()
+    mask = torch.zeros(1, 4, *latent.shape[2:], device=latent.device)
+    mask[:, :, 0] = 1.0
+    return torch.cat([mask, latent], dim=1)
+
+
+def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Seeded on the CPU in fp32, like ComfyUI: the same seed gives the same noise on any GPU."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randn(shape, dtype=torch.float32, generator=g, device="cpu")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    steps: int = 4
+    switch: int = 2
+    cfg: float = 1.0
+    shift_high: float = 5.0
+    shift_low: float = 5.0
+    sampler: str = "euler"
+
+    def passes(self) -> tuple[PassPlan, PassPlan]:
+        """The two KSamplerAdvanced nodes of the workflow. At the edges (switch 0 or
+        switch == steps) one expert runs the whole schedule: it then adds the noise
+        itself, or denoises fully (ComfyUI's nodes would pass on an unnoised or
+        still-noisy latent there, which is never what a user means)."""
+        only_low, only_high = self.switch == 0, self.switch == self.steps
+        high = PassPlan(self.steps, self.shift_high, 0, self.switch, True, not only_high, self.sampler)
+        low = PassPlan(self.steps, self.shift_low, self.switch, self.steps, only_low, False, self.sampler)
+        return high, low
+
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+@torch.no_grad()
+def sample(
+    high: Denoiser,
+    low: Denoiser,
+    noise: torch.Tensor,
+    cond: torch.Tensor,
+    context: torch.Tensor,
+    settings: Sampling,
+    negative: torch.Tensor | None = None,
+    callback: StepCallback | None = None,
+    on_switch: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """Two KSamplerAdvanced passes; returns the final latent (fp32)."""
+    p_high, p_low = settings.passes()
+    latent = torch.zeros_like(noise)
+    latent = run_pass(cfg_velocity(high, context, cond, settings.cfg, negative), latent, noise, p_high, callback)
+    if on_switch is not None:
+        on_switch()
+    return run_pass(cfg_velocity(low, context, cond, settings.cfg, negative), latent, noise, p_low, callback)
+
+
+@torch.no_grad()
+def decode(vae, latent: torch.Tensor, tiled: bool = False, tile_px: int = 512) -> np.ndarray:
+    """Latent -> uint8 RGB frames [T, H, W, 3]."""
+    p = next(vae.parameters())
+    z = latent.to(p.device)
+    video = vae.decode_tiled(z, tile_px=tile_px, overlap_px=tile_px // 4) if tiled else vae.decode(z)
+    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu().numpy()
