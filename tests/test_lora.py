@@ -276,20 +276,34 @@ def test_fp8_merge_error_is_the_quantisation_error(fmt: str, tmp_path: Path) -> 
     apply_lora(model, parse_lora(sd, model), 1.0)
 
     assert q.weight is not old_q and torch.equal(old_q.view(torch.uint8), old_bytes)  # file view untouched
-    worst, worst_requant = 0.0, 0.0
     for n in fp8_targets:
         mod = mods[n.removesuffix(".weight")]
         assert mod.weight.dtype == torch.float8_e4m3fn and mod.weight_scale is not None
-        worst = max(worst, _rel(mod.dequantized_weight(torch.float32), exact[n]))
-        qq, s = quantize_fp8(exact[n])
-        worst_requant = max(worst_requant, _rel(qq.float() * s, exact[n]))
-    # Relative L2 error of the merged fp8 weights vs the exact fp32 merge of the same
-    # file (dequantised base + delta in fp32): measured 0.0257-0.0270 over these 8 layers
-    # in both fp8 formats. That is e4m3's own rounding error (3 mantissa bits: <= 2^-4 per
-    # value, ~0.027 RMS for Gaussian weights), i.e. exactly what quantising the exact
-    # result costs; it is ~13% of this (large, ~20% of W) LoRA delta.
-    assert worst < 0.035
-    assert worst == pytest.approx(worst_requant, rel=1e-6)
+        merged = mod.dequantized_weight(torch.float32)
+        # Stochastic rounding: the error is fp8 rounding noise (3 mantissa bits: up to
+        # one step), measured 0.037-0.038 relative L2 here (vs 0.026-0.027 for round-to-nearest) ...
+        assert _rel(merged, exact[n]) < 0.06
+        # ... but unbiased: the merged change projects onto the LoRA delta with a gain
+        # near 1 (measured 0.994-1.004), where round-to-nearest of a small delta gives a gain near 0.
+        base = exact[n] - deltas[n]
+        gain = ((merged - base) * deltas[n]).sum() / (deltas[n] * deltas[n]).sum()
+        assert 0.9 < gain.item() < 1.1
+
+
+def test_stochastic_rounding_keeps_small_deltas() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+    delta = 0.01 * torch.randn(256, 256, generator=g)  # well below half an e4m3 step
+    q0, s0 = quantize_fp8(w)
+    base = q0.float() * s0
+    near, sn = quantize_fp8(base + delta)
+    sto, ss = quantize_fp8(base + delta, generator=torch.Generator().manual_seed(1))
+
+    def gain(q, s):
+        return (((q.float() * s - base) * delta).sum() / (delta * delta).sum()).item()
+
+    assert gain(near, sn) < 0.5  # most of the delta rounds away
+    assert 0.9 < gain(sto, ss) < 1.1
 
 
 # ----------------------------------------------------------------------------- report

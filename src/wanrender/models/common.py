@@ -104,14 +104,39 @@ class FP32LayerNorm(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
 
 
-def quantize_fp8(w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8(
+    w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor absmax quantisation: returns (fp8 weight, fp32 0-d scale).
 
     ``w ~= q.float() * scale``; the scale maps the largest magnitude onto the
-    format's largest finite value (448 for e4m3fn).
+    format's largest finite value (448 for e4m3fn). With a ``generator`` the
+    rounding is stochastic (unbiased): a small change such as a LoRA delta, below
+    half an fp8 step, survives on average instead of rounding back to the old value.
     """
     wf = w.float()
     amax = wf.abs().max().clamp(min=1e-12)
     scale = (amax / torch.finfo(dtype).max).to(torch.float32)
-    q = (wf / scale).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max).to(dtype)
+    v = (wf / scale).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+    q = v.to(dtype) if generator is None else _stochastic_round(v, dtype, generator)
     return q, scale
+
+
+def _stochastic_round(v: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Round each value to one of its two fp8 neighbours with probability by distance."""
+    a = v.abs()
+    near = a.to(dtype)
+    bits = near.view(torch.uint8).to(torch.int16)
+    top = torch.finfo(dtype).max
+    top_bits = int(torch.tensor(top).to(dtype).view(torch.uint8))
+    nearf = near.float()
+    below = nearf > a  # the nearest value is above: the other neighbour is one step down
+    lo_bits = torch.where(below, (bits - 1).clamp(min=0), bits)
+    hi_bits = torch.where(below, bits, (bits + 1).clamp(max=top_bits))
+    lo = lo_bits.to(torch.uint8).view(dtype).float()
+    hi = hi_bits.to(torch.uint8).view(dtype).float()
+    gap = hi - lo
+    p_hi = torch.where(gap > 0, (a - lo) / gap.clamp(min=1e-30), torch.zeros_like(a))
+    r = torch.rand(a.shape, generator=generator, device="cpu").to(a.device)
+    mag = torch.where(r < p_hi, hi, lo)
+    return (mag * torch.sign(v)).to(dtype)

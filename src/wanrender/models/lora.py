@@ -33,9 +33,12 @@ One strength per expert: parse once (both experts share one architecture) and ca
 ``apply_lora(high, lora, 1.0); apply_lora(low, lora, 0.5)``.
 
 ``mode="merge"`` folds ``strength * delta`` into the weights in fp32 (fp8 weights are
-dequantised, patched and requantised with a fresh per-tensor scale). On fp8 experts
-prefer ``unmerged``: e4m3 keeps 3 mantissa bits, so a typical LoRA whose delta is ~1%
-of W is mostly rounded away by the requantisation (error ~0.9x the delta itself). ``"unmerged"``
+dequantised, patched and requantised with a fresh per-tensor scale). e4m3 keeps 3
+mantissa bits, so round-to-nearest would drop most of a typical LoRA delta (~1% of
+W: requantisation error ~0.9x the delta); the requantisation therefore rounds
+stochastically (seeded by the tensor name, as ComfyUI does when it patches fp8
+weights), which keeps the delta on average at the cost of fp8-sized noise. For an
+exact result on fp8 experts use ``unmerged``. ``"unmerged"``
 leaves Linear weights untouched and adds the low-rank term at run time through
 ``common.Linear.adapters``; the other targets (biases, modulation, norms, the
 patch-embedding conv) are small and are merged even then, but their original tensors
@@ -49,6 +52,7 @@ import json
 import math
 import os
 import re
+import zlib
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -431,12 +435,16 @@ def _set_param(mod: nn.Module, attr: str, value: torch.Tensor) -> None:
     mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def _merge(mod: nn.Module, attr: str, delta: torch.Tensor) -> None:
+def _merge(mod: nn.Module, attr: str, delta: torch.Tensor, target: str) -> None:
     old = mod._parameters[attr]
     assert old is not None
     if isinstance(mod, Linear) and attr == "weight" and is_fp8(old.dtype):
-        # Per-tensor requantisation: a LoRA changes the range, the old scale may clip.
-        q, s = quantize_fp8(mod.dequantized_weight(torch.float32) + delta, old.dtype)
+        # Per-tensor requantisation (a LoRA changes the range, the old scale may clip),
+        # rounded stochastically as ComfyUI does when it patches fp8 weights: e4m3
+        # has 3 mantissa bits, so round-to-nearest would drop most of a small delta.
+        # Seeded by the tensor's name: the same LoRA merges to the same weights every run.
+        gen = torch.Generator().manual_seed(zlib.crc32(target.encode()))
+        q, s = quantize_fp8(mod.dequantized_weight(torch.float32) + delta, old.dtype, gen)
         _set_param(mod, attr, q)
         mod.weight_scale = s.to(old.device)
     else:
@@ -487,7 +495,7 @@ def apply_lora(model: nn.Module, lora: Lora, strength: float, mode: str = "merge
         delta = plist[0].delta(param.shape, param.device)
         for p in plist[1:]:
             delta = delta + p.delta(param.shape, param.device)
-        _merge(mod, attr, strength * delta)
+        _merge(mod, attr, strength * delta, target)
         merged.append(target)
     notes = list(base.notes)
     if mode == "unmerged" and merged:

@@ -538,9 +538,9 @@ def encode_text(
         if cut:
             log.warning("prompt longer than %d tokens was truncated: %.60r...", text_len, prompt)
     if int(ids.max()) >= encoder.config.vocab:
-        raise ValueError(
+        raise WanrenderError(
             f"tokenizer produced id {int(ids.max())} but the encoder has only {encoder.config.vocab} "
-            "embeddings: tokenizer and text-encoder files do not belong together"
+            "embeddings — the tokenizer and text-encoder files do not belong together; use the umt5 pair"
         )
     # Run only up to the longest prompt: pads are masked out of attention (their
     # weight is exactly 0) and T5 has no absolute positions, so later positions
