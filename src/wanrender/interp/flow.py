@@ -101,10 +101,10 @@ def scene_cut_score(img0: np.ndarray, img1: np.ndarray, bins: int = 16) -> float
     return float(0.5 * np.abs(h0 - h1).sum(axis=1).mean())
 
 
-def _hold_nearest(img0: np.ndarray, img1: np.ndarray, ts: Sequence[float]) -> np.ndarray:
-    # Across a cut each in-between frame shows whichever real frame is nearer in
-    # time, so the cut lands where it would have at the higher frame rate.
-    return np.stack([img0 if t < 0.5 else img1 for t in ts])
+def _hold_previous(img0: np.ndarray, ts: Sequence[float]) -> np.ndarray:
+    # Across a cut the in-between frames repeat the last frame of the old shot,
+    # so the new shot first appears at exactly the time it did in the source.
+    return np.repeat(img0[None], len(ts), axis=0)
 
 
 # --- the driver ---------------------------------------------------------------
@@ -188,7 +188,7 @@ def _drive(
         for i, (a, b, idx) in enumerate(pending):
             if cuts[i]:
                 st.scene_cuts.append(idx)
-                mids[i] = _hold_nearest(a, b, ts)
+                mids[i] = _hold_previous(a, ts)
             yield a
             yield from mids.pop(i)
             st.pairs += 1

@@ -24,7 +24,12 @@ FORMATS = ("bf16", "fp16", "fp32", "fp8_scaled", "fp8_scaled_v2", "fp8_e4m3fn")
 def _is_quantisable(name: str, t: torch.Tensor) -> bool:
     # ComfyUI quantises the 2-D linear weights only; norms, modulation, embeddings
     # stored as convs and biases stay in high precision.
-    return name.endswith(".weight") and t.dim() == 2 and "norm" not in name.rsplit(".", 2)[-2]
+    # Token and position-bias embeddings are lookups, not matmuls: never quantised.
+    lookups = ("shared.", "embed_tokens.", "relative_attention_bias.")
+    return (
+        name.endswith(".weight") and t.dim() == 2 and "norm" not in name.rsplit(".", 2)[-2]
+        and not any(x in name for x in lookups)
+    )  # fmt: skip
 
 
 def convert_state(

@@ -167,8 +167,8 @@ class ResBlock(nn.Module):
         super().__init__()
         # Indices matter: the checkpoint names residual.0 / .2 / .3 / .6 (slot 5 was dropout).
         self.residual = nn.Sequential(
-            *_head(in_dim, out_dim), ChannelRMSNorm(out_dim, 3), nn.SiLU(), nn.Identity(),
-            CausalConv3d(out_dim, out_dim, 3, padding=1),
+            ChannelRMSNorm(in_dim, 3), nn.SiLU(), CausalConv3d(in_dim, out_dim, 3, padding=1),
+            ChannelRMSNorm(out_dim, 3), nn.SiLU(), nn.Identity(), CausalConv3d(out_dim, out_dim, 3, padding=1),
         )  # fmt: skip
         self.shortcut: nn.Module = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
@@ -280,7 +280,6 @@ def _run_layers(layers: nn.Sequential, x: Tensor, cache: TimeCache) -> Tensor:
 
 
 def _head(dim: int, out_dim: int) -> nn.Sequential:
-    """norm -> SiLU -> causal 3x3x3 conv (also the first half of a ResBlock)."""
     return nn.Sequential(ChannelRMSNorm(dim, 3), nn.SiLU(), CausalConv3d(dim, out_dim, 3, padding=1))
 
 
@@ -373,16 +372,11 @@ class WanVAE(nn.Module):
         return torch.promote_types(self._param().dtype, torch.float32)
 
     def _stats(self, device: torch.device) -> tuple[Tensor, Tensor]:
-        # Built per call in fp32, so a bf16 model does not round the statistics.
+        # Built per call in >= fp32, so a bf16 model does not round the statistics.
         shape, dtype = (1, self.config.z_dim, 1, 1, 1), self._out_dtype()
         mean = torch.tensor(self.config.latents_mean, dtype=dtype, device=device).view(shape)
         std = torch.tensor(self.config.latents_std, dtype=dtype, device=device).view(shape)
         return mean, std
-
-    def _check_spatial(self, h: int, w: int, what: str) -> None:
-        s = self.config.spatial_stride
-        if h % s or w % s:
-            raise ValueError(f"{what} height and width must be multiples of {s}, got {h}x{w}")
 
     @torch.no_grad()
     def encode(self, video: Tensor, *, normalized: bool = True) -> Tensor:
@@ -394,7 +388,8 @@ class WanVAE(nn.Module):
         """
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"expected a video [B, 3, F, H, W], got shape {tuple(video.shape)}")
-        self._check_spatial(video.shape[3], video.shape[4], "video")
+        if video.shape[3] % self.config.spatial_stride or video.shape[4] % self.config.spatial_stride:
+            raise ValueError(f"video height and width must be multiples of {self.config.spatial_stride}")
         p = self._param()
         x = video.to(device=p.device, dtype=p.dtype)
         n_lat = self.config.latent_frames(x.shape[2])
@@ -587,7 +582,8 @@ def config_from_diffusers(cfg: Mapping[str, Any]) -> VAEConfig:
     }
     bad = [name for name, is_bad in unsupported.items() if is_bad]
     if bad:
-        raise ValueError(f"not a Wan 2.1 VAE config (unsupported: {', '.join(bad)}); Wan 2.2's VAE is not supported")
+        which = ", ".join(bad)
+        raise ValueError(f"not a Wan 2.1 VAE config (unsupported: {which}); the Wan 2.2 VAE is not supported")
     values: dict[str, Any] = {
         "z_dim": int(cfg.get("z_dim", base.z_dim)),
         "base_dim": base_dim,
