@@ -26,7 +26,7 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False)
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -233,11 +233,40 @@ def models_check(folder: Path = typer.Argument(..., help="Folder with model file
         out.print("[bold green]Ready to render.[/]")
 
 
+@models_app.command("fetch")
+def models_fetch(
+    what: str = typer.Argument("standard", help="standard (the turbo file set, ~37 GB) or rife (interpolation weights)."),
+    folder: Path = typer.Option(Path("models"), "--dir", help="Where to put the files."),
+) -> None:
+    """Download model files (only when asked; resumable and checksummed)."""
+    try:
+        if what == "rife":
+            from wanrender.interp.weights import fetch_rife
+
+            path = fetch_rife()
+            Console().print(f"RIFE weights: {path}", highlight=False)
+            return
+        if what != "standard":
+            raise WanrenderError(f"unknown file set {what!r} — choose standard or rife")
+        from wanrender.fetch import STANDARD_SET, fetch
+
+        total = sum(f.approx_gb for f in STANDARD_SET)
+        console.print(f"Downloading {len(STANDARD_SET)} files (~{total:.0f} GB) into {folder} ...", highlight=False)
+
+        def report(f, state: str) -> None:
+            console.print(f"  {f.role:<20} {f.dest}: {state}", highlight=False)
+
+        fetch(folder, progress=report)
+        Console().print(f"[bold green]Done.[/] Check with: wanrender models check {folder}", highlight=False)
+    except WanrenderError as e:
+        _fail(e)
+
+
 def main() -> None:  # pragma: no cover - console entry
     try:
         app()
     except WanrenderError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -171,6 +171,5 @@ class Engine:
         if self.device.type == "cuda":
             result.peak_vram_bytes = int(torch.cuda.max_memory_allocated(self.device))
         if write is not None:
-            with self._stage(timings, "video_encode", progress):
-                write(result)
+            write(result)
         return result

@@ -98,8 +98,14 @@ def run_generate(
         sidecar = out.with_suffix(".json")
         written: list[Path] = []
         try:
+            if progress:
+                progress("video_encode", None, None, "start")
+            t0 = time.perf_counter()
             write_video(result.frames, out, fps=req.fps, crf=req.crf)
             written.append(out)
+            result.timings["video_encode"] = time.perf_counter() - t0
+            if progress:
+                progress("video_encode", None, None, f"{result.timings['video_encode']:.2f}s")
             if frames_dir is not None:
                 _write_frames(result.frames, frames_dir)
                 written.append(frames_dir)

@@ -1,0 +1,48 @@
+"""`models fetch` with a fake hub: checksums, resumption, no half-written files."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from wanrender.errors import WanrenderError
+from wanrender.fetch import RemoteFile, fetch
+
+FILES = (
+    RemoteFile("org/repo", "split_files/a.safetensors", "a.safetensors", 0.0, "high-noise expert"),
+    RemoteFile("org/tok", "spiece.model", "tok/spiece.model", 0.0, "tokenizer"),
+)
+
+
+def _fake_hub(payloads: dict[str, bytes], corrupt: set[str] = frozenset()):
+    calls = []
+
+    def download(f: RemoteFile, cache: Path):
+        calls.append(f.path)
+        local = cache / f.path
+        local.parent.mkdir(parents=True, exist_ok=True)
+        data = payloads[f.path]
+        local.write_bytes(data[:-1] + b"!" if f.path in corrupt else data)
+        return local, hashlib.sha256(data).hexdigest()
+
+    return download, calls
+
+
+def test_fetch_places_and_verifies(tmp_path: Path) -> None:
+    payloads = {"split_files/a.safetensors": b"weights" * 100, "spiece.model": b"spm"}
+    dl, calls = _fake_hub(payloads)
+    out = fetch(tmp_path / "models", FILES, downloader=dl)
+    assert [p.read_bytes() for p in out] == [payloads["split_files/a.safetensors"], payloads["spiece.model"]]
+    assert not (tmp_path / "models" / ".download").exists()
+    assert calls == ["split_files/a.safetensors", "spiece.model"]
+
+
+def test_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
+    payloads = {"split_files/a.safetensors": b"weights" * 100, "spiece.model": b"spm"}
+    dl, _ = _fake_hub(payloads, corrupt={"split_files/a.safetensors"})
+    with pytest.raises(WanrenderError, match="checksum mismatch.*run the command again"):
+        fetch(tmp_path / "models", FILES, downloader=dl)
+    assert not (tmp_path / "models" / "a.safetensors").exists()
+    assert not list((tmp_path / "models").rglob("a.safetensors"))

@@ -1,0 +1,117 @@
+"""`generate` end to end on the demo models (real loaders, real pipeline, MP4 out)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wanrender.cli import app
+from wanrender.errors import WanrenderError
+from wanrender.request import from_preset
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANRENDER_HOME", str(home))
+    from wanrender.demo import demo_image, ensure_demo_models
+
+    files = ensure_demo_models()
+    yield files, demo_image()
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def engine(demo_files):
+    from wanrender.engine import Engine
+
+    return Engine.load(demo_files[0], "cpu")
+
+
+def _req(image: Path, out: Path, **kw):
+    return from_preset("demo", image, "slow dolly-in", frames=5, width=80, height=64, out=out, **kw)
+
+
+def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, tmp_path: Path) -> None:
+    from wanrender.generate import run_generate
+    from wanrender.media.video import read_video
+
+    files, image = demo_files
+    events = []
+    res = run_generate(_req(image, tmp_path / "v.mp4"), files, "cpu", lambda *e: events.append(e), engine)
+    frames, fps = read_video(res.video)
+    assert frames.shape == (5, 64, 80, 3) and fps == 16
+    side = json.loads(res.sidecar.read_text())
+    for key in ("request", "plan", "models", "seed", "timings_s", "versions", "seconds_per_step"):
+        assert side[key] is not None, key
+    assert set(side["timings_s"]) >= {"text_encode", "vae_encode", "pass1_high", "pass2_low", "vae_decode", "video_encode"}
+    assert all(len(f["sha256"]) == 64 for m in side["models"].values() for f in m["files"])
+    assert side["plan"]["lora"]["high"].startswith("demo_4step_lora_high")
+    assert [e[0] for e in events if e[1] is not None][-1] == "pass2_low"
+
+
+def test_same_seed_same_frames_other_seed_differs(demo_files, engine, tmp_path: Path) -> None:
+    from wanrender.generate import run_generate
+
+    files, image = demo_files
+    a = run_generate(_req(image, tmp_path / "a.mp4", seed=3), files, "cpu", None, engine)
+    b = run_generate(_req(image, tmp_path / "b.mp4", seed=3), files, "cpu", None, engine)
+    c = run_generate(_req(image, tmp_path / "c.mp4", seed=4), files, "cpu", None, engine)
+    assert np.array_equal(a.frames, b.frames)
+    assert not np.array_equal(a.frames, c.frames)
+
+
+def test_failing_stage_leaves_no_output(demo_files, engine, tmp_path: Path, monkeypatch) -> None:
+    from wanrender import generate
+    from wanrender.pipeline import i2v
+
+    files, image = demo_files
+
+    def boom(*a, **k):
+        raise RuntimeError("decode failed")
+
+    monkeypatch.setattr(i2v, "decode", boom)
+    with pytest.raises(RuntimeError):
+        generate.run_generate(_req(image, tmp_path / "x.mp4"), files, "cpu", None, engine)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failing_sidecar_removes_video(demo_files, engine, tmp_path: Path, monkeypatch) -> None:
+    from wanrender import generate
+
+    files, image = demo_files
+    monkeypatch.setattr(generate, "write_sidecar", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        generate.run_generate(replace(_req(image, tmp_path / "y.mp4"), save_frames=True), files, "cpu", None, engine)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_turbo_without_loras_is_refused(demo_files, tmp_path: Path) -> None:
+    from wanrender.generate import run_generate
+
+    files, image = demo_files
+    req = from_preset("turbo", image, "a bear", out=tmp_path / "t.mp4")
+    with pytest.raises(WanrenderError, match="4-step LoRAs"):
+        run_generate(req, replace(files, lora_high=None), "cpu")
+
+
+def test_cli_generate_and_errors(demo_files, tmp_path: Path) -> None:
+    files, image = demo_files
+    runner = CliRunner()
+    args = ["generate", str(image), "--prompt", "a slow pan", "--preset", "demo", "--frames", "5",
+            "--size", "80x64", "--high", str(files.high), "--low", str(files.low), "--vae", str(files.vae),
+            "--text-encoder", str(files.text_encoder), "--lora-high", str(files.lora_high),
+            "--lora-low", str(files.lora_low), "--out", str(tmp_path / "cli.mp4"), "--device", "cpu"]  # fmt: skip
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cli.mp4").is_file() and (tmp_path / "cli.json").is_file()
+    res = runner.invoke(app, args[:-4] + ["--frames", "6"] + args[-4:])
+    assert res.exit_code == 2 and "try 5" in res.output
+    res = runner.invoke(app, ["generate", str(image), "--prompt", "x", "--models", str(tmp_path)])
+    assert res.exit_code == 2 and "missing the high-noise I2V expert" in res.output
