@@ -1,0 +1,234 @@
+"""Full-size Wan 2.2 I2V-A14B on one GPU with random weights (never zeros).
+
+1. diffusers' WanTransformer3DModel (the peer, bf16, SDPA): one forward at the
+   production shape, median of CUDA-event timings after a warm-up.
+2. Our DiT with bf16 weights: the same forward, same inputs, ratio to the peer.
+3. The whole turbo pipeline (text encode, VAE encode, 2+2 DiT steps, VAE decode,
+   MP4) with fp8-stored experts (as the users' fp8_scaled files) and writes the
+   MP4, its sidecar and a JSON of results under $OUT.
+
+Usage: python benchmarks/gpu_turbo.py [--frames 81] [--size 832x1216] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+OUT = Path(os.environ.get("OUT", "bench_out"))
+
+
+def gpu_env() -> dict:
+    p = torch.cuda.get_device_properties(0)
+    env = {"gpu": p.name, "sm": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}  # fmt: skip
+    try:
+        import subprocess
+
+        env["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        pass
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def randomize_(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Seeded normal weights on the GPU; norm gains near 1."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dtype.is_floating_point and p.element_size() > 1:
+                if "norm" in name and p.dim() == 1:
+                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32))
+                else:
+                    p.copy_(std * torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32))
+
+
+def cuda_time(fn, repeats: int) -> tuple[float, list[float]]:
+    fn()  # warm-up
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1000)
+    return statistics.median(times), times
+
+
+def dit_inputs(frames: int, width: int, height: int, text_dim: int = 4096):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    t = (frames - 1) // 4 + 1
+    x = torch.randn(1, 16, t, height // 8, width // 8, generator=g, device="cuda")
+    cond = torch.randn(1, 20, t, height // 8, width // 8, generator=g, device="cuda")
+    ctx = torch.randn(1, 512, text_dim, generator=g, device="cuda") * 0.1
+    return x, cond, ctx, torch.tensor([937.5], device="cuda")
+
+
+def bench_diffusers(frames, width, height, repeats) -> dict:
+    from diffusers import WanTransformer3DModel
+
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(in_channels=36, out_channels=16, image_dim=None, added_kv_proj_dim=None)
+    ref = ref.to_empty(device="cuda").to(torch.bfloat16).eval()
+    randomize_(ref)
+    x, cond, ctx, t = dit_inputs(frames, width, height)
+    inp = torch.cat([x, cond], 1).to(torch.bfloat16)
+    with torch.no_grad():
+        med, times = cuda_time(lambda: ref(inp, t, ctx.to(torch.bfloat16), return_dict=False), repeats)
+        out = ref(inp, t, ctx.to(torch.bfloat16), return_dict=False)[0].float()
+    del ref
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"seconds": med, "times": times, "out": out.cpu()}
+
+
+def build_dit(fp8: bool):
+    from wanrender.models.common import Linear, quantize_fp8
+    from wanrender.models.dit import DiTConfig, WanDiT
+
+    with torch.device("meta"):
+        m = WanDiT(DiTConfig.preset("i2v-A14B"))
+    m = m.to_empty(device="cuda").to(torch.bfloat16)
+    randomize_(m)
+    m.compute_dtype = torch.bfloat16
+    if fp8:
+        to_fp8_(m)
+    return m.eval()
+
+
+def to_fp8_(m: torch.nn.Module) -> None:
+    """Store every Linear weight as fp8 e4m3 + per-tensor scale, as ComfyUI fp8_scaled files do."""
+    from wanrender.models.common import Linear, quantize_fp8
+
+    for mod in m.modules():
+        if isinstance(mod, Linear) and mod.weight.element_size() > 1:
+            q, s = quantize_fp8(mod.weight)
+            mod._parameters["weight"] = torch.nn.Parameter(q, requires_grad=False)
+            mod.weight_scale = s
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--size", default="832x1216")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-diffusers", action="store_true")
+    args = ap.parse_args()
+    width, height = (int(v) for v in args.size.split("x"))
+    OUT.mkdir(parents=True, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    res: dict = {"env": gpu_env(), "shape": {"frames": args.frames, "width": width, "height": height}}
+    print(json.dumps(res["env"]))
+
+    # 1-2. The DiT forward: peer vs ours (bf16 weights), same inputs.
+    ref_out = None
+    if not args.skip_diffusers:
+        r = bench_diffusers(args.frames, width, height, args.repeats)
+        ref_out = r.pop("out")
+        res["diffusers_dit"] = r
+        print(f"diffusers DiT forward: {r['seconds']:.3f} s  {r['times']}", flush=True)
+    dit = build_dit(fp8=False)
+    x, cond, ctx, t = dit_inputs(args.frames, width, height)
+    with torch.no_grad():
+        med, times = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
+    res["ours_dit_bf16"] = {"seconds": med, "times": times}
+    print(f"our DiT forward (bf16 weights): {med:.3f} s  {times}", flush=True)
+    if ref_out is not None:
+        res["ratio_ours_bf16_to_diffusers"] = med / res["diffusers_dit"]["seconds"]
+        with torch.no_grad():
+            ours_out = dit(x, t, ctx, cond).float().cpu()
+        cos = torch.nn.functional.cosine_similarity(ours_out.flatten(), ref_out.flatten(), 0).item()
+        rel = ((ours_out - ref_out).norm() / ref_out.norm()).item()
+        res["ours_vs_diffusers_output"] = {"cosine": cos, "rel_l2": rel}
+        print(f"ours vs diffusers output (bf16, full size): cosine {cos:.6f}, rel L2 {rel:.4f}", flush=True)
+    to_fp8_(dit)
+    with torch.no_grad():
+        med8, times8 = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
+    res["ours_dit_fp8_storage"] = {"seconds": med8, "times": times8}
+    print(f"our DiT forward (fp8-stored weights, bf16 compute): {med8:.3f} s", flush=True)
+    del x, cond, ctx
+    torch.cuda.empty_cache()
+
+    # 3. The whole turbo pipeline, weights resident.
+    from wanrender.engine import Engine, ModelFiles
+    from wanrender.generate import run_generate
+    from wanrender.models.text_encoder import TextEncoderConfig, Tokenizer, UMT5Encoder
+    from wanrender.models.vae import VAEConfig, WanVAE
+    from wanrender.request import from_preset
+
+    high, low = dit, build_dit(fp8=True)
+    with torch.device("meta"):
+        te = UMT5Encoder(TextEncoderConfig.preset("umt5-xxl"))
+    te = te.to_empty(device="cuda").to(torch.bfloat16)
+    randomize_(te, std=0.05)
+    to_fp8_(te)
+    te.compute_dtype = torch.bfloat16
+    vae = WanVAE(VAEConfig.preset("wan2.1")).to("cuda", torch.bfloat16).eval()
+    randomize_(vae, std=0.02)
+    tok = Tokenizer.from_file(_tiny_spm(OUT / "spm"))
+    engine = Engine(high, low, vae, te, tok, torch.device("cuda"), ModelFiles(None, None, None, None, None))  # type: ignore[arg-type]
+    from skimage import data
+    from PIL import Image
+
+    img = OUT / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(img)
+    prompt = ("cinematic winter scene, gentle camera motion, soft natural lighting, crisp snow highlights, "
+              "realistic fur texture, calm atmosphere, subtle breathing and micro-movements, slow dolly-in")  # fmt: skip
+    req = from_preset("turbo", img, prompt, frames=args.frames, width=width, height=height, seed=7,
+                      lora_strength_high=0.0, lora_strength_low=0.0, out=OUT / "turbo.mp4")  # fmt: skip
+    t0 = time.perf_counter()
+    result = run_generate(req, engine.files, "cuda", None, engine)
+    wall = time.perf_counter() - t0
+    res["pipeline"] = {
+        "timings_s": result.timings, "wall_s": wall, "peak_vram_gib": result.peak_vram_bytes / 2**30,
+        "seconds_per_step": result.meta.get("step_seconds"),
+    }  # fmt: skip
+    print(json.dumps(res["pipeline"], indent=1), flush=True)
+    (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
+    print("\n| stage | seconds |\n|---|---|")
+    for k, v in result.timings.items():
+        print(f"| {k} | {v:.2f} |")
+    print(f"| wall (incl. image intake) | {wall:.2f} |")
+    print(f"peak VRAM (torch allocated): {result.peak_vram_bytes / 2**30:.1f} GiB")
+    if "ratio_ours_bf16_to_diffusers" in res:
+        print(f"DiT forward: diffusers {res['diffusers_dit']['seconds']:.2f} s, ours bf16 {res['ours_dit_bf16']['seconds']:.2f} s "
+              f"(ratio {res['ratio_ours_bf16_to_diffusers']:.3f}), ours fp8-stored {res['ours_dit_fp8_storage']['seconds']:.2f} s")
+
+
+def _tiny_spm(folder: Path) -> Path:
+    import random
+
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    words = "snow winter bear cub fur light soft gentle camera motion slow dolly cinematic scene crisp calm".split()
+    (folder / "c.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(500)))
+    spm.SentencePieceTrainer.train(input=str(folder / "c.txt"), model_prefix=str(folder / "spiece"), vocab_size=200,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)  # fmt: skip
+    return folder / "spiece.model"
+
+
+if __name__ == "__main__":
+    main()
