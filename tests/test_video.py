@@ -116,8 +116,9 @@ def test_bad_options(tmp_path: Path) -> None:
     for kwargs, pattern in (({"fps": 0}, "fps"), ({"crf": 99}, "crf"), ({"pix_fmt": "rgb24"}, "pix_fmt")):
         with pytest.raises(WanrenderError, match=pattern):
             write_video(_clip(t=2), tmp_path / "x.mp4", **kwargs)  # type: ignore[arg-type]
-    with pytest.raises(WanrenderError, match="folder does not exist"):
-        write_video(_clip(t=2), tmp_path / "missing" / "x.mp4")
+    with pytest.raises(WanrenderError, match="is a folder"):
+        write_video(_clip(t=2), tmp_path)
+    assert write_video(_clip(t=2), tmp_path / "new" / "x.mp4") == 2  # folders are created
 
 
 def test_not_a_video(tmp_path: Path) -> None:

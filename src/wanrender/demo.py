@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from wanrender.engine import ModelFiles
-from wanrender.media.sidecar import cache_dir
+from wanrender.paths import home as cache_dir
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,6 @@ fails the check is deleted, never left under its final name.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
+from wanrender.paths import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +65,6 @@ def _hf_download(f: RemoteFile, cache: Path) -> tuple[Path, str | None]:
     return Path(local), expected
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch(
     dest: Path,
     files: tuple[RemoteFile, ...] = STANDARD_SET,
@@ -93,7 +85,7 @@ def fetch(
             progress(f, "start")
         local, expected = downloader(f, cache)
         if expected is not None:
-            got = sha256(local)
+            got = sha256_file(local)
             if got != expected:
                 local.unlink(missing_ok=True)
                 raise WanrenderError(f"{f.dest}: checksum mismatch (got {got[:12]}…, expected {expected[:12]}…) — the download was damaged; run the command again")

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
+from wanrender.pipeline.sampling import SAMPLERS
 
 # The official Wan 2.2 negative prompt (used when cfg != 1 and none is given).
 DEFAULT_NEGATIVE = (
@@ -18,7 +19,6 @@ DEFAULT_NEGATIVE = (
 )
 MAX_FRAMES = 321
 MIN_SIDE, MAX_SIDE = 64, 2048
-SAMPLERS = ("euler", "dpmpp_2m")
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ def interpolate_video(
     return {
         "method": method,
         "device": str(getattr(interp, "device", "cpu")),
-        "dtype": getattr(interp, "dtype_name", "uint8"),
+        "dtype": getattr(interp, "dtype_name", None),
         "multiplier": multiplier,
         "width": info.width,
         "height": info.height,

@@ -49,7 +49,8 @@ def check_multiplier(multiplier: object) -> int:
         raise WanrenderError(f"multiplier must be a whole number, got {multiplier!r} — use 2 for 16 -> 32 fps")
     if not 2 <= int(multiplier) <= MAX_MULTIPLIER:
         raise WanrenderError(
-            f"multiplier {multiplier} is out of range — use an integer from 2 to {MAX_MULTIPLIER} (2 turns 16 fps into 32)"
+            f"multiplier {multiplier} is out of range"
+            f" — use an integer from 2 to {MAX_MULTIPLIER} (2 turns 16 fps into 32)"
         )
     return int(multiplier)
 
@@ -185,7 +186,7 @@ def _drive(
             )
             st.seconds_model += time.perf_counter() - t0
             mids = {i: out[k] for k, i in enumerate(todo)}
-        for i, (a, b, idx) in enumerate(pending):
+        for i, (a, _, idx) in enumerate(pending):
             if cuts[i]:
                 st.scene_cuts.append(idx)
                 mids[i] = _hold_previous(a, ts)
@@ -375,7 +376,7 @@ class DisInterpolator:
         return out
 
     def interpolate_pairs(self, img0s: np.ndarray, img1s: np.ndarray, ts: Sequence[float]) -> np.ndarray:
-        return np.stack([self._one_pair(a, b, ts) for a, b in zip(img0s, img1s)])
+        return np.stack([self._one_pair(a, b, ts) for a, b in zip(img0s, img1s, strict=True)])
 
     def interpolate_pair(self, img0: np.ndarray, img1: np.ndarray, t: float) -> np.ndarray:
         check_pair(img0, img1)

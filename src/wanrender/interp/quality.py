@@ -84,7 +84,9 @@ def _cover(img: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.ascontiguousarray(big[y0 : y0 + h, x0 : x0 + w])
 
 
-def render_sequence(spec: SequenceSpec, size: tuple[int, int] = DEFAULT_SIZE, frames: int = SEQUENCE_FRAMES) -> np.ndarray:
+def render_sequence(
+    spec: SequenceSpec, size: tuple[int, int] = DEFAULT_SIZE, frames: int = SEQUENCE_FRAMES
+) -> np.ndarray:
     """uint8 [frames, H, W, 3]: the photo under ``spec.motion`` at k = 0..frames-1."""
     import cv2
 
@@ -213,10 +215,12 @@ def run_quality_bench(
     for method in chosen:
         interp = make_interpolator(method, device=device, weights=weights, dtype=dtype)
         mine = []
+        total_s = 0.0  # unrounded, so fast methods do not sum to zero
         for name, clip in clips:
             if progress is not None:
                 progress(method, name)
             psnr, ssim, n, secs = rebuild_scores(interp, clip)
+            total_s += secs
             mine.append(
                 {
                     "method": method,
@@ -229,7 +233,6 @@ def run_quality_bench(
                 }
             )
         total_n = sum(r["frames"] for r in mine)
-        total_s = sum(r["seconds"] for r in mine)
         rows.extend(mine)
         rows.append(
             {

