@@ -115,3 +115,45 @@ def test_cli_generate_and_errors(demo_files, tmp_path: Path) -> None:
     assert res.exit_code == 2 and "try 5" in res.output
     res = runner.invoke(app, ["generate", str(image), "--prompt", "x", "--models", str(tmp_path)])
     assert res.exit_code == 2 and "missing the high-noise I2V expert" in res.output
+
+
+def test_generate_with_dis_interpolation(demo_files, engine, tmp_path: Path) -> None:
+    from wanrender.generate import run_generate
+    from wanrender.media.video import read_video
+
+    files, image = demo_files
+    req = _req(image, tmp_path / "i.mp4", interpolate="dis")
+    assert (req.fps, req.interp_multiplier) == (32, 2)
+    res = run_generate(req, files, "cpu", None, engine)
+    frames, fps = read_video(res.video)
+    assert frames.shape[0] == 9 and fps == 32  # (5 - 1) * 2 + 1
+    side = json.loads(res.sidecar.read_text())
+    assert side["interpolation"] == {"method": "dis", "multiplier": 2, "frames_in": 5, "frames_out": 9}
+    assert "interpolate" in side["timings_s"]
+
+
+def test_interpolation_fps_validation() -> None:
+    with pytest.raises(WanrenderError, match="try 32"):
+        from_preset("turbo", Path("x.png"), "a bear", interpolate="rife", fps=40)
+    with pytest.raises(WanrenderError, match="--interpolate 'film'"):
+        from_preset("turbo", Path("x.png"), "a bear", interpolate="film")
+
+
+def test_cli_interpolate_and_bench(tmp_path: Path) -> None:
+    from wanrender.media.video import read_video, write_video
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    clip = np.stack([np.roll(base, 2 * i, axis=1) for i in range(5)])
+    write_video(clip, tmp_path / "in.mp4", fps=16)
+    runner = CliRunner()
+    res = runner.invoke(app, ["interpolate", str(tmp_path / "in.mp4"), "-x", "2", "--method", "dis",
+                              "-o", str(tmp_path / "out.mp4")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    frames, fps = read_video(tmp_path / "out.mp4")
+    assert frames.shape[0] == 9 and fps == 32
+    res = runner.invoke(app, ["interpolate", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o.mp4")])
+    assert res.exit_code == 2 and "error:" in res.output
+    res = runner.invoke(app, ["bench", "interp", "--methods", "blend,repeat"])
+    assert res.exit_code == 0, res.output
+    assert "blend" in res.output and "PSNR" in res.output

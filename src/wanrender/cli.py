@@ -104,7 +104,8 @@ def generate(
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or dpmpp_2m."),
     seed: int = typer.Option(0, "--seed"),
     fit: str = typer.Option("crop", "--fit", help="crop (fill, like ComfyUI) or pad."),
-    fps: int = typer.Option(16, "--fps"),
+    interpolate: str = typer.Option("off", "--interpolate", help="off, rife or dis: raise the frame rate to --fps."),
+    fps: Optional[int] = typer.Option(None, "--fps", help="Output fps (16; 32 by default with --interpolate)."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality, lower is better."),
     save_frames: bool = typer.Option(False, "--frames-png", help="Also save PNG frames."),
     models: Optional[Path] = typer.Option(None, "--models", help="Folder with the model files."),
@@ -135,6 +136,7 @@ def generate(
         req = from_preset(
             preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
             switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
+            interpolate=interpolate,
             crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
         )  # fmt: skip
         files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)
@@ -231,6 +233,65 @@ def models_check(folder: Path = typer.Argument(..., help="Folder with model file
         out.print("Ready for the quality preset; the turbo preset also needs the two 4-step LoRAs.")
     else:
         out.print("[bold green]Ready to render.[/]")
+
+
+@app.command()
+def interpolate(
+    src: Path = typer.Argument(..., help="Input video."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .mp4."),
+    multiplier: int = typer.Option(2, "-x", help="Frame-rate multiplier (2..16)."),
+    method: str = typer.Option("rife", "--method", help="rife (needs 'models fetch rife'), dis, blend or repeat."),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Raise a video's frame rate by MULTIPLIER (16 fps Wan output -> 32 fps with -x 2)."""
+    from rich.progress import Progress
+
+    from wanrender.interp import interpolate_video
+
+    try:
+        with Progress(console=console) as bar:
+            task = bar.add_task(f"interpolate x{multiplier}", total=None)
+            info = interpolate_video(
+                src, out, multiplier, method, device, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )  # fmt: skip
+    except WanrenderError as e:
+        _fail(e)
+        return
+    Console().print(
+        f"{info['frames_in']} -> {info['frames_out']} frames, {info['fps_in']:g} -> {info['fps_out']:g} fps "
+        f"({method} on {info['device']}): {info['seconds_total']:.2f} s total, {info['seconds_model']:.2f} s interpolating; "
+        f"scene cuts at {info['scene_cuts'] or 'none'}\nwrote {out}",
+        highlight=False,
+    )
+
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("interp")
+def bench_interp(
+    video: Optional[Path] = typer.Option(None, "--video", help="Also score this video (every other frame rebuilt)."),
+    methods: str = typer.Option("rife,dis,blend,repeat", "--methods"),
+    device: Optional[str] = typer.Option(None, "--device"),
+) -> None:
+    """Interpolation quality (PSNR/SSIM on held-out frames) and speed per method."""
+    from rich.table import Table
+
+    from wanrender.interp import run_quality_bench
+
+    try:
+        wanted = [m.strip() for m in methods.split(",") if m.strip()]
+        rows = run_quality_bench(wanted, video=video, device=device)
+    except WanrenderError as e:
+        _fail(e)
+        return
+    table = Table(title="Interpolation quality (held-out middle frames)", title_justify="left")
+    for col in ("method", "sequence", "PSNR dB", "SSIM", "frames/s"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["method"], r["sequence"], f"{r['psnr']:.2f}", f"{r['ssim']:.3f}", f"{r.get('fps') or 0:.1f}")
+    Console().print(table)
 
 
 @models_app.command("fetch")

@@ -100,8 +100,9 @@ def run_generate(
         try:
             if progress:
                 progress("video_encode", None, None, "start")
+            frames = _interpolate(req, result, engine.device, progress)
             t0 = time.perf_counter()
-            write_video(result.frames, out, fps=req.fps, crf=req.crf)
+            write_video(frames, out, fps=req.fps, crf=req.crf)
             written.append(out)
             result.timings["video_encode"] = time.perf_counter() - t0
             if progress:
@@ -122,6 +123,28 @@ def run_generate(
         raise WanrenderError(
             f"the GPU ran out of memory at {req.frames} frames {req.width}x{req.height} — try fewer frames or a smaller size"
         ) from None
+
+
+def _interpolate(req: RenderRequest, result: RenderResult, device: torch.device, progress: Progress | None):
+    """16 fps frames -> fps frames with the chosen method (RIFE on the render's device)."""
+    if req.interpolate == "off":
+        return result.frames
+    import numpy as np
+
+    from wanrender.interp import make_interpolator
+    from wanrender.interp.flow import interpolate_frames
+
+    if progress:
+        progress("interpolate", None, None, "start")
+    t0 = time.perf_counter()
+    interp = make_interpolator(req.interpolate, device=str(device) if req.interpolate == "rife" else None)
+    frames = np.stack(list(interpolate_frames(iter(result.frames), interp, req.interp_multiplier)))
+    result.timings["interpolate"] = time.perf_counter() - t0
+    result.meta["interpolation"] = {"method": req.interpolate, "multiplier": req.interp_multiplier,
+                                    "frames_in": int(result.frames.shape[0]), "frames_out": int(frames.shape[0])}  # fmt: skip
+    if progress:
+        progress("interpolate", None, None, f"{result.timings['interpolate']:.2f}s")
+    return frames
 
 
 def _write_frames(frames, folder: Path) -> None:
@@ -157,6 +180,7 @@ def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult) -> dict:
         "seed": req.seed,
         "noise": "torch.randn on the CPU, fp32, torch.Generator().manual_seed(seed), shape [1,16,T,H/8,W/8]",
         "frames": int(result.frames.shape[0]),
+        "interpolation": result.meta.get("interpolation"),
         "size": [int(result.frames.shape[2]), int(result.frames.shape[1])],
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
         "render_s": round(sum(v for k, v in result.timings.items() if k != "sampling"), 3),

@@ -18,6 +18,8 @@ DEFAULT_NEGATIVE = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 MAX_FRAMES = 321
+RENDER_FPS = 16  # Wan renders 16 frames per second; interpolation multiplies it
+INTERPOLATE = ("off", "rife", "dis")
 MIN_SIDE, MAX_SIDE = 64, 2048
 
 
@@ -63,7 +65,8 @@ class RenderRequest:
     lora_strength_high: float = 1.0
     lora_strength_low: float = 1.0
     fit: str = "crop"
-    fps: int = 16
+    interpolate: str = "off"
+    fps: int = 16  # output frame rate: 16, or 16 x N with --interpolate
     crf: int = 18
     save_frames: bool = False
     out: Path | None = None
@@ -74,6 +77,10 @@ class RenderRequest:
         d["image"] = str(self.image)
         d["out"] = str(self.out) if self.out else None
         return d
+
+    @property
+    def interp_multiplier(self) -> int:
+        return 1 if self.interpolate == "off" else self.fps // RENDER_FPS
 
     @property
     def negative_prompt(self) -> str:
@@ -91,6 +98,8 @@ def from_preset(name: str, image: Path, prompt: str, **overrides: object) -> Ren
         sampler=p.sampler, lora_strength_high=p.lora_strength, lora_strength_low=p.lora_strength,
     )  # fmt: skip
     given = {k: v for k, v in overrides.items() if v is not None}
+    if given.get("interpolate", "off") != "off" and "fps" not in given:
+        given["fps"] = 2 * RENDER_FPS
     if "steps" in given and "switch" not in given:
         given["switch"] = max(0, round(int(given["steps"]) * p.switch / p.steps))  # keep the preset's ratio
     return validate(replace(base, **given))
@@ -131,6 +140,13 @@ def validate(r: RenderRequest) -> RenderRequest:
         raise WanrenderError(f"--fps {r.fps} is invalid — use 1..240 (Wan renders at 16)")
     if not 0 <= r.crf <= 51:
         raise WanrenderError(f"--crf {r.crf} is invalid — use 0..51 (lower is better quality; 18 is visually lossless)")
+    if r.interpolate not in INTERPOLATE:
+        raise WanrenderError(f"--interpolate {r.interpolate!r} is invalid — choose one of {', '.join(INTERPOLATE)}")
+    if r.interpolate != "off" and (r.fps % RENDER_FPS or not 2 <= r.fps // RENDER_FPS <= 16):
+        near = min(max(RENDER_FPS * round(r.fps / RENDER_FPS), 2 * RENDER_FPS), 16 * RENDER_FPS)
+        raise WanrenderError(
+            f"--fps {r.fps} with --interpolate: the output rate must be {RENDER_FPS} x N (N = 2..16) — try {near}"
+        )
     if r.fit not in ("crop", "pad"):
         raise WanrenderError(f"--fit {r.fit!r} is invalid — choose crop or pad")
     return r
