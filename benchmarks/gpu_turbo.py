@@ -84,26 +84,37 @@ def dit_inputs(frames: int, width: int, height: int, text_dim: int = 4096):
     return x, cond, ctx, torch.tensor([937.5], device="cuda")
 
 
-def bench_diffusers(frames, width, height, repeats) -> dict:
+def build_diffusers():
     from diffusers import WanTransformer3DModel
 
     with torch.device("meta"):
         ref = WanTransformer3DModel(in_channels=36, out_channels=16, image_dim=None, added_kv_proj_dim=None)
     ref = ref.to_empty(device="cuda").to(torch.bfloat16).eval()
     randomize_(ref)
-    x, cond, ctx, t = dit_inputs(frames, width, height)
-    inp = torch.cat([x, cond], 1).to(torch.bfloat16)
+    return ref
+
+
+def copy_from_diffusers_(ours: torch.nn.Module, ref: torch.nn.Module) -> None:
+    """Give our DiT the peer's exact weights (through the key mapping), so outputs compare."""
+    from wanrender.models.dit import official_key_from_diffusers
+
+    mine = dict(ours.named_parameters())
     with torch.no_grad():
-        med, times = cuda_time(lambda: ref(inp, t, ctx.to(torch.bfloat16), return_dict=False), repeats)
-        out = ref(inp, t, ctx.to(torch.bfloat16), return_dict=False)[0].float()
-    del ref
-    gc.collect()
-    torch.cuda.empty_cache()
-    return {"seconds": med, "times": times, "out": out.cpu()}
+        for k, v in ref.state_dict().items():
+            mine[official_key_from_diffusers(k)].copy_(v)
+
+
+def profile_forward(fn, label: str) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+    return f"--- profile: {label}\n{table}"
 
 
 def build_dit(fp8: bool):
-    from wanrender.models.common import Linear, quantize_fp8
     from wanrender.models.dit import DiTConfig, WanDiT
 
     with torch.device("meta"):
@@ -134,34 +145,48 @@ def main() -> None:
     ap.add_argument("--size", default="832x1216")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-diffusers", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one forward each")
+    ap.add_argument("--dit-only", action="store_true", help="skip the whole-pipeline run")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     OUT.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
     res: dict = {"env": gpu_env(), "shape": {"frames": args.frames, "width": width, "height": height}}
+    profiles: list[str] = []
     print(json.dumps(res["env"]))
 
-    # 1-2. The DiT forward: peer vs ours (bf16 weights), same inputs.
-    ref_out = None
-    if not args.skip_diffusers:
-        r = bench_diffusers(args.frames, width, height, args.repeats)
-        ref_out = r.pop("out")
-        res["diffusers_dit"] = r
-        print(f"diffusers DiT forward: {r['seconds']:.3f} s  {r['times']}", flush=True)
-    dit = build_dit(fp8=False)
+    # 1-2. The DiT forward: peer vs ours (bf16 weights), same weights, same inputs.
     x, cond, ctx, t = dit_inputs(args.frames, width, height)
+    dit = build_dit(fp8=False)
+    if not args.skip_diffusers:
+        ref = build_diffusers()
+        inp, ctx16 = torch.cat([x, cond], 1).to(torch.bfloat16), ctx.to(torch.bfloat16)
+        with torch.no_grad():
+            med, times = cuda_time(lambda: ref(inp, t, ctx16, return_dict=False), args.repeats)
+            ref_out = ref(inp, t, ctx16, return_dict=False)[0].float()
+            if args.profile:
+                profiles.append(profile_forward(lambda: ref(inp, t, ctx16, return_dict=False), "diffusers"))
+        res["diffusers_dit"] = {"seconds": med, "times": times}
+        print(f"diffusers DiT forward: {med:.3f} s  {times}", flush=True)
+        copy_from_diffusers_(dit, ref)
+        del ref, inp, ctx16
+        gc.collect()
+        torch.cuda.empty_cache()
     with torch.no_grad():
         med, times = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
+        if args.profile:
+            profiles.append(profile_forward(lambda: dit(x, t, ctx, cond), "ours bf16"))
     res["ours_dit_bf16"] = {"seconds": med, "times": times}
     print(f"our DiT forward (bf16 weights): {med:.3f} s  {times}", flush=True)
-    if ref_out is not None:
+    if not args.skip_diffusers:
         res["ratio_ours_bf16_to_diffusers"] = med / res["diffusers_dit"]["seconds"]
         with torch.no_grad():
-            ours_out = dit(x, t, ctx, cond).float().cpu()
+            ours_out = dit(x, t, ctx, cond).float()
         cos = torch.nn.functional.cosine_similarity(ours_out.flatten(), ref_out.flatten(), 0).item()
         rel = ((ours_out - ref_out).norm() / ref_out.norm()).item()
         res["ours_vs_diffusers_output"] = {"cosine": cos, "rel_l2": rel}
-        print(f"ours vs diffusers output (bf16, full size): cosine {cos:.6f}, rel L2 {rel:.4f}", flush=True)
+        print(f"ours vs diffusers output (same weights, bf16, full size): cosine {cos:.6f}, rel L2 {rel:.4f}", flush=True)
+        del ours_out, ref_out
     to_fp8_(dit)
     with torch.no_grad():
         med8, times8 = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
@@ -169,6 +194,12 @@ def main() -> None:
     print(f"our DiT forward (fp8-stored weights, bf16 compute): {med8:.3f} s", flush=True)
     del x, cond, ctx
     torch.cuda.empty_cache()
+    for p in profiles:
+        print(p)
+    (OUT / "profiles.txt").write_text("\n".join(profiles))
+    if args.dit_only:
+        (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
+        return
 
     # 3. The whole turbo pipeline, weights resident.
     from wanrender.engine import Engine, ModelFiles
