@@ -119,6 +119,9 @@ def generate(
     lora_strength: Optional[str] = typer.Option(None, "--lora-strength", help="S or S_HIGH,S_LOW."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .mp4 (default: outputs/...)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp8 (compute capability >= 8.9) or bf16."),
+    attention: str = typer.Option("auto", "--attention", help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8."),
+    compile: str = typer.Option("off", "--compile", help="off, default or max-autotune (regional: the repeated block)."),
 ) -> None:
     """Render a video from IMAGE and a prompt."""
     from wanrender.generate import resolve_files
@@ -136,7 +139,7 @@ def generate(
         req = from_preset(
             preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
             switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
-            interpolate=interpolate,
+            interpolate=interpolate, precision=precision, attention=attention, compile=compile,
             crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
         )  # fmt: skip
         files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)

@@ -62,6 +62,7 @@ class Engine:
         self.files = files
         self.lora_report = lora_report or {}
         self.load_seconds = load_seconds
+        self.plan = None  # the RenderPlan applied by Engine.load (None: models used as given)
 
     @classmethod
     def load(
@@ -71,10 +72,16 @@ class Engine:
         dtype: torch.dtype | None = None,
         lora_strength_high: float = 1.0,
         lora_strength_low: float = 1.0,
+        precision: str = "auto",
+        attention: str = "auto",
+        compile: str = "off",
     ) -> Engine:
         """Load every model onto ``device``. ``dtype`` casts non-fp8 weights (None keeps
         the file's); activations run in bf16 on CUDA and fp32 on the CPU."""
+        from wanrender.runtime.plan import apply_plan, make_plan
+
         dev = torch.device(device)
+        plan, choice = make_plan(dev, precision, attention, compile)  # refuses bad knobs before loading
         t0 = time.perf_counter()
         act = torch.bfloat16 if dev.type == "cuda" else torch.float32
         high = loading.load_dit(files.high, device=dev, dtype=dtype, compute_dtype=act)
@@ -99,7 +106,10 @@ class Engine:
             raise WanrenderError(
                 f"{files.text_encoder}: text encoder width {te.config.dim} does not fit the DiT ({high.cfg.text_dim}) — use umt5-xxl"
             )
-        return cls(high, low, vae, te, tok, dev, files, report, time.perf_counter() - t0)
+        apply_plan([high, low], plan, choice)
+        engine = cls(high, low, vae, te, tok, dev, files, report, time.perf_counter() - t0)
+        engine.plan = plan
+        return engine
 
     @contextmanager
     def _stage(self, timings: dict[str, float], name: str, progress: Progress | None) -> Iterator[None]:

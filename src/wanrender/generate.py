@@ -89,7 +89,10 @@ def run_generate(
     if engine is None:
         if progress:
             progress("load_models", None, None, "start")
-        engine = Engine.load(files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low)
+        engine = Engine.load(
+            files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
+            precision=req.precision, attention=req.attention, compile=req.compile,
+        )  # fmt: skip
         if progress:
             progress("load_models", None, None, f"{engine.load_seconds:.2f}s")
 
@@ -175,6 +178,7 @@ def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult) -> dict:
             "attention": getattr(engine.high.attention, "__name__", str(engine.high.attention)),
             "passes": [p.__dict__ for p in _passes(req)],
             "lora": engine.lora_report,
+            "runtime": engine.plan.to_json() if engine.plan is not None else None,
         },
         "models": describe_files(engine.files.as_dict()),
         "seed": req.seed,

@@ -69,6 +69,9 @@ class RenderRequest:
     fps: int = 16  # output frame rate: 16, or 16 x N with --interpolate
     crf: int = 18
     save_frames: bool = False
+    precision: str = "auto"
+    attention: str = "auto"
+    compile: str = "off"
     out: Path | None = None
     extra: dict = field(default_factory=dict)
 

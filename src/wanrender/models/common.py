@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,9 @@ class Linear(nn.Module):
         self.register_buffer("weight_scale", None)
         # Unmerged LoRAs (models/lora.py); a plain attribute so state_dict() never sees them.
         self.adapters: tuple[RuntimeAdapter, ...] = ()
+        # A faster matmul chosen by the runtime (kernels/linear.py): kernel(layer, x) -> y.
+        # None keeps the plain dequantise-and-matmul path below, the reference.
+        self.kernel: Callable[[Linear, torch.Tensor], torch.Tensor] | None = None
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         w = self.weight.to(dtype)
@@ -57,9 +61,12 @@ class Linear(nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantized_weight(x.dtype)
-        b = self.bias.to(x.dtype) if self.bias is not None else None
-        y = F.linear(x, w, b)
+        if self.kernel is not None:
+            y = self.kernel(self, x)
+        else:
+            w = self.dequantized_weight(x.dtype)
+            b = self.bias.to(x.dtype) if self.bias is not None else None
+            y = F.linear(x, w, b)
         if self.adapters:
             y = self._add_adapters(x, y)
         return y

@@ -1,0 +1,1 @@
+"""Machine-dependent decisions: the render plan (precision, attention, compile)."""
