@@ -65,9 +65,9 @@ def test_fp8_linear_reference_error() -> None:
     x[..., :8] *= 10  # activation outlier channels
     exact = layer(x)
     err = _rel(fp8_linear_reference(layer, x), exact)
-    # e4m3 keeps 3 mantissa bits: ~2.4% RMS rounding per operand; both operands
-    # quantised give ~3% on the product. Measured 3.0% here.
-    assert err <= 0.035, err
+    # e4m3 keeps 3 mantissa bits: ~2.4% RMS rounding per operand, so with both
+    # operands quantised ~sqrt(2) x 2.4% on the product. Measured 3.48% here.
+    assert err <= 0.04, err
     wq, sw = weight_rowwise(layer)
     assert wq.dtype == torch.float8_e4m3fn and sw.shape == (1, 384)
     xq, sx = quantize_rows(x.reshape(-1, 512))
