@@ -272,6 +272,45 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(bench_app, name="bench")
 
 
+@bench_app.command("dit")
+def bench_dit(
+    shapes: str = typer.Option("832x1216,480x832,720x1280", "--shapes", help="WIDTHxHEIGHT list at 81 frames."),
+    repeats: int = typer.Option(3, "--repeats"),
+    compile: str = typer.Option("default", "--compile", help="Compile mode of the fp8 path (off, default, max-autotune)."),
+    attention: str = typer.Option("auto", "--attention"),
+    peer: bool = typer.Option(True, "--peer/--no-peer", help="Time diffusers' WanTransformer3DModel too."),
+    record: Optional[Path] = typer.Option(None, "--record", help="Append the table to this markdown file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers as JSON."),
+) -> None:
+    """Full-size DiT forward with random weights: the diffusers peer, our bf16 and fp8 paths, attention backends."""
+    import json
+
+    import torch
+
+    from wanrender.bench import dit as bd
+    from wanrender.bench.env import snapshot
+
+    try:
+        if not torch.cuda.is_available():
+            raise WanrenderError("bench dit needs a CUDA GPU (it builds two full-size 14B experts) — run it on a GPU machine")
+        names = [s.strip() for s in shapes.split(",") if s.strip()]
+        unknown = [s for s in names if s not in bd.SHAPES]
+        if unknown:
+            raise WanrenderError(f"unknown shape {unknown[0]!r} — choose from {', '.join(bd.SHAPES)}")
+        env = snapshot()
+        result = bd.run(names, repeats, compile, attention, peer, log=lambda m: console.print(m, highlight=False))
+    except WanrenderError as e:
+        _fail(e)
+        return
+    text = bd.markdown(result, env)
+    Console().print(text, highlight=False)
+    if record:
+        with open(record, "a", encoding="utf-8") as fh:
+            fh.write("\n" + text)
+    if json_out:
+        json_out.write_text(json.dumps({"env": env, **result}, indent=1, default=str))
+
+
 @bench_app.command("interp")
 def bench_interp(
     video: Optional[Path] = typer.Option(None, "--video", help="Also score this video (every other frame rebuilt)."),

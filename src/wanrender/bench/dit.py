@@ -1,0 +1,282 @@
+"""``wanrender bench dit``: one full-size DiT forward, ours vs the diffusers peer.
+
+Works without weights: full-size experts are built with seeded random weights
+(normal, never zeros) directly on the GPU. For each shape it times, in one run,
+the peer (``WanTransformer3DModel``, bf16, SDPA) if diffusers is installed, our
+bf16 path and our fp8 path (median of CUDA-event timings after a warm-up), each
+attention backend alone at the shape, and the GEMM ceilings it measures itself;
+it reports ratios to the peer, TFLOP/s, MFU and accuracy, and can append the
+table to ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+SHAPES = {"832x1216": (81, 832, 1216), "480x832": (81, 832, 480), "720x1280": (81, 1280, 720)}
+
+
+@dataclass
+class DitRow:
+    shape: str
+    path: str
+    seconds: float
+    times: list[float]
+    tflops: float
+    ratio: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def tokens(frames: int, width: int, height: int) -> int:
+    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+
+
+def forward_flops(n: int, dim: int = 5120, ffn: int = 13824, layers: int = 40, text: int = 512) -> float:
+    """Multiply-adds x 2 of one forward: projections, FFN, self- and cross-attention."""
+    per_block = (
+        4 * 2 * n * dim * dim  # self-attention q, k, v, o
+        + 2 * 2 * n * dim * dim + 2 * 2 * text * dim * dim  # cross-attention q, o on tokens; k, v on text
+        + 2 * 2 * n * dim * ffn  # FFN up and down
+        + 4 * n * n * dim  # self-attention QK^T and PV
+        + 4 * n * text * dim  # cross-attention
+    )
+    return layers * per_block
+
+
+def attention_flops(n: int, heads: int = 40, head_dim: int = 128) -> float:
+    return 4 * n * n * heads * head_dim
+
+
+def cuda_median(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1000)
+    return statistics.median(times), times
+
+
+def gemm_ceilings() -> dict[str, float]:
+    """bf16 and fp8 (_scaled_mm, pre-quantised) TFLOP/s on an 8192^3 product of random data."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a = torch.randn(8192, 8192, generator=g, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, generator=g, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192**3
+    t_bf16, _ = cuda_median(lambda: a @ b, repeats=10, warmup=3)
+    out = {"bf16_tflops": flops / t_bf16 / 1e12}
+    try:
+        a8, b8 = a.to(torch.float8_e4m3fn), b.to(torch.float8_e4m3fn).t().contiguous().t()
+        one = torch.ones((), device="cuda")
+        t8, _ = cuda_median(lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=torch.bfloat16), repeats=10, warmup=3)
+        out["fp8_tflops"] = flops / t8 / 1e12
+    except (RuntimeError, TypeError) as e:  # pre-Ada GPUs
+        out["fp8_error"] = str(e)[:100]
+    return out
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.element_size() == 1:
+                continue
+            if "norm" in name and p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device="cuda"))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g, device="cuda"))
+
+
+def build_ours(bf16_from: torch.nn.Module | None = None):
+    from wanrender.models.dit import DiTConfig, WanDiT, official_key_from_diffusers
+
+    with torch.device("meta"):
+        m = WanDiT(DiTConfig.preset("i2v-A14B"))
+    m = m.to_empty(device="cuda").to(torch.bfloat16).eval()
+    if bf16_from is None:
+        randomize_(m)
+    else:  # the peer's exact weights, so outputs compare
+        mine = dict(m.named_parameters())
+        with torch.no_grad():
+            for k, v in bf16_from.state_dict().items():
+                mine[official_key_from_diffusers(k)].copy_(v)
+    m.compute_dtype = torch.bfloat16
+    return m
+
+
+def build_peer():
+    try:
+        from diffusers import WanTransformer3DModel
+    except ImportError:
+        return None
+    with torch.device("meta"):
+        ref = WanTransformer3DModel(in_channels=36, out_channels=16, image_dim=None, added_kv_proj_dim=None)
+    ref = ref.to_empty(device="cuda").to(torch.bfloat16).eval()
+    randomize_(ref)
+    return ref
+
+
+def inputs(frames: int, width: int, height: int):
+    g = torch.Generator(device="cuda").manual_seed(1)
+    t = (frames - 1) // 4 + 1
+    x = torch.randn(1, 16, t, height // 8, width // 8, generator=g, device="cuda")
+    cond = torch.randn(1, 20, t, height // 8, width // 8, generator=g, device="cuda")
+    ctx = torch.randn(1, 512, 4096, generator=g, device="cuda") * 0.1
+    return x, cond, ctx, torch.tensor([937.5], device="cuda")
+
+
+def realistic_qkv(n: int, heads: int = 40, d: int = 128):
+    """Attention inputs with trained-DiT-like statistics: per-channel means, outlier K channels."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(1, n, heads, d, generator=g, device="cuda") + 0.5 * torch.randn(1, 1, heads, d, generator=g, device="cuda")
+    k = torch.randn(1, n, heads, d, generator=g, device="cuda") + 2 * torch.randn(1, 1, heads, d, generator=g, device="cuda")
+    k[..., :4] *= 6
+    v = torch.randn(1, n, heads, d, generator=g, device="cuda")
+    return q.bfloat16(), k.bfloat16(), v.bfloat16()
+
+
+def attention_rows(n: int, shape: str, repeats: int) -> list[dict]:
+    """Each available backend alone on one self-attention call, with its error vs fp32."""
+    from wanrender.kernels import attention as attn
+
+    q, k, v = realistic_qkv(n)
+    idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:256].cuda()
+    # fp32 reference on a subsample of query rows (the full one costs n^2 fp32 memory).
+    with torch.no_grad():
+        ref = attn.reference_attention(q[:, idx].float(), k.float(), v.float())
+    rows, base = [], None
+    target = attn.Target.of("cuda", torch.bfloat16, 128)
+    for name in ("sdpa-cudnn", "sdpa-flash", "sdpa", "flash-attn", "sage", "sage8"):
+        why = attn.reasons(name, target)
+        if why:
+            rows.append({"shape": shape, "backend": name, "skipped": "; ".join(why)})
+            continue
+        fn = attn.REGISTRY[name].build()
+        try:
+            sec, times = cuda_median(lambda: fn(q, k, v), repeats=repeats)
+            out = fn(q, k, v)
+        except Exception as e:  # a backend failing at this shape is a result, not a crash
+            rows.append({"shape": shape, "backend": name, "skipped": f"failed: {type(e).__name__}: {str(e)[:80]}"})
+            continue
+        err = ((out[:, idx].float() - ref).norm() / ref.norm()).item()
+        base = sec if name == "sdpa-cudnn" else base
+        rows.append({"shape": shape, "backend": name, "seconds": sec, "times": times,
+                     "tflops": attention_flops(n) / sec / 1e12, "rel_l2_vs_fp32": err,
+                     "speedup_vs_cudnn": (base / sec) if base else None})  # fmt: skip
+        del out
+    return rows
+
+
+def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", attention: str = "auto",
+        peer: bool = True, log: Callable[[str], None] = print) -> dict:  # fmt: skip
+    from wanrender.kernels import attention as attn
+    from wanrender.kernels.linear import enable_fp8
+    from wanrender.runtime.plan import FP8_EXCLUDE, compile_blocks
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    result: dict = {"ceilings": gemm_ceilings(), "dit": [], "attention": [], "accuracy": {}}
+    log(f"GEMM ceilings: {result['ceilings']}")
+    ref = build_peer() if peer else None
+    ours = build_ours(ref)
+    choice = attn.select(attention, attn.Target.of("cuda", torch.bfloat16, 128))
+    log(choice.describe())
+    outs: dict[str, torch.Tensor] = {}
+    for shape in shapes:
+        f, w, h = SHAPES[shape]
+        n = tokens(f, w, h)
+        x, cond, ctx, t = inputs(f, w, h)
+        flops = forward_flops(n)
+        peer_s = None
+        with torch.no_grad():
+            if ref is not None:
+                inp = torch.cat([x, cond], 1).bfloat16()
+                sec, times = cuda_median(lambda: ref(inp, t, ctx.bfloat16(), return_dict=False), repeats)
+                peer_s = sec
+                result["dit"].append(DitRow(shape, "diffusers (peer)", sec, times, flops / sec / 1e12, 1.0).__dict__)
+                log(f"{shape} peer: {sec:.3f} s")
+                if shape == shapes[0]:
+                    outs["peer"] = ref(inp, t, ctx.bfloat16(), return_dict=False)[0].float()
+            ours.attention = choice.fn
+            sec, times = cuda_median(lambda: ours(x, t, ctx, cond), repeats)
+            result["dit"].append(DitRow(shape, f"ours bf16 ({choice.backend.name}, eager)", sec, times,
+                                        flops / sec / 1e12, sec / peer_s if peer_s else None).__dict__)  # fmt: skip
+            log(f"{shape} ours bf16 eager: {sec:.3f} s")
+            if shape == shapes[0]:
+                outs["bf16"] = ours(x, t, ctx, cond).float()
+    if ref is not None:
+        ref = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    # fp8 path: fp8 linears (per-token activations) + regional compile.
+    t0 = time.perf_counter()
+    enable_fp8(ours, exclude=FP8_EXCLUDE)
+    if compile_mode != "off":
+        compile_blocks(ours, compile_mode)
+    for shape in shapes:
+        f, w, h = SHAPES[shape]
+        n = tokens(f, w, h)
+        x, cond, ctx, t = inputs(f, w, h)
+        flops = forward_flops(n)
+        peer_s = next((r["seconds"] for r in result["dit"] if r["shape"] == shape and r["path"].startswith("diff")), None)
+        with torch.no_grad():
+            tc = time.perf_counter()
+            ours(x, t, ctx, cond)
+            torch.cuda.synchronize()
+            first = time.perf_counter() - tc
+            sec, times = cuda_median(lambda: ours(x, t, ctx, cond), repeats, warmup=0)
+            row = DitRow(shape, f"ours fp8 ({choice.backend.name}, compile {compile_mode})", sec, times,
+                         flops / sec / 1e12, sec / peer_s if peer_s else None, {"first_call_s": first})  # fmt: skip
+            result["dit"].append(row.__dict__)
+            log(f"{shape} ours fp8: {sec:.3f} s (first call incl. compile {first:.1f} s)")
+            if shape == shapes[0]:
+                outs["fp8"] = ours(x, t, ctx, cond).float()
+    result["fp8_setup_s"] = time.perf_counter() - t0
+    acc = result["accuracy"]
+    if "peer" in outs:
+        acc["bf16_vs_peer_cosine"] = _cos(outs["bf16"], outs["peer"])
+    acc["fp8_vs_bf16_cosine"] = _cos(outs["fp8"], outs["bf16"])
+    acc["fp8_vs_bf16_rel_l2"] = ((outs["fp8"] - outs["bf16"]).norm() / outs["bf16"].norm()).item()
+    outs.clear()
+    ours = None  # free both experts before the attention-only timings
+    gc.collect()
+    torch.cuda.empty_cache()
+    for shape in shapes:
+        f, w, h = SHAPES[shape]
+        result["attention"] += attention_rows(tokens(f, w, h), shape, repeats)
+    return result
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0).item()
+
+
+def markdown(result: dict, env: dict) -> str:
+    lines = [f"### `wanrender bench dit` — {env.get('gpu')}, driver {env.get('driver')}, torch {env.get('torch')}, "
+             f"triton {env.get('triton')}, {time.strftime('%Y-%m-%d')}", "",
+             f"GEMM ceilings measured in the run: {', '.join(f'{k} {v:.0f}' for k, v in result['ceilings'].items() if isinstance(v, float))}", "",
+             "| shape | path | seconds (median) | TFLOP/s | MFU vs bf16 GEMM | ratio to peer |", "|---|---|---|---|---|---|"]  # fmt: skip
+    ceiling = result["ceilings"].get("bf16_tflops", math.nan)
+    for r in result["dit"]:
+        ratio = f"{r['ratio']:.3f}x" if r.get("ratio") else "—"
+        lines.append(f"| {r['shape']} | {r['path']} | {r['seconds']:.3f} | {r['tflops']:.0f} | {r['tflops'] / ceiling:.0%} | {ratio} |")
+    lines += ["", "| shape | attention backend | ms | TFLOP/s | vs SDPA-cuDNN | rel. L2 vs fp32 |", "|---|---|---|---|---|---|"]
+    for r in result["attention"]:
+        if "skipped" in r:
+            lines.append(f"| {r['shape']} | {r['backend']} | — | — | — | {r['skipped']} |")
+        else:
+            sp = f"{r['speedup_vs_cudnn']:.2f}x" if r.get("speedup_vs_cudnn") else "—"
+            lines.append(f"| {r['shape']} | {r['backend']} | {r['seconds'] * 1e3:.1f} | {r['tflops']:.0f} | {sp} | {r['rel_l2_vs_fp32']:.4f} |")
+    lines += ["", "Accuracy (production shape): " + ", ".join(f"{k} {v:.5f}" for k, v in result["accuracy"].items()), ""]
+    return "\n".join(lines)
