@@ -53,6 +53,8 @@ def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, t
     assert set(side["timings_s"]) >= {"text_encode", "vae_encode", "pass1_high", "pass2_low", "vae_decode", "video_encode"}
     assert all(len(f["sha256"]) == 64 for m in side["models"].values() for f in m["files"])
     assert side["plan"]["lora"]["high"].startswith("demo_4step_lora_high")
+    assert {k: side["plan"]["runtime"][k] for k in ("precision", "attention", "compile")} == {
+        "precision": "bf16", "attention": "sdpa", "compile": "off"}
     assert [e[0] for e in events if e[1] is not None][-1] == "pass2_low"
 
 
@@ -113,6 +115,8 @@ def test_cli_generate_and_errors(demo_files, tmp_path: Path) -> None:
     assert (tmp_path / "cli.mp4").is_file() and (tmp_path / "cli.json").is_file()
     res = runner.invoke(app, args[:-4] + ["--frames", "6"] + args[-4:])
     assert res.exit_code == 2 and "try 5" in res.output
+    res = runner.invoke(app, args + ["--attention", "sdpa-cudnn"])
+    assert res.exit_code == 2 and "'sdpa-cudnn' cannot run here: needs a CUDA GPU" in res.output
     res = runner.invoke(app, ["generate", str(image), "--prompt", "x", "--models", str(tmp_path)])
     assert res.exit_code == 2 and "missing the high-noise I2V expert" in res.output
 
