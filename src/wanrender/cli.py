@@ -200,7 +200,7 @@ def models_check(folder: Path = typer.Argument(..., help="Folder with model file
         return
     table = Table(title=f"Model files in {folder}", title_justify="left")
     for col in ("file", "role", "format", "dtypes", "size"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # full file names, wrapped, never cut
     for e in ms.entries:
         rel = str(e.path.relative_to(folder)) if e.path.is_relative_to(folder) else str(e.path)
         if e.info is None:
