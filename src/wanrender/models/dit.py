@@ -100,10 +100,11 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def rope_tables(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
-    """cos/sin tables for 3-D RoPE over a (frames, height, width) token grid.
+    """Rotations for 3-D RoPE over a (frames, height, width) token grid.
 
-    The head dim is split into frame/height/width parts (44/42/42 for head dim 128).
-    Returns [2, L, 1, head_dim // 2] fp32 (cos, sin) for interleaved pairs.
+    The head dim is split into frame/height/width parts (44/42/42 for head dim 128);
+    angles are computed in float64 like the reference. Returns complex64
+    ``[L, 1, head_dim // 2]`` (cos + i sin), one factor per interleaved channel pair.
     """
     d = cfg.head_dim
     parts = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
@@ -120,16 +121,16 @@ def rope_tables(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device
         ],
         dim=-1,
     ).reshape(f * h * w, 1, -1)
-    return torch.stack([a.cos(), a.sin()]).float()
+    return torch.polar(torch.ones_like(a), a).to(torch.complex64)
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved (even, odd) channel pairs of x [B, L, H, D] in fp32."""
-    cos, sin = rope[0], rope[1]
-    xf = x.float().unflatten(-1, (-1, 2))
-    x1, x2 = xf[..., 0], xf[..., 1]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-    return out.flatten(-2).type_as(x)
+    """Rotate interleaved (even, odd) channel pairs of x [B, L, H, D] in fp32.
+
+    As one complex multiply: three passes over the tensor instead of eight.
+    """
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -187,11 +188,12 @@ class Block(nn.Module):
         # x: fp32 residual [B, L, dim]; e: fp32 time projection [B, 6, dim].
         # Modulation and gates stay fp32: bf16 gates visibly shift colours.
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation.float() + e).unsqueeze(2).unbind(1)
-        h = (self.norm1(x) * (1 + scale_a) + shift_a).to(compute_dtype)
-        x = x + self.self_attn(h, attn, rope=rope).float() * gate_a
-        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), attn, context=context).float()
-        h = (self.norm2(x) * (1 + scale_f) + shift_f).to(compute_dtype)
-        return x + self.ffn(h).float() * gate_f
+        # addcmul: modulate / gate-and-add in one pass each (the residual is 1.7 GB at 81 frames).
+        h = torch.addcmul(shift_a, self.norm1(x), 1 + scale_a).to(compute_dtype)
+        x = torch.addcmul(x, self.self_attn(h, attn, rope=rope), gate_a)
+        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), attn, context=context)
+        h = torch.addcmul(shift_f, self.norm2(x), 1 + scale_f).to(compute_dtype)
+        return torch.addcmul(x, self.ffn(h), gate_f)
 
 
 class Head(nn.Module):
