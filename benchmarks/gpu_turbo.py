@@ -62,6 +62,8 @@ def randomize_(module: torch.nn.Module, std: float = 0.02) -> None:
 
 
 def cuda_time(fn, repeats: int) -> tuple[float, list[float]]:
+    if repeats == 0:
+        return float("nan"), []
     fn()  # warm-up
     torch.cuda.synchronize()
     times = []
@@ -147,6 +149,10 @@ def main() -> None:
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--profile", action="store_true", help="print a CUDA kernel profile of one forward each")
     ap.add_argument("--dit-only", action="store_true", help="skip the whole-pipeline run")
+    ap.add_argument("--pipeline-only", action="store_true", help="skip the DiT comparison")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--attention", default="auto")
+    ap.add_argument("--compile", default="off")
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.split("x"))
     OUT.mkdir(parents=True, exist_ok=True)
@@ -158,6 +164,9 @@ def main() -> None:
     # 1-2. The DiT forward: peer vs ours (bf16 weights), same weights, same inputs.
     x, cond, ctx, t = dit_inputs(args.frames, width, height)
     dit = build_dit(fp8=False)
+    if args.pipeline_only:
+        args.skip_diffusers = True
+        args.repeats = 0
     if not args.skip_diffusers:
         ref = build_diffusers()
         inp, ctx16 = torch.cat([x, cond], 1).to(torch.bfloat16), ctx.to(torch.bfloat16)
@@ -219,6 +228,21 @@ def main() -> None:
     randomize_(vae, std=0.02)
     tok = Tokenizer.from_file(_tiny_spm(OUT / "spm"))
     engine = Engine(high, low, vae, te, tok, torch.device("cuda"), ModelFiles(None, None, None, None, None))  # type: ignore[arg-type]
+    from wanrender.runtime.plan import apply_plan, make_plan
+
+    plan, choice = make_plan("cuda", args.precision, args.attention, args.compile)
+    t0 = time.perf_counter()
+    apply_plan([high, low], plan, choice)
+    engine.plan = plan
+    if args.compile != "off":  # compile outside the timed render: one forward per expert at the shape
+        xw, cw, ctxw, tw = dit_inputs(args.frames, width, height)
+        with torch.no_grad():
+            high(xw, tw, ctxw, cw)
+            low(xw, tw, ctxw, cw)
+        torch.cuda.synchronize()
+        del xw, cw, ctxw
+    res["plan"] = {**plan.to_json(), "setup_and_compile_s": time.perf_counter() - t0}
+    print(f"plan {plan}; set-up incl. compile {res['plan']['setup_and_compile_s']:.1f} s", flush=True)
     from skimage import data
     from PIL import Image
 

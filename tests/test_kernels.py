@@ -18,12 +18,12 @@ A100 = attn.Target("cuda", (8, 0), torch.bfloat16, 128)
 
 
 def realistic_qkv(b=1, l=300, h=4, d=64, seed=0):
-    """Q/K with a per-channel mean and outlier channels (as in trained DiTs), V plain."""
+    """Q/K/V with per-channel means and outlier K channels (as in trained DiTs)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, l, h, d, generator=g) + 0.5 * torch.randn(1, 1, h, d, generator=g)
     k = torch.randn(b, l, h, d, generator=g) + 2.0 * torch.randn(1, 1, h, d, generator=g)
     k[..., :4] *= 8  # outlier channels
-    v = torch.randn(b, l, h, d, generator=g)
+    v = torch.randn(b, l, h, d, generator=g) + 0.5 * torch.randn(1, 1, h, d, generator=g)
     return q, k, v
 
 
@@ -34,6 +34,8 @@ def test_auto_on_cpu_is_sdpa_and_says_why_others_cannot_run() -> None:
     assert "compute capability >= 9.0" in attn.reasons("sdpa-cudnn", A100)[0]
     assert attn.select("auto", H100).backend.name == "sdpa-cudnn"
     assert attn.select("auto", A100).backend.name == "sdpa-flash"
+    # The fp8 path prefers the 8-bit kernel where it can run (not on a CPU).
+    assert attn.select("auto", CPU, eight_bit=True).backend.name == "sdpa"
 
 
 def test_explicit_choice_that_cannot_run_fails_with_reasons() -> None:

@@ -122,6 +122,7 @@ def generate(
     precision: str = typer.Option("auto", "--precision", help="auto, fp8 (compute capability >= 8.9) or bf16."),
     attention: str = typer.Option("auto", "--attention", help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8."),
     compile: str = typer.Option("off", "--compile", help="off, default or max-autotune (regional: the repeated block)."),
+    profile: str = typer.Option("auto", "--profile", help="auto (the GPU profile matching this device fills the knobs you did not set), off, or a profile YAML."),
 ) -> None:
     """Render a video from IMAGE and a prompt."""
     from wanrender.generate import resolve_files
@@ -142,6 +143,9 @@ def generate(
             interpolate=interpolate, precision=precision, attention=attention, compile=compile,
             crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
         )  # fmt: skip
+        from wanrender.bench.commands import profile_for_generate
+
+        req = profile_for_generate(req, profile, device)
         files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)
         _run_render(req, files, device)
     except WanrenderError as e:
@@ -270,6 +274,10 @@ def interpolate(
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
 app.add_typer(bench_app, name="bench")
+# The benchmark lab (bench run|compare|report, env, tune) lives in its own module.
+from wanrender.bench.commands import register as _register_bench_lab  # noqa: E402
+
+_register_bench_lab(app, bench_app)
 
 
 @bench_app.command("dit")

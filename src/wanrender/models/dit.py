@@ -13,7 +13,7 @@ layers and attention run in ``compute_dtype`` (bf16 on GPUs).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -217,6 +217,10 @@ class WanDiT(nn.Module):
         self.cfg = cfg
         self.compute_dtype: torch.dtype = torch.float32
         self.attention: AttentionFn = sdpa_attention
+        # Optional: blocks -> the callables to run in their place, in order. The memory
+        # runtime (runtime/streaming.py) sets it to stream weights in or chunk the work;
+        # None runs self.blocks as they are.
+        self.block_source: Callable[[nn.ModuleList], Iterable[Callable[..., torch.Tensor]]] | None = None
         self.patch_embedding = nn.Conv3d(cfg.in_channels, cfg.dim, cfg.patch_size, stride=cfg.patch_size)
         for p in self.patch_embedding.parameters():
             p.requires_grad_(False)
@@ -268,7 +272,7 @@ class WanDiT(nn.Module):
         rope = rope_tables(cfg, grid, x.device)
         temb, e = self.embed_time(t.to(x.device).float().expand(b))
         ctx = self.embed_text(context)
-        for block in self.blocks:
+        for block in self.blocks if self.block_source is None else self.block_source(self.blocks):
             tokens = block(tokens, e, ctx, rope, self.attention, self.compute_dtype)
         out = self.head(tokens, temb)
         return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)

@@ -62,7 +62,7 @@ def make_plan(
     elif precision == "fp8" and why_not_fp8:
         raise WanrenderError(f"--precision fp8 cannot run here: {'; '.join(why_not_fp8)} — use --precision bf16")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    choice = attn.select(attention, attn.Target.of(dev, dtype, head_dim))
+    choice = attn.select(attention, attn.Target.of(dev, dtype, head_dim), eight_bit=precision == "fp8")
     notes.append(choice.describe())
     return RenderPlan(str(dev), precision, choice.backend.name, compile, tuple(notes)), choice
 

@@ -1,0 +1,237 @@
+"""The benchmark lab's commands: ``bench run|compare|report``, ``env``, ``tune``.
+
+They live here, not in ``cli.py``, to keep that file small; ``cli.py`` calls
+``register`` once. Only typer and rich are imported at module level, so
+``wanrender --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from wanrender.errors import WanrenderError
+
+console = Console(stderr=True)
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _fmt_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "ETA —"
+    seconds = int(seconds)
+    return f"ETA {seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def bench_run(
+    matrix: Path = typer.Argument(..., help="Matrix YAML (see benchmarks/matrices/)."),
+    resume: bool = typer.Option(False, "--resume", help="Skip cases already in OUT/results.jsonl for this environment."),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: run again cases whose last row is not ok."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: bench-results/MATRIX_NAME)."),
+) -> None:
+    """Run every case of MATRIX in its own process (timeout, telemetry); append rows to OUT/results.jsonl."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from wanrender.bench import matrix as mx
+    from wanrender.bench.runner import run_sweep
+
+    try:
+        m = mx.load(matrix)
+        out_dir = out or Path("bench-results") / m.name
+        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[case]}"), console=console)  # fmt: skip
+        durations: list[float] = []
+        state = {"pending": len(m.cases)}
+        with bar:
+            task = bar.add_task(m.name, total=len(m.cases), eta="ETA —", case="")
+
+            def events(kind: str, d: dict) -> None:
+                # ETA from the cases measured so far: skipped cases cost nothing.
+                if kind == "skip":
+                    state["pending"] -= 1
+                    bar.update(task, advance=1, case=f"skip {d['label']} ({d['status']})")
+                elif kind == "start":
+                    eta = sum(durations) / len(durations) * state["pending"] if durations else None
+                    bar.update(task, case=d["label"], eta=_fmt_eta(eta))
+                elif kind == "done":
+                    row = d["row"]
+                    state["pending"] -= 1
+                    durations.append(row["wall_s"])
+                    eta = sum(durations) / len(durations) * state["pending"]
+                    bar.update(task, advance=1, eta=_fmt_eta(eta), case="")
+                    p = (row.get("total") or {}).get("p50")
+                    bar.console.print(f"  {row['status']:<7} {d['label']}  {f'{p:.3f} s (p50)' if p is not None else row.get('message', '')}",
+                                      highlight=False, markup=False)  # fmt: skip
+
+            result = run_sweep(m, out_dir, resume=resume, retry_failed=retry_failed, events=events)
+    except WanrenderError as e:
+        _fail(e)
+        return
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished cases are saved; continue with --resume", highlight=False)
+        raise typer.Exit(130) from None
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts().items())) or "nothing run"
+    skipped = f", {len(result.skipped)} skipped (already done)" if result.skipped else ""
+    Console().print(f"{counts}{skipped}\nresults: {result.results}", highlight=False)
+
+
+def bench_compare(
+    new: Path = typer.Argument(..., help="New results (JSONL)."),
+    base: Path = typer.Argument(..., help="Baseline results (JSONL)."),
+    max_slowdown: str = typer.Option("5%", "--max-slowdown", help="Largest accepted p50 slowdown per case."),
+    limit: Optional[list[str]] = typer.Option(None, "--limit", help="Absolute limit on NEW, e.g. pass=85s, total=180s, vram=40GiB (repeatable)."),
+    metric: str = typer.Option("total", "--metric", help="Metrics held to --max-slowdown: total, pass, pass1, s_per_step, a stage..."),
+) -> None:
+    """Per case: p50 ratio NEW/BASE and absolute limits; exits 1 when anything regresses."""
+    from rich.table import Table
+
+    from wanrender.bench.compare import compare_files
+
+    try:
+        cmp = compare_files(new, base, max_slowdown, limit or [], metric)
+    except WanrenderError as e:
+        _fail(e)
+        return
+    table = Table(title=f"{new} vs {base}", title_justify="left")
+    for col in ("case", "status", "base p50 s", "new p50 s", "ratio", "verdict"):
+        table.add_column(col)
+    for v in cmp.verdicts:
+        m = "total"
+        b, n, r = v.base_p50.get(m), v.new_p50.get(m), v.ratios.get(m)
+        table.add_row(v.label, f"{v.base_status or '—'} -> {v.new_status}", f"{b:.3f}" if b is not None else "—",
+                      f"{n:.3f}" if n is not None else "—", f"{r:.3f}x" if r is not None else "—",
+                      "[bold red]REGRESSION[/] " + "; ".join(v.problems) if v.problems else "[green]ok[/]")  # fmt: skip
+    out = Console()
+    out.print(table)
+    for note in cmp.notes:
+        out.print(f"note: {note}", highlight=False)
+    out.print(("[bold red]" if cmp.regressions else "[bold green]") + cmp.summary() + "[/]", highlight=False)
+    if cmp.regressions:
+        raise typer.Exit(1)
+
+
+def bench_report(
+    results: Path = typer.Argument(..., help="Results (JSONL) from 'bench run'."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Output HTML file."),
+) -> None:
+    """One static, offline HTML report: tables, stage breakdown, scaling, telemetry, failures."""
+    from wanrender.bench.report import write_report
+
+    try:
+        path = write_report(results, out)
+    except WanrenderError as e:
+        _fail(e)
+        return
+    Console().print(f"wrote {path}", highlight=False)
+
+
+def env(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the JSON to this file.")) -> None:
+    """Print the environment snapshot (GPUs, driver, CUDA, cuDNN, torch, packages, env vars, CPU, RAM, OS) as JSON."""
+    from wanrender.bench.env import snapshot
+
+    text = json.dumps(snapshot(), indent=1, default=str)
+    if out:
+        from wanrender.media.atomic import atomic_write_text
+
+        atomic_write_text(out, text + "\n")
+    sys.stdout.write(text + "\n")
+
+
+def tune(
+    budget: str = typer.Option("20m", "--budget", help="Time budget, e.g. 20m, 1h, 90s (a running candidate finishes)."),
+    buckets: Optional[str] = typer.Option(None, "--buckets", help="FRAMESxWIDTHxHEIGHT list (default: 3 production buckets on a GPU, 5x80x64 on CPU)."),
+    attention: Optional[str] = typer.Option(None, "--attention", help="Backends to try (comma list; default: all that can run)."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="Precisions to try (default fp8,bf16 on a GPU)."),
+    compile: Optional[str] = typer.Option(None, "--compile", help="Compile modes to try (default off,default)."),
+    memory_plan: Optional[str] = typer.Option(None, "--memory-plan", help="Memory plans to try (default auto)."),
+    repeats: int = typer.Option(2, "--repeats", help="Timed renders per candidate (after one warm-up)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Model folder (default: the demo models on CPU; required on a GPU)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
+    work: Optional[Path] = typer.Option(None, "--work", help="Folder for measurements and logs (default: bench-results/tune-DEVICE)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile YAML (default: $WANRENDER_HOME/profiles/DEVICE.yaml)."),
+) -> None:
+    """Search attention, precision, compile and memory plan on this device; write a GPU profile that generate uses."""
+    import torch
+
+    from wanrender.bench import tune as tn
+    from wanrender.bench.env import device_name
+    from wanrender.bench.matrix import Case, parse_seconds
+    from wanrender.bench.profiles import write_profile
+
+    try:
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = dev.startswith("cuda")
+        if on_gpu and models is None:
+            raise WanrenderError("tune on a GPU needs the real models — pass --models DIR ('wanrender models fetch' gets them)")
+        if repeats < 1:
+            raise WanrenderError(f"--repeats {repeats} is invalid — use 1 or more")
+        space = tn.parse_space(tn.default_space(dev), {"attention": attention, "precision": precision,
+                                                       "compile": compile, "memory_plan": memory_plan})  # fmt: skip
+        base = Case(models=str(models.resolve()) if models else "demo", models_path=str(models.resolve()) if models else None,
+                    preset="turbo" if models else "demo", repeats=repeats, timeout_s=1800.0 if on_gpu else 300.0)  # fmt: skip
+        wanted = tn.parse_buckets(buckets) if buckets else tn.default_buckets(dev)
+        dname = device_name(dev)
+        work_dir = work or Path("bench-results") / f"tune-{tn._slug(dname)}"
+        console.print(f"tuning on {dname}: buckets {', '.join('x'.join(map(str, b)) for b in wanted)}; "
+                      f"budget {budget}; results in {work_dir}", highlight=False)  # fmt: skip
+
+        def events(kind: str, d: dict) -> None:
+            if kind == "start":
+                console.print(f"  [{time.strftime('%H:%M:%S')}] {d['label']} ...", highlight=False, markup=False)
+            elif kind == "done":
+                p = d.get("p50")
+                console.print(f"    {d['status']}" + (f" {p:.3f} s (p50)" if p is not None else ""), highlight=False)
+            elif kind == "skip":
+                console.print(f"  skip {d['knobs']}: {d['why']}", highlight=False, markup=False)
+
+        doc = tn.tune(dev, base, wanted, space, parse_seconds(budget, "--budget"), work_dir, events)
+        path = out or tn.default_output(dname)
+        header = (f"GPU profile written by `wanrender tune` on {dname}, {doc['provenance']['measured']}.\n"
+                  "Knobs per bucket are the fastest candidates that finished ok (p50 of the timed renders).")  # fmt: skip
+        write_profile(path, doc, header)
+    except WanrenderError as e:
+        _fail(e)
+        return
+    for b in doc["buckets"]:
+        knobs = ", ".join(f"{k} {v}" for k, v in b["knobs"].items())
+        Console().print(f"{b['name']}: {knobs} — {b['measured']['total_p50_s']:.3f} s p50", highlight=False)
+    if not doc["provenance"]["complete"]:
+        console.print("[yellow]budget exhausted:[/] the profile covers what was measured", highlight=False)
+    Console().print(f"wrote {path}", highlight=False)
+
+
+def profile_for_generate(req, profile: str, device: Optional[str]):
+    """``generate --profile``: the profile's knobs for those not given on the command line."""
+    import click
+
+    from wanrender.bench.profiles import REQUEST_KNOBS, apply_profile
+
+    ctx = click.get_current_context(silent=True)
+    explicit = set()
+    if ctx is not None:
+        for k in REQUEST_KNOBS:
+            src = ctx.get_parameter_source(k)
+            if src is not None and src != click.core.ParameterSource.DEFAULT:
+                explicit.add(k)
+    req, line = apply_profile(req, profile, device, explicit)
+    if line:
+        console.print(f"[dim]{line}[/]", highlight=False)
+    return req
+
+
+def register(app: typer.Typer, bench_app: typer.Typer) -> None:
+    bench_app.command("run")(bench_run)
+    bench_app.command("compare")(bench_compare)
+    bench_app.command("report")(bench_report)
+    app.command("env")(env)
+    app.command("tune")(tune)

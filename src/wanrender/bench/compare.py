@@ -1,0 +1,159 @@
+"""``wanrender bench compare NEW BASE``: regressions between two results files.
+
+Cases are matched by their configuration hash, whatever the environment (the
+point is comparing a new driver, torch or commit against a baseline). Per case:
+the ratio of p50s for the checked metrics (``--metric``, default ``total``), a
+status regression (ok in BASE, not ok in NEW), and absolute limits on NEW
+(``--limit pass=85s``: both passes under 85 s; ``--limit vram=40GiB``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wanrender.bench import results as res
+from wanrender.bench.matrix import parse_bytes, parse_seconds
+from wanrender.errors import WanrenderError
+
+# Limit names that expand to several metrics, and memory metrics (bytes, not seconds).
+ALIASES = {"pass": ("pass1", "pass2")}
+MEMORY = {"vram": ("memory", "torch_allocated_peak"), "reserved": ("memory", "torch_reserved_peak"),
+          "nvml": ("memory", "nvml_used_peak"), "rss": ("memory", "host_rss_peak")}  # fmt: skip
+TIME_METRICS = ("total", "s_per_step", "text_encode", "vae_encode", "pass1", "pass2", "vae_decode",
+                "interpolate", "video_encode")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Limit:
+    metric: str
+    value: float  # seconds, or bytes for memory metrics
+    text: str
+
+
+@dataclass(frozen=True)
+class CaseVerdict:
+    case_hash: str
+    label: str
+    base_status: str | None
+    new_status: str | None
+    ratios: dict[str, float | None]
+    base_p50: dict[str, float | None]
+    new_p50: dict[str, float | None]
+    problems: tuple[str, ...]
+
+    @property
+    def regressed(self) -> bool:
+        return bool(self.problems)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    verdicts: tuple[CaseVerdict, ...]
+    only_base: tuple[str, ...]
+    only_new: tuple[str, ...]
+    max_slowdown: float
+    metrics: tuple[str, ...]
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def regressions(self) -> list[CaseVerdict]:
+        return [v for v in self.verdicts if v.regressed]
+
+    def summary(self) -> str:
+        n, bad = len(self.verdicts), len(self.regressions)
+        ratios = [v.ratios.get("total") for v in self.verdicts if v.ratios.get("total") is not None]
+        geo = None
+        if ratios:
+            import math
+
+            geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        head = f"{bad} regression{'s' if bad != 1 else ''} in {n} matched case{'s' if n != 1 else ''}"
+        head += f" (max slowdown {self.max_slowdown:.1%} on {', '.join(self.metrics)})"
+        if geo is not None:
+            head += f"; total p50 geometric mean ratio {geo:.3f}x"
+        if self.only_base:
+            head += f"; {len(self.only_base)} case(s) missing from NEW"
+        if self.only_new:
+            head += f"; {len(self.only_new)} new case(s) without a baseline"
+        return head
+
+
+def parse_percent(text: str) -> float:
+    """'5%' or '0.05' -> 0.05."""
+    t = str(text).strip()
+    try:
+        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    except ValueError:
+        raise WanrenderError(f"--max-slowdown {text!r} is invalid — use a percentage such as 5%") from None
+
+
+def parse_limit(text: str) -> list[Limit]:
+    m = re.fullmatch(r"\s*([a-z0-9_]+)\s*=\s*(\S+)\s*", str(text).lower())
+    if not m:
+        raise WanrenderError(f"--limit {text!r} is invalid — use METRIC=VALUE, e.g. pass=85s or vram=40GiB")
+    name, value = m.groups()
+    if name in MEMORY:
+        return [Limit(name, float(parse_bytes(value, f"--limit {name}")), text)]
+    names = ALIASES.get(name, (name,))
+    for n in names:
+        if n not in TIME_METRICS:
+            known = ", ".join(list(ALIASES) + list(TIME_METRICS) + list(MEMORY))
+            raise WanrenderError(f"--limit {text!r}: unknown metric {name!r} — use one of {known}")
+    return [Limit(n, parse_seconds(value, f"--limit {name}"), text) for n in names]
+
+
+def _metric_value(row: dict, metric: str) -> float | None:
+    if metric in MEMORY:
+        section, key = MEMORY[metric]
+        return (row.get(section) or {}).get(key)
+    return res.p50(row, metric)
+
+
+def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: list[Limit] | None = None,
+            metrics: tuple[str, ...] = ("total",)) -> Comparison:  # fmt: skip
+    for m in metrics:
+        if m not in TIME_METRICS and m not in ALIASES:
+            raise WanrenderError(f"--metric {m!r} is unknown — use one of {', '.join(list(ALIASES) + list(TIME_METRICS))}")
+    metrics = tuple(x for m in metrics for x in ALIASES.get(m, (m,)))
+    limits = limits or []
+    n_rows, b_rows = new.latest_by_case(), base.latest_by_case()
+    verdicts = []
+    for h, nrow in n_rows.items():
+        brow = b_rows.get(h)
+        problems: list[str] = []
+        shown = tuple(dict.fromkeys(metrics + ("total", "pass1", "pass2")))
+        new_p = {m: _metric_value(nrow, m) for m in shown}
+        base_p = {m: _metric_value(brow, m) for m in shown} if brow else {m: None for m in shown}
+        ratios = {m: (new_p[m] / base_p[m] if new_p[m] is not None and base_p[m] else None) for m in shown}
+        if brow is not None:
+            if brow["status"] == "ok" and nrow["status"] != "ok":
+                problems.append(f"status {brow['status']} -> {nrow['status']}")
+            for m in metrics:
+                r = ratios[m]
+                if r is not None and r > 1 + max_slowdown:
+                    problems.append(f"{m} p50 {base_p[m]:.3f}s -> {new_p[m]:.3f}s ({r:.3f}x > {1 + max_slowdown:.3f}x)")
+        for lim in limits:
+            v = _metric_value(nrow, lim.metric)
+            if v is not None and v > lim.value:
+                shown_v = f"{v / 2**30:.2f} GiB" if lim.metric in MEMORY else f"{v:.3f}s"
+                problems.append(f"{lim.metric} {shown_v} over the limit {lim.text}")
+        if brow is None and not problems:
+            continue  # a new case with nothing to hold it to
+        verdicts.append(CaseVerdict(h, nrow.get("label", h), brow["status"] if brow else None, nrow["status"],
+                                    ratios, base_p, new_p, tuple(problems)))  # fmt: skip
+    only_base = tuple(b_rows[h].get("label", h) for h in b_rows if h not in n_rows)
+    only_new = tuple(n_rows[h].get("label", h) for h in n_rows if h not in b_rows)
+    notes = []
+    for name, rows in (("NEW", new), ("BASE", base)):
+        if rows.skipped_lines:
+            notes.append(f"{name}: {rows.skipped_lines} unreadable line(s) skipped (a torn write)")
+    return Comparison(tuple(verdicts), only_base, only_new, max_slowdown, metrics, tuple(notes))
+
+
+def compare_files(new: Path, base: Path, max_slowdown: str = "5%", limits: list[str] | None = None,
+                  metrics: str = "total") -> Comparison:  # fmt: skip
+    parsed = [lim for text in limits or [] for lim in parse_limit(text)]
+    wanted = tuple(m.strip() for m in metrics.split(",") if m.strip())
+    return compare(res.read_rows(new), res.read_rows(base), parse_percent(max_slowdown), parsed, wanted)

@@ -1,0 +1,321 @@
+"""Benchmark matrices: a YAML file of axes expanded into cases.
+
+```yaml
+name: cpu-demo
+defaults:            # every case starts from these
+  preset: demo
+  frames: 5
+axes:                # the cross product, in this order
+  frames: [5, 9]
+  attention: [sdpa, reference]
+exclude:             # drop product cases matching all fields of an entry
+  - {frames: 9, attention: reference}
+cases:               # extra cases after the product: defaults + these fields
+  - {name: oom, inject: oom}
+```
+
+Relative paths (``image``, ``models``) are relative to the matrix file, so a
+matrix travels with its images. Each case has an identity hash over everything
+that defines the render (not the name, repeats or timeout): it keys results,
+``--resume`` and ``bench compare``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+from wanrender.errors import WanrenderError
+
+PASS_ORDERS = ("high-low", "low-high")
+INJECT = ("none", "oom", "hang", "crash")
+INTERPOLATE = ("off", "rife", "dis")
+# Fields that do not change what is rendered: excluded from the identity hash.
+NOT_IDENTITY = ("name", "repeats", "timeout_s")
+RESOLVED = ("image_path", "image_sha256", "models_path")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str = ""
+    image: str = "demo"  # "demo" (the demo photo) or a path
+    prompt: str = "slow dolly-in, gentle camera motion, soft light"
+    models: str = "demo"  # "demo" (tiny random-weight models) or a model folder
+    preset: str = "demo"
+    frames: int = 5
+    width: int = 80
+    height: int = 64
+    steps: int | None = None
+    switch: int | None = None
+    seed: int = 0
+    pass_order: str = "high-low"
+    attention: str = "auto"
+    precision: str = "auto"
+    compile: str = "off"
+    memory_plan: str = "auto"
+    vram_cap_bytes: int | None = None
+    interpolate: str = "off"
+    device: str = "auto"
+    repeats: int = 3
+    warmup: bool = True
+    timeout_s: float = 1800.0
+    inject: str = "none"  # test hook: make the child run out of memory, hang or crash
+    # Filled by expansion. The identity uses the image's content and the models folder
+    # as written, so the same matrix on another machine keys the same cases.
+    image_path: str | None = None
+    image_sha256: str | None = None
+    models_path: str | None = None
+
+    def identity(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY + RESOLVED}
+        if self.image != "demo":
+            d["image"] = self.image_sha256 or self.image
+        return d
+
+    @property
+    def case_hash(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+    @property
+    def tokens(self) -> int:
+        """Latent tokens of one DiT forward: what time and memory scale with."""
+        return ((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(d: dict) -> Case:
+        known = {f.name for f in fields(Case)}
+        return Case(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str
+    path: Path | None
+    cases: tuple[Case, ...]
+    labels: tuple[str, ...]
+
+
+# Keys a matrix may use -> Case fields they set (resolution sets two).
+KEYS = ("name", "image", "prompt", "models", "preset", "frames", "resolution", "steps", "switch", "seed",
+        "pass_order", "attention", "precision", "compile", "memory_plan", "vram_cap", "interpolate", "device",
+        "repeats", "warmup", "timeout_s", "inject")  # fmt: skip
+_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(text: str | int | float, what: str = "size") -> int:
+    """'32GB' (10^9), '31.5GiB' (2^30), '800MiB', or a plain number of bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = (m.group(2) or "b").lower() if m else ""
+    if not m or unit not in _BYTES:
+        raise WanrenderError(f"{what} {text!r} is invalid — use a number with a unit, e.g. 32GB or 31.5GiB")
+    return int(float(m.group(1)) * _BYTES[unit])
+
+
+def parse_seconds(text: str | int | float, what: str = "duration") -> float:
+    """'20m', '90s', '1h30m', '250ms', or a plain number of seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*(ms|h|m|s)", str(text).lower())
+    rebuilt = "".join(n + u for n, u in parts)
+    if not parts or rebuilt != re.sub(r"\s+", "", str(text).lower()):
+        try:
+            return float(text)
+        except ValueError:
+            raise WanrenderError(f"{what} {text!r} is invalid — use e.g. 90s, 20m or 1h30m") from None
+    scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(n) * scale[u] for n, u in parts)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise WanrenderError(f"resolution {text!r} is invalid — use WIDTHxHEIGHT, e.g. 832x1216") from None
+    return w, h
+
+
+def _pass_order(v: str) -> str:
+    norm = str(v).lower().replace("->", "-").replace(">", "-").replace("_", "-").replace(" ", "")
+    if norm not in PASS_ORDERS:
+        raise WanrenderError(f"pass_order {v!r} is invalid — use high->low or low->high")
+    return norm
+
+
+def _interpolate(v: object) -> str:
+    if v is True:
+        return "rife"
+    if v is False or v is None:
+        return "off"
+    if v not in INTERPOLATE:
+        raise WanrenderError(f"interpolate {v!r} is invalid — use off, rife or dis (true means rife)")
+    return str(v)
+
+
+def _apply(case: Case, values: dict, where: str) -> Case:
+    """Case + matrix keys, converted and checked one by one (the error names the key)."""
+    out: dict = {}
+    for key, v in values.items():
+        if key not in KEYS:
+            raise WanrenderError(f"{where}: unknown key {key!r} — use one of {', '.join(KEYS)}")
+        try:
+            if key == "resolution":
+                out["width"], out["height"] = parse_resolution(v)
+            elif key == "vram_cap":
+                out["vram_cap_bytes"] = None if v in (None, False, "none", "off") else parse_bytes(v, "vram_cap")
+            elif key == "pass_order":
+                out[key] = _pass_order(v)
+            elif key == "interpolate":
+                out[key] = _interpolate(v)
+            elif key == "compile" and isinstance(v, bool):  # YAML 1.1 reads a bare off/on as a boolean
+                out[key] = "default" if v else "off"
+            elif key == "inject":
+                if (v or "none") not in INJECT:
+                    raise WanrenderError(f"inject {v!r} is invalid — use one of {', '.join(INJECT)}")
+                out[key] = v or "none"
+            elif key == "timeout_s":
+                out[key] = parse_seconds(v, "timeout_s")
+            elif key in ("frames", "repeats", "seed") or (key in ("steps", "switch") and v is not None):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise WanrenderError(f"{key} {v!r} is invalid — use a whole number")
+                out[key] = v
+            elif key == "warmup":
+                out[key] = bool(v)
+            elif key in ("steps", "switch"):
+                out[key] = None
+            else:
+                out[key] = str(v)
+        except WanrenderError as e:
+            raise WanrenderError(f"{where}: {e}") from None
+    if out.get("repeats", case.repeats) < 1:
+        raise WanrenderError(f"{where}: repeats must be at least 1 — use 1 or more")
+    return replace(case, **out)
+
+
+def _resolve(path: str, base: Path | None) -> Path:
+    p = Path(path).expanduser()
+    return (base / p).resolve() if not p.is_absolute() and base is not None else p
+
+
+def _resolve_paths(case: Case, base: Path | None) -> Case:
+    image_path = sha = models_path = None
+    if case.image != "demo":
+        p = _resolve(case.image, base)
+        if not p.is_file():
+            raise WanrenderError(f"matrix image {case.image!r} not found (looked at {p}) — fix the path or use 'demo'")
+        image_path, sha = str(p), hashlib.sha256(p.read_bytes()).hexdigest()
+    if case.models != "demo":
+        models_path = str(_resolve(case.models, base))
+    return replace(case, image_path=image_path, image_sha256=sha, models_path=models_path)
+
+
+def _check_request(case: Case) -> None:
+    """Refuse a case the render would refuse (bad frames, size, steps) before a sweep starts."""
+    from wanrender.request import from_preset
+
+    from_preset(case.preset, Path(case.image if case.image != "demo" else "demo.png"), case.prompt,
+                frames=case.frames, width=case.width, height=case.height, steps=case.steps, switch=case.switch,
+                seed=case.seed, interpolate=case.interpolate)  # fmt: skip
+    for knob, allowed in (("precision", ("auto", "fp8", "bf16")), ("compile", ("off", "default", "max-autotune"))):
+        if getattr(case, knob) not in allowed:
+            raise WanrenderError(f"{knob} {getattr(case, knob)!r} is invalid — use one of {', '.join(allowed)}")
+
+
+def _matches(case: Case, pattern: dict, where: str) -> bool:
+    probe = _apply(Case(), pattern, where)
+    return all(getattr(case, f.name) == getattr(probe, f.name)
+               for f in fields(Case) if f.name in _keys_to_fields(pattern))  # fmt: skip
+
+
+def _keys_to_fields(d: dict) -> set[str]:
+    out = set()
+    for k in d:
+        out |= {"width", "height"} if k == "resolution" else {"vram_cap_bytes"} if k == "vram_cap" else {k}
+    return out
+
+
+def _labels(cases: list[Case]) -> list[str]:
+    """Short names: the case's own name, else the fields that vary across the matrix."""
+    varying = [f.name for f in fields(Case) if f.name not in NOT_IDENTITY + RESOLVED
+               and len({getattr(c, f.name) for c in cases}) > 1]  # fmt: skip
+    out = []
+    for c in cases:
+        parts = []
+        for k in varying:
+            v = getattr(c, k)
+            if k in ("width", "height"):
+                if k == "width" or "width" not in varying:
+                    parts.append(f"{c.width}x{c.height}")
+                continue
+            if k == "vram_cap_bytes":
+                parts.append(f"cap={v / 2**30:.1f}GiB" if v else "cap=none")
+            elif k == "image":
+                parts.append(Path(v).name if v != "demo" else "demo")
+            elif k == "frames":
+                parts.append(f"{v}f")
+            elif k != "inject" or v != "none":
+                parts.append(f"{k}={v}")
+        out.append(c.name or " ".join(parts) or "case")
+    return out
+
+
+def expand(doc: dict, path: Path | None = None) -> Matrix:
+    """Cases from a parsed matrix document (product of axes, minus excludes, plus cases)."""
+    where = str(path) if path else "matrix"
+    if not isinstance(doc, dict):
+        raise WanrenderError(f"{where}: a matrix is a mapping with defaults/axes/cases — see benchmarks/matrices/")
+    unknown = set(doc) - {"name", "defaults", "axes", "cases", "exclude", "description"}
+    if unknown:
+        raise WanrenderError(f"{where}: unknown section {sorted(unknown)[0]!r} — use name, defaults, axes, exclude, cases")
+    base_dir = path.parent if path else None
+    base = _apply(Case(), doc.get("defaults") or {}, f"{where} defaults")
+    axes = doc.get("axes") or {}
+    for k, v in axes.items():
+        if not isinstance(v, list) or not v:
+            raise WanrenderError(f"{where}: axis {k!r} must be a non-empty list — e.g. {k}: [a, b]")
+    cases: list[Case] = []
+    names = list(axes)
+    for combo in itertools.product(*(axes[k] for k in names)) if names else [()]:
+        c = _apply(base, dict(zip(names, combo)), f"{where} axes")
+        if not any(_matches(c, ex, f"{where} exclude") for ex in doc.get("exclude") or []):
+            cases.append(c)
+    for i, extra in enumerate(doc.get("cases") or []):
+        if not isinstance(extra, dict):
+            raise WanrenderError(f"{where}: cases[{i}] must be a mapping of fields — e.g. {{frames: 9, inject: oom}}")
+        cases.append(_apply(base, extra, f"{where} cases[{i}]"))
+    if not cases:
+        raise WanrenderError(f"{where}: the matrix expands to no cases — check axes and exclude")
+    cases = [_resolve_paths(c, base_dir) for c in cases]
+    for c, label in zip(cases, _labels(cases)):
+        try:
+            _check_request(c)
+        except WanrenderError as e:
+            raise WanrenderError(f"{where}: case {label!r}: {e}") from None
+    seen: dict[str, str] = {}
+    for c, label in zip(cases, _labels(cases)):
+        if c.case_hash in seen:
+            raise WanrenderError(f"{where}: cases {seen[c.case_hash]!r} and {label!r} are the same render — drop one")
+        seen[c.case_hash] = label
+    return Matrix(str(doc.get("name") or (path.stem if path else "matrix")), path, tuple(cases), tuple(_labels(cases)))
+
+
+def load(path: Path) -> Matrix:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise WanrenderError(f"{path}: cannot read the matrix ({e.strerror}) — check the path") from None
+    except yaml.YAMLError as e:
+        raise WanrenderError(f"{path}: not valid YAML ({str(e).splitlines()[0]}) — fix the file") from None
+    return expand(doc, Path(path))

@@ -1,0 +1,190 @@
+"""GPU profiles: the fastest knobs (precision, attention, compile, memory plan) per
+GPU and resolution/frame bucket, with where the numbers came from.
+
+Profiles are YAML. ``wanrender tune`` writes one for the GPU it runs on into
+``$WANRENDER_HOME/profiles/``; the package ships profiles under
+``wanrender/profiles/`` (measured ones, and planner-derived ones marked
+``estimated: true``). ``generate --profile auto`` takes the first profile whose
+``match`` strings occur in the device's name, user profiles before shipped ones,
+and fills in the knobs the user did not set.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from wanrender.errors import WanrenderError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+KNOBS = ("precision", "attention", "compile", "memory_plan")
+REQUEST_KNOBS = ("precision", "attention", "compile")  # the ones RenderRequest carries
+
+
+@dataclass(frozen=True)
+class Bucket:
+    name: str
+    frames: int
+    width: int
+    height: int
+    knobs: dict[str, str]
+    measured: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return ((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+
+
+@dataclass(frozen=True)
+class Profile:
+    path: str
+    device: str
+    match: tuple[str, ...]
+    estimated: bool
+    provenance: dict
+    buckets: tuple[Bucket, ...]
+    memory_gib: float | None = None
+
+    def matches(self, device_name: str) -> bool:
+        name = device_name.lower()
+        return any(m.lower() in name for m in self.match)
+
+    def bucket_for(self, frames: int, width: int, height: int) -> Bucket:
+        """The bucket nearest in latent tokens (log scale: 2x more and 2x fewer are equally far)."""
+        n = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+        return min(self.buckets, key=lambda b: abs(math.log(max(b.tokens, 1) / max(n, 1))))
+
+
+def _fail(path: object, what: str) -> WanrenderError:
+    return WanrenderError(f"{path}: {what} — see src/wanrender/profiles/h200.yaml for the format")
+
+
+def parse_profile(doc: object, path: str) -> Profile:
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        raise _fail(path, f"not a wanrender GPU profile (schema {SCHEMA})")
+    match = doc.get("match")
+    if not isinstance(match, list) or not match or not all(isinstance(m, str) and m for m in match):
+        raise _fail(path, "'match' must be a list of device-name substrings")
+    buckets = []
+    for i, b in enumerate(doc.get("buckets") or []):
+        try:
+            knobs = {k: str(v) for k, v in (b.get("knobs") or {}).items()}
+            bad = set(knobs) - set(KNOBS)
+            if bad:
+                raise _fail(path, f"bucket {i}: unknown knob {sorted(bad)[0]!r} (knobs: {', '.join(KNOBS)})")
+            buckets.append(Bucket(str(b.get("name") or i), int(b["frames"]), int(b["width"]), int(b["height"]),
+                                  knobs, dict(b.get("measured") or {})))  # fmt: skip
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise _fail(path, f"bucket {i} needs frames, width, height and knobs") from None
+    if not buckets:
+        raise _fail(path, "no buckets")
+    return Profile(path, str(doc.get("device") or match[0]), tuple(match), bool(doc.get("estimated", False)),
+                   dict(doc.get("provenance") or {}), tuple(buckets), doc.get("memory_gib"))  # fmt: skip
+
+
+def load_profile(path: Path) -> Profile:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise WanrenderError(f"{path}: cannot read the profile ({e.strerror}) — check the path") from None
+    except yaml.YAMLError as e:
+        raise _fail(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
+    return parse_profile(doc, str(path))
+
+
+def user_dir() -> Path:
+    from wanrender.paths import home
+
+    return home() / "profiles"
+
+
+def _shipped() -> list[tuple[str, str]]:
+    from importlib import resources
+
+    folder = resources.files("wanrender") / "profiles"
+    if not folder.is_dir():
+        return []
+    return sorted((str(p), p.read_text(encoding="utf-8")) for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def all_profiles() -> list[Profile]:
+    """User profiles (``wanrender tune``) first, then the shipped ones; unreadable user files are skipped with a warning."""
+    import yaml
+
+    out: list[Profile] = []
+    folder = user_dir()
+    for p in sorted(folder.glob("*.yaml")) if folder.is_dir() else []:
+        try:
+            out.append(load_profile(p))
+        except WanrenderError as e:
+            log.warning("skipping profile %s", e)
+    for name, text in _shipped():
+        out.append(parse_profile(yaml.safe_load(text), name))
+    return out
+
+
+def find_profile(device_name: str) -> Profile | None:
+    return next((p for p in all_profiles() if p.matches(device_name)), None)
+
+
+def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tuple[object, str | None]:
+    """``req`` with the profile's knobs for the knobs not in ``explicit``, and a line saying what happened.
+
+    ``spec``: ``auto`` (match this device), ``off``, or a profile file. A profile's
+    knobs that cannot run here are dropped under ``auto`` (the render falls back to
+    its own defaults) and refused for an explicit file.
+    """
+    import torch
+
+    from wanrender.bench.env import device_name as name_of
+
+    if spec == "off":
+        return req, None
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dname = name_of(dev)
+    if spec == "auto":
+        prof = find_profile(dname)
+        if prof is None:
+            return req, None
+    else:
+        prof = load_profile(Path(spec))
+    bucket = prof.bucket_for(req.frames, req.width, req.height)
+    chosen = {k: v for k, v in bucket.knobs.items() if k in REQUEST_KNOBS and k not in explicit}
+    if chosen:
+        from wanrender.runtime.plan import make_plan
+
+        trial = {k: chosen.get(k, getattr(req, k)) for k in REQUEST_KNOBS}
+        try:
+            make_plan(dev, trial["precision"], trial["attention"], trial["compile"])
+        except WanrenderError as e:
+            if spec != "auto":
+                raise WanrenderError(f"profile {prof.path} does not fit this device: {e}") from None
+            log.warning("profile %s not applied: %s", prof.path, e)
+            return req, f"profile {Path(prof.path).name} not applied ({e})"
+    record = {"path": prof.path, "device": prof.device, "bucket": bucket.name, "estimated": prof.estimated,
+              "applied": chosen, "memory_plan": bucket.knobs.get("memory_plan"),
+              "source": prof.provenance.get("source")}  # fmt: skip
+    req = replace(req, **chosen, extra={**req.extra, "profile": record})
+    kind = "estimated" if prof.estimated else "measured"
+    knobs = ", ".join(f"{k} {v}" for k, v in chosen.items()) or "nothing (all set explicitly)"
+    return req, f"profile {Path(prof.path).name} ({prof.device}, {kind}, bucket {bucket.name}): {knobs}"
+
+
+def write_profile(path: Path, doc: dict, header: str) -> Path:
+    import yaml
+
+    from wanrender.media.atomic import atomic_write_text
+
+    import json
+
+    doc = json.loads(json.dumps(doc, default=str))  # plain types only (torch's version is a str subclass)
+    parse_profile(doc, str(path))  # never write a profile this module could not read back
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(doc, sort_keys=False, width=110)
+    atomic_write_text(path, text)
+    return path

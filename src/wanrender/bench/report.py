@@ -1,0 +1,265 @@
+"""``wanrender bench report RESULTS.jsonl -o report.html``: one static HTML file.
+
+Everything is inline (CSS and hand-written SVG; no JavaScript, no CDN), so the
+file opens offline and can be attached to an issue. Sections: summary table,
+per-case stage breakdown, time and memory vs frames (with the card's limit),
+telemetry timelines, failures with their log tails, and the environments.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from html import escape
+from pathlib import Path
+
+from wanrender.bench import results as res
+from wanrender.bench.runner import STAGES
+from wanrender.bench.svg import PALETTE, Band, HLine, Series, stacked_bars, xy_chart
+from wanrender.media.atomic import atomic_write_text
+
+GIB = 2**30
+OFF_SCALE = 3.0  # a limit more than this many times the data's peak is named, not drawn
+# Case fields that never split a series (they do not change the render or are the x axis).
+_NOT_SERIES = ("name", "frames", "repeats", "timeout_s", "image_path", "image_sha256", "models_path")
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
+h1{font-size:22px}h2{font-size:17px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+table{border-collapse:collapse;font-size:12px;margin:8px 0}
+th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;white-space:nowrap}
+th{background:#f4f4f4}td.l,th.l{text-align:left}
+.st{font-weight:bold;padding:1px 6px;border-radius:3px;color:#fff}
+.ok{background:#2a8a3a}.oom{background:#b35c00}.timeout{background:#7a4bb3}.crash{background:#b00}.error{background:#666}
+pre.log{background:#111;color:#ddd;padding:8px;font-size:11px;max-height:360px;overflow:auto;white-space:pre-wrap}
+.grid{display:flex;flex-wrap:wrap;gap:10px}.muted{color:#777;font-size:12px}
+figure{margin:0 0 14px 0}figcaption{font-size:13px;font-weight:bold;margin:6px 0}
+"""
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _gib(v: float | None) -> str:
+    return "—" if v is None else f"{v / GIB:.2f}"
+
+
+def _status(s: str) -> str:
+    return f'<span class="st {escape(s)}">{escape(s)}</span>'
+
+
+def _case(row: dict) -> dict:
+    return row.get("case") or {}
+
+
+def _summary_table(rows: list[dict]) -> str:
+    head = ("case", "status", "frames", "size", "attention", "precision", "compile", "pass order", "total p50 s",
+            "total p90 s", "s/step p50", "pass1 p50", "pass2 p50", "VRAM alloc GiB", "reserved GiB", "NVML GiB",
+            "host RSS GiB", "energy J/video", "warm-up s")  # fmt: skip
+    out = ['<table id="summary-table"><thead><tr>' + "".join(
+        f'<th class="{"l" if i < 2 else ""}">{escape(h)}</th>' for i, h in enumerate(head)) + "</tr></thead><tbody>"]  # fmt: skip
+    for r in rows:
+        c, m = _case(r), r.get("memory") or {}
+        e = r.get("energy_j") or {}
+        cells = [escape(r.get("label", r["key"])), _status(r["status"]), str(c.get("frames", "")),
+                 f"{c.get('width')}x{c.get('height')}", escape(str(c.get("attention"))),
+                 escape(str(c.get("precision"))), escape(str(c.get("compile"))), escape(str(c.get("pass_order"))),
+                 _f(res.p50(r, "total")), _f((r.get("total") or {}).get("p90")), _f(res.p50(r, "s_per_step")),
+                 _f(res.p50(r, "pass1")), _f(res.p50(r, "pass2")), _gib(m.get("torch_allocated_peak")),
+                 _gib(m.get("torch_reserved_peak")), _gib(m.get("nvml_used_peak")), _gib(m.get("host_rss_peak")),
+                 _f(e.get("p50"), 1), _f(r.get("warmup_s"), 2)]  # fmt: skip
+        out.append("<tr>" + "".join(f'<td class="{"l" if i < 2 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _stage_section(ok: list[dict]) -> str:
+    stages = [s for s in STAGES if any(s in (r.get("stages") or {}) for r in ok)]
+    bars = [(r.get("label", r["key"]), {s: res.p50(r, s) or 0.0 for s in stages}) for r in ok]
+    chart = stacked_bars(bars, stages, plot="stages", title="Where the time goes (p50 per stage, seconds)")
+    head = "".join(f"<th>{escape(s)} p50 / p90</th>" for s in stages)
+    body = []
+    for r in ok:
+        cells = []
+        for s in stages:
+            st = (r.get("stages") or {}).get(s) or {}
+            cells.append(f"<td>{_f(st.get('p50'))} / {_f(st.get('p90'))}</td>")
+        body.append(f'<tr><td class="l">{escape(r.get("label", r["key"]))}</td>{"".join(cells)}</tr>')
+    table = f'<table id="stages-table"><thead><tr><th class="l">case</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return chart + table
+
+
+def _series_names(rows: list[dict]) -> dict[str, str]:
+    """Rows that differ only in frames share a series; its name lists what else varies."""
+    keys = sorted({k for r in rows for k in _case(r)} - set(_NOT_SERIES))
+    varying = [k for k in keys if len({str(_case(r).get(k)) for r in rows}) > 1]
+    out = {}
+    for r in rows:
+        c = _case(r)
+        out[r["key"]] = " ".join(f"{k}={c.get(k)}" for k in varying) or "all cases"
+    return out
+
+
+def _grouped(rows: list[dict], value) -> list[Series]:
+    names = _series_names(rows)
+    groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in rows:
+        v = value(r)
+        if v is not None:
+            groups[names[r["key"]]].append((float(_case(r).get("frames", 0)), v))
+    return [Series(n, tuple(p), PALETTE[i % len(PALETTE)]) for i, (n, p) in enumerate(sorted(groups.items()))]
+
+
+def _limits(rows: list[dict], peak: float, gpu: bool) -> tuple[tuple[HLine, ...], list[str]]:
+    """The card's memory (or the host's RAM on a CPU run) and any emulated caps, in GiB."""
+    found: dict[str, float] = {}
+    for r in rows:
+        m = r.get("memory") or {}
+        if gpu and m.get("device_total"):
+            found[f"card {m['device_total'] / GIB:.1f} GiB"] = m["device_total"] / GIB
+        if m.get("cap"):
+            found[f"cap {m['cap'] / GIB:.1f} GiB"] = m["cap"] / GIB
+        if not gpu and (r.get("env") or {}).get("ram_gib"):
+            found[f"host RAM {r['env']['ram_gib']} GiB"] = float(r["env"]["ram_gib"])
+    lines, off = [], []
+    for label, y in sorted(found.items(), key=lambda kv: kv[1]):
+        if peak and y > OFF_SCALE * peak:
+            off.append(label)
+        else:
+            lines.append(HLine(y, label))
+    return tuple(lines), off
+
+
+def _scaling_section(rows: list[dict]) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    t = xy_chart(_grouped(ok, lambda r: res.p50(r, "total")), plot="time-vs-frames", title="Render time vs frames (p50)",
+                 x_label="frames", y_label="seconds (total, p50)")  # fmt: skip
+    gpu = any((r.get("memory") or {}).get("torch_allocated_peak") for r in rows)
+    key = "torch_allocated_peak" if gpu else "host_rss_peak"
+    what = "peak VRAM (torch allocated)" if gpu else "peak host RSS (CPU run: no VRAM)"
+    # Failed cases count too: an OOM at N frames is exactly the point this chart is for.
+    measured = [r for r in rows if (r.get("memory") or {}).get(key)]
+    series = _grouped(measured, lambda r: r["memory"][key] / GIB)
+    peak = max((p[1] for s in series for p in s.points), default=0.0)
+    lines, off = _limits(rows, peak, gpu)
+    v = xy_chart(series, plot="vram-vs-frames", title=f"{what} vs frames", x_label="frames", y_label="GiB", hlines=lines)
+    note = f'<p class="muted">Limits off the scale: {escape(", ".join(off))}.</p>' if off else ""
+    return f'<div class="grid">{t}{v}</div>{note}'
+
+
+def _timeline_charts(row: dict) -> list[str]:
+    tel = row.get("telemetry") or {}
+    fields, samples = tel.get("fields") or [], tel.get("samples") or []
+    if not samples or "t" not in fields:
+        return []
+    col = {f: i for i, f in enumerate(fields)}
+    ts = [s[col["t"]] for s in samples]
+    bands = tuple(Band(a, b, n, "#eef3ff" if n != "warmup" else "#fff4e0") for n, a, b in tel.get("phases") or [])
+
+    def series(name: str, f: str, scale: float = 1.0, color: str = PALETTE[0]) -> Series | None:
+        if f not in col:
+            return None
+        pts = tuple((t, s[col[f]] * scale) for t, s in zip(ts, samples) if s[col[f]] is not None)
+        return Series(name, pts, color, markers=False) if pts else None
+
+    groups = [
+        ("host CPU % (the case's process)", "%", [series("cpu %", "cpu_pct")], ()),
+        ("host RSS", "GiB", [series("RSS", "rss_mib", 1 / 1024, PALETTE[1])], ()),
+        ("GPU utilisation", "%", [series("gpu", "gpu_util"), series("memory", "mem_util", color=PALETTE[3])], ()),
+        ("GPU memory used (NVML)", "GiB", [series("used", "gpu_mem_mib", 1 / 1024, PALETTE[1])],
+         tuple(HLine(m / GIB, f"card {m / GIB:.0f} GiB") for m in [(row.get("memory") or {}).get("device_total")] if m)),
+        ("GPU power", "W", [series("power", "power_w", color=PALETTE[2])], ()),
+        ("GPU temperature", "°C", [series("temp", "temp_c", color=PALETTE[3])], ()),
+        ("clocks", "MHz", [series("SM", "sm_mhz", color=PALETTE[4]), series("memory", "mem_mhz", color=PALETTE[5])], ()),
+    ]  # fmt: skip
+    out = []
+    for title, unit, ss, hl in groups:
+        ss = [s for s in ss if s is not None]
+        if ss:
+            out.append(xy_chart(ss, plot="telemetry", title=title, x_label="seconds since the case started", y_label=unit,
+                                bands=bands, hlines=hl, width=460, height=190, legend=len(ss) > 1))  # fmt: skip
+    return out
+
+
+def _telemetry_section(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        charts = _timeline_charts(r)
+        tel = r.get("telemetry") or {}
+        extra = []
+        if tel.get("throttle_reasons"):
+            extra.append("throttle reasons while timed: " + ", ".join(tel["throttle_reasons"]))
+        if tel.get("temp_max_c") is not None:
+            extra.append(f"max temperature {tel['temp_max_c']} °C")
+        if tel.get("note"):
+            extra.append(tel["note"])
+        cap = f'{escape(r.get("label", r["key"]))} {_status(r["status"])}'
+        body = "".join(charts) or '<p class="muted">no samples</p>'
+        note = f'<p class="muted">{escape("; ".join(extra))}</p>' if extra else ""
+        parts.append(f'<figure class="timeline"><figcaption>{cap}</figcaption><div class="grid">{body}</div>{note}</figure>')
+    return "".join(parts)
+
+
+def _failures_section(rows: list[dict]) -> str:
+    bad = [r for r in rows if r["status"] != "ok"]
+    if not bad:
+        return '<p class="muted">No failures.</p>'
+    out = []
+    for r in bad:
+        out.append(f'<div class="failure" data-status="{escape(r["status"])}"><h3>{escape(r.get("label", r["key"]))} '
+                   f'{_status(r["status"])}</h3><p>{escape(r.get("message") or "")}</p>'
+                   f'<p class="muted">exit code {r.get("returncode")}, {r.get("wall_s")} s, log {escape(str(r.get("log")))}</p>'
+                   f'<pre class="log">{escape(r.get("log_tail") or "(empty log)")}</pre></div>')  # fmt: skip
+    return "".join(out)
+
+
+def _env_section(rows: list[dict]) -> str:
+    envs: dict[str, dict] = {}
+    for r in rows:
+        envs.setdefault(r.get("env_fingerprint", "?"), r.get("env") or {})
+    out = []
+    for fp, env in envs.items():
+        gpus = ", ".join(f"{g.get('name')} ({g.get('memory_gib')} GiB)" for g in env.get("gpus") or []) or "none"
+        cpu = env.get("cpu") or {}
+        items = [("fingerprint", fp), ("GPUs", gpus), ("driver", env.get("driver")), ("CUDA", env.get("cuda")),
+                 ("cuDNN", env.get("cudnn")), ("torch", env.get("torch")), ("triton", env.get("triton")),
+                 ("Python", env.get("python")), ("wanrender", f"{env.get('wanrender')} {env.get('git_commit') or ''}"),
+                 ("CPU", f"{cpu.get('model')} ({cpu.get('usable_cores')} usable cores)"), ("RAM GiB", env.get("ram_gib")),
+                 ("OS", (env.get("os") or {}).get("distribution") or env.get("platform")),
+                 ("packages", ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items())),
+                 ("env vars", ", ".join(f"{k}={v}" for k, v in (env.get("env_vars") or {}).items()) or "none"),
+                 ("taken", env.get("taken"))]  # fmt: skip
+        body = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l">{escape(str(v))}</td></tr>' for k, v in items)
+        out.append(f'<table class="env">{body}</table>')
+    return "".join(out)
+
+
+def render(rows: res.Rows, source: str = "") -> str:
+    latest = list(rows.latest_by_key().values())
+    counts: dict[str, int] = defaultdict(int)
+    for r in latest:
+        counts[r["status"]] += 1
+    ok = [r for r in latest if r["status"] == "ok"]
+    skipped = f", {rows.skipped_lines} unreadable line(s) skipped" if rows.skipped_lines else ""
+    status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    sections = [
+        ("summary", "Summary", _summary_table(latest)),
+        ("stages", "Stage breakdown", _stage_section(ok)),
+        ("scaling", "Time and memory vs frames", _scaling_section(latest)),
+        ("telemetry", "Telemetry timelines", _telemetry_section(latest)),
+        ("failures", "Failures", _failures_section(latest)),
+        ("environment", "Environment", _env_section(latest)),
+    ]
+    body = "".join(f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>' for sid, title, html in sections)
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>wanrender bench report</title>'
+            f"<style>{CSS}</style></head><body><h1>wanrender bench report</h1>"
+            f'<p class="muted">{escape(source)} — {len(latest)} case(s): {escape(status_line)}{escape(skipped)}; '
+            f'written {escape(time.strftime("%Y-%m-%d %H:%M:%S"))}. Timings exclude the warm-up render; '
+            f"p50/p90 over the timed repeats.</p>{body}</body></html>")  # fmt: skip
+
+
+def write_report(results: Path, out: Path) -> Path:
+    rows = res.read_rows(results)
+    atomic_write_text(out, render(rows, str(results)))
+    return out

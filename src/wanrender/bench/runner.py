@@ -1,0 +1,253 @@
+"""``wanrender bench run``: every case in its own child process, under a timeout.
+
+An OOM, a segfault or a deadlock ends only its case: the parent waits with a
+wall-clock limit, asks a hung child for its Python stacks (SIGUSR1, written to
+the case's log), kills its process group, and records the status with the log's
+tail. Rows are appended to ``results.jsonl`` as each case ends, keyed by the
+case's identity hash plus the environment fingerprint, so an interrupted sweep
+resumes where it stopped (``--resume``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from wanrender.bench import results as res
+from wanrender.bench.matrix import Case, Matrix
+from wanrender.bench.telemetry import Sampler
+from wanrender.errors import WanrenderError
+
+LOG_TAIL_LINES = 40
+LOG_TAIL_CHARS = 4000
+STACK_DUMP_WAIT_S = 1.0
+STAGES = ("text_encode", "vae_encode", "pass1", "pass2", "vae_decode", "interpolate", "video_encode")
+# Engine.render's timing names -> the lab's (passes are numbered: pass order is an axis).
+_STAGE_OF = {"pass1_high": "pass1", "pass2_low": "pass2"}
+
+# (event, detail) -> None; events: "start", "skip", "done" with the case, label, row.
+Events = Callable[[str, dict], None]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    out_dir: Path
+    results: Path
+    ran: tuple[dict, ...]
+    skipped: tuple[str, ...]
+    env: dict = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in self.ran:
+            out[r["status"]] = out.get(r["status"], 0) + 1
+        return out
+
+
+def case_key(case: Case, env_fp: str) -> str:
+    return f"{case.case_hash}-{env_fp}"
+
+
+def log_tail(path: Path) -> str:
+    try:
+        data = path.read_bytes()[-LOG_TAIL_CHARS * 4 :]
+    except OSError:
+        return ""
+    lines = data.decode("utf-8", errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    return "\n".join(lines)[-LOG_TAIL_CHARS:]
+
+
+def _gpu_index(case: Case) -> int | None:
+    dev = case.device
+    if dev == "auto":
+        import torch
+
+        return 0 if torch.cuda.is_available() else None
+    if dev.startswith("cuda"):
+        return int(dev.split(":")[1]) if ":" in dev else 0
+    return None
+
+
+def _kill_group(proc: subprocess.Popen, dump_stacks: bool) -> None:
+    """Stacks first (faulthandler on SIGUSR1), then SIGKILL to the whole group."""
+    if proc.poll() is not None:
+        return
+    if dump_stacks:
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)
+            proc.wait(timeout=STACK_DUMP_WAIT_S)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    proc.wait()
+
+
+def classify(result: dict | None, returncode: int | None, timed_out: bool) -> tuple[str, str]:
+    """(status, message) from the child's result file, exit code and the parent's timeout."""
+    if timed_out:
+        return "timeout", "no result before the wall-clock limit: killed (stacks at the end of the log)"
+    if result is not None:
+        return result["status"], result.get("message", "")
+    if returncode is not None and returncode < 0:
+        sig = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
+        why = " (the kernel's OOM killer sends SIGKILL: check host memory)" if -returncode == signal.SIGKILL else ""
+        return "crash", f"killed by {sig}{why}"
+    return "crash", f"exited with code {returncode} without a result"
+
+
+def _summarise(case: Case, result: dict | None) -> dict:
+    """Per-stage and total stats over the timed repeats."""
+    out: dict = {"stages": {}, "total": res.stats([]), "s_per_step": res.stats([])}
+    reps = (result or {}).get("repeats") or []
+    if not reps:
+        return out
+    stage_values: dict[str, list[float]] = {}
+    totals = []
+    for r in reps:
+        named = {_STAGE_OF.get(k, k): v for k, v in r["timings"].items() if k != "sampling"}
+        for k, v in named.items():
+            stage_values.setdefault(k, []).append(v)
+        totals.append(sum(named.values()))
+    out["stages"] = {k: res.stats(v) for k, v in sorted(stage_values.items(), key=lambda kv: _stage_rank(kv[0]))}
+    out["total"] = res.stats(totals)
+    out["s_per_step"] = res.stats([r["s_per_step"] for r in reps if r.get("s_per_step") is not None])
+    out["wall"] = res.stats([r["wall_s"] for r in reps])
+    return out
+
+
+def _stage_rank(name: str) -> int:
+    return STAGES.index(name) if name in STAGES else len(STAGES)
+
+
+def _peak(values: list) -> int | None:
+    vals = [v for v in values if v is not None]
+    return max(vals) if vals else None
+
+
+def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep_work: bool = False) -> dict:
+    """Run one case in a child process and return its row (not yet written)."""
+    key = case_key(case, env["fingerprint"])
+    work = out_dir / "work" / key
+    logs = out_dir / "logs"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    logs.mkdir(parents=True, exist_ok=True)
+    log_path = logs / f"{key}.log"
+    (work / "spec.json").write_text(json.dumps({"case": case.to_json(), "parent_pid": os.getpid()}))
+    cmd = [sys.executable, "-m", "wanrender.bench.child", str(work / "spec.json")]
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    t0 = time.time()
+    with open(log_path, "ab") as log:
+        log.write(f"=== {started} case {label} ({key}) run {run_id}\n".encode())
+        log.flush()
+        # A session of its own: the sweep's Ctrl-C does not reach the child directly,
+        # and a kill takes the whole group (compile workers included).
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=str(work))  # fmt: skip
+    sampler = Sampler(proc.pid, _gpu_index(case), t0=t0).start()
+    timed_out = False
+    try:
+        try:
+            proc.wait(timeout=case.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_group(proc, dump_stacks=True)
+    except BaseException:  # Ctrl-C or any parent failure: the case must not outlive the sweep
+        _kill_group(proc, dump_stacks=False)
+        raise
+    finally:
+        sampler.stop()
+    wall = time.time() - t0
+    result = None
+    if not timed_out and (work / "result.json").is_file():
+        result = json.loads((work / "result.json").read_text())
+    status, message = classify(result, proc.returncode, timed_out)
+    windows = [(a, b) for name, a, b in (result or {}).get("windows", []) if name != "warmup"]
+    tel = sampler.summary(windows)
+    reps = (result or {}).get("repeats") or []
+    energies = [e for e in tel.pop("energy_j", []) if e is not None]
+    row = {
+        "schema": res.SCHEMA, "key": key, "case_hash": case.case_hash, "env_fingerprint": env["fingerprint"],
+        "run_id": run_id, "label": label, "case": case.to_json(), "status": status, "message": message,
+        "started": started, "wall_s": round(wall, 3), "returncode": proc.returncode,
+        **_summarise(case, result),
+        "load_s": (result or {}).get("load_s"), "warmup_s": (result or {}).get("warmup_s"),
+        "pass1_expert": (result or {}).get("pass1_expert"),
+        "memory": {
+            "torch_allocated_peak": _peak([r.get("torch_allocated_peak") for r in reps]),
+            "torch_reserved_peak": _peak([r.get("torch_reserved_peak") for r in reps]),
+            "nvml_used_peak": tel.pop("nvml_used_peak_bytes", None),
+            "host_rss_peak": (result or {}).get("host_rss_peak_bytes") or sampler.peak_rss,
+            "device_total": (result or {}).get("device_total_bytes") or sampler.gpu_total_bytes,
+            "cap": case.vram_cap_bytes,
+        },
+        "energy_j": {**res.stats(energies), "per": "video (one timed render)"} if energies else None,
+        "telemetry": {**tel, "phases": [(n, round(a - t0, 3), round(b - t0, 3)) for n, a, b in (result or {}).get("windows", [])],
+                      "samples": sampler.thinned()},
+        "plan": (result or {}).get("plan"), "device": (result or {}).get("device"),
+        "notes": (result or {}).get("notes", []) + ([tel["note"]] if tel.get("note") else []),
+        "log": str(log_path), "log_tail": log_tail(log_path) if status != "ok" else "",
+        "env": env,
+    }  # fmt: skip
+    if not keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return row
+
+
+def run_sweep(
+    matrix: Matrix,
+    out_dir: Path,
+    resume: bool = False,
+    retry_failed: bool = False,
+    events: Events | None = None,
+    env: dict | None = None,
+) -> SweepResult:
+    """Run the matrix's cases one after another; rows are appended as cases end."""
+    from wanrender.bench.env import snapshot
+
+    out_dir = Path(out_dir)
+    results_path = out_dir / "results.jsonl"
+    env = env or snapshot()
+    done = res.read_rows_if_any(results_path).latest_by_key()
+    keys = [case_key(c, env["fingerprint"]) for c in matrix.cases]
+    already = [k for k in keys if k in done]
+    if already and not resume:
+        raise WanrenderError(
+            f"{results_path} already has {len(already)} of these {len(keys)} cases — "
+            "use --resume to skip them, or --out NEW_DIR for a fresh sweep"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from wanrender.media.atomic import atomic_write_text
+
+    atomic_write_text(out_dir / f"env-{env['fingerprint']}.json", json.dumps(env, indent=1, default=str))
+    run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
+    ran: list[dict] = []
+    skipped: list[str] = []
+    for i, (case, label, key) in enumerate(zip(matrix.cases, matrix.labels, keys)):
+        prev = done.get(key)
+        if prev is not None and not (retry_failed and prev["status"] != "ok"):
+            skipped.append(key)
+            if events:
+                events("skip", {"index": i, "total": len(keys), "label": label, "key": key, "status": prev["status"]})
+            continue
+        if events:
+            events("start", {"index": i, "total": len(keys), "label": label, "key": key, "case": case})
+        row = run_case(case, label, out_dir, env, run_id)
+        res.append_row(results_path, row)
+        ran.append(row)
+        if events:
+            events("done", {"index": i, "total": len(keys), "label": label, "key": key, "row": row})
+    shutil.rmtree(out_dir / "work", ignore_errors=True)
+    return SweepResult(out_dir, results_path, tuple(ran), tuple(skipped), env)

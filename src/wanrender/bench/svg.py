@@ -1,0 +1,180 @@
+"""Small hand-written SVG charts for the offline HTML report (no JavaScript, no CDN).
+
+Every chart carries ``data-plot`` (what it shows) and ``data-points`` (how many
+data points it drew), so a test of the rendered page can tell an empty chart
+from a real one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from html import escape
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
+FONT = 'font-family="system-ui, sans-serif" font-size="11"'
+
+
+@dataclass(frozen=True)
+class Series:
+    name: str
+    points: tuple[tuple[float, float], ...]
+    color: str
+    markers: bool = True
+
+
+@dataclass(frozen=True)
+class HLine:
+    y: float
+    label: str
+    color: str = "#b00"
+
+
+@dataclass(frozen=True)
+class Band:
+    x0: float
+    x1: float
+    label: str
+    color: str = "#eef"
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    """Round tick values covering [lo, hi] (1, 2, 5 x 10^k steps)."""
+    if not math.isfinite(lo) or not math.isfinite(hi):
+        return [0.0]
+    if hi <= lo:
+        hi = lo + (abs(lo) or 1.0)
+    raw = (hi - lo) / max(1, n)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    start = math.floor(lo / step) * step
+    ticks = []
+    v = start
+    while v <= hi + step * 0.5 and len(ticks) < 50:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def fmt(v: float) -> str:
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.0f}"
+    if a >= 1:
+        return f"{v:.1f}".rstrip("0").rstrip(".")
+    return f"{v:.3g}"
+
+
+def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_label: str,
+             hlines: tuple[HLine, ...] = (), bands: tuple[Band, ...] = (), width: int = 640, height: int = 300,
+             y_zero: bool = True, legend: bool = True) -> str:  # fmt: skip
+    """A line/scatter chart; an empty one says so instead of drawing axes around nothing."""
+    pts = [p for s in series for p in s.points if p[1] is not None and math.isfinite(p[1])]
+    n_points = len(pts)
+    head = (f'<svg class="plot" data-plot="{escape(plot)}" data-points="{n_points}" xmlns="http://www.w3.org/2000/svg" '
+            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">')  # fmt: skip
+    out = [head, f'<title>{escape(title)}</title>', f'<rect width="{width}" height="{height}" fill="#fff"/>']
+    if not pts:
+        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>')
+        return "".join(out)
+    left, right, top, bottom = 62, 14 + (150 if legend and len(series) > 1 else 0), 24, 40
+    xs = [p[0] for p in pts] + [b.x0 for b in bands] + [b.x1 for b in bands]
+    ys = [p[1] for p in pts] + [h.y for h in hlines]
+    x_lo, x_hi = min(xs), max(xs)
+    if x_hi == x_lo:
+        x_lo, x_hi = x_lo - 1, x_hi + 1
+    y_lo, y_hi = (min(0.0, min(ys)) if y_zero else min(ys)), max(ys)
+    yt = nice_ticks(y_lo, y_hi)
+    xt = nice_ticks(x_lo, x_hi, 6)
+    y_lo, y_hi = min(yt[0], y_lo), max(yt[-1], y_hi)
+    if y_hi == y_lo:
+        y_hi = y_lo + 1
+    pw, ph = width - left - right, height - top - bottom
+
+    def X(x: float) -> float:
+        return round(left + (x - x_lo) / (x_hi - x_lo) * pw, 2)
+
+    def Y(y: float) -> float:
+        return round(top + ph - (y - y_lo) / (y_hi - y_lo) * ph, 2)
+
+    out.append(f'<text x="{left}" y="15" {FONT} font-weight="bold">{escape(title)}</text>')
+    for b in bands:
+        x0, x1 = X(max(b.x0, x_lo)), X(min(b.x1, x_hi))
+        out.append(f'<rect class="band" x="{x0}" y="{top}" width="{max(0.5, x1 - x0)}" height="{ph}" fill="{b.color}">'
+                   f'<title>{escape(b.label)}</title></rect>')  # fmt: skip
+        if x1 - x0 > 6 * len(b.label):  # a narrow band keeps its label as a tooltip only
+            out.append(f'<text x="{x0 + 2}" y="{top + 10}" {FONT} fill="#667" font-size="9">{escape(b.label)}</text>')
+    for t in yt:
+        if y_lo <= t <= y_hi:
+            out.append(f'<line x1="{left}" x2="{left + pw}" y1="{Y(t)}" y2="{Y(t)}" stroke="#e5e5e5"/>'
+                       f'<text x="{left - 5}" y="{Y(t) + 4}" text-anchor="end" {FONT}>{fmt(t)}</text>')  # fmt: skip
+    for t in xt:
+        if x_lo <= t <= x_hi:
+            out.append(f'<line x1="{X(t)}" x2="{X(t)}" y1="{top + ph}" y2="{top + ph + 4}" stroke="#333"/>'
+                       f'<text x="{X(t)}" y="{top + ph + 16}" text-anchor="middle" {FONT}>{fmt(t)}</text>')  # fmt: skip
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
+    out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" {FONT}>{escape(x_label)}</text>')
+    out.append(f'<text transform="translate(13,{top + ph / 2}) rotate(-90)" text-anchor="middle" {FONT}>{escape(y_label)}</text>')
+    for h in hlines:
+        out.append(f'<line class="limit" x1="{left}" x2="{left + pw}" y1="{Y(h.y)}" y2="{Y(h.y)}" stroke="{h.color}" '
+                   f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{left + pw - 4}" y="{Y(h.y) - 4}" '
+                   f'text-anchor="end" {FONT} fill="{h.color}">{escape(h.label)}</text>')  # fmt: skip
+    for s in series:
+        p = [(x, y) for x, y in sorted(s.points) if y is not None and math.isfinite(y)]
+        if not p:
+            continue
+        d = " ".join(f"{'M' if i == 0 else 'L'}{X(x)},{Y(y)}" for i, (x, y) in enumerate(p))
+        out.append(f'<path class="series" data-series="{escape(s.name)}" d="{d}" fill="none" stroke="{s.color}" stroke-width="1.8"/>')
+        if s.markers:
+            for x, y in p:
+                out.append(f'<circle cx="{X(x)}" cy="{Y(y)}" r="3.2" fill="{s.color}"><title>{escape(s.name)}: '
+                           f'{fmt(x)}, {fmt(y)}</title></circle>')  # fmt: skip
+    if legend and len(series) > 1:
+        lx = left + pw + 10
+        for i, s in enumerate(series[:16]):
+            y = top + 8 + i * 15
+            out.append(f'<rect x="{lx}" y="{y - 7}" width="10" height="10" fill="{s.color}"/>'
+                       f'<text x="{lx + 14}" y="{y + 2}" {FONT}>{escape(s.name[:24])}</text>')  # fmt: skip
+    out.append("</svg>")
+    return "".join(out)
+
+
+def stacked_bars(rows: list[tuple[str, dict[str, float]]], stages: list[str], *, plot: str, title: str,
+                 width: int = 760) -> str:  # fmt: skip
+    """Horizontal stacked bars, one per case, one colour per stage (seconds)."""
+    n_points = sum(1 for _, v in rows for s in stages if v.get(s))
+    bar_h, gap, left, top = 16, 6, 230, 40
+    height = top + len(rows) * (bar_h + gap) + 36
+    head = (f'<svg class="plot" data-plot="{escape(plot)}" data-points="{n_points}" xmlns="http://www.w3.org/2000/svg" '
+            f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">')  # fmt: skip
+    out = [head, f"<title>{escape(title)}</title>", f'<rect width="{width}" height="{height}" fill="#fff"/>',
+           f'<text x="8" y="15" {FONT} font-weight="bold">{escape(title)}</text>']  # fmt: skip
+    if not n_points:
+        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>')
+        return "".join(out)
+    colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(stages)}
+    x = 8
+    for s in stages:
+        out.append(f'<rect x="{x}" y="22" width="10" height="10" fill="{colors[s]}"/><text x="{x + 13}" y="31" {FONT}>{escape(s)}</text>')
+        x += 20 + 7 * len(s)
+    total_max = max(sum(v.get(s) or 0 for s in stages) for _, v in rows) or 1.0
+    pw = width - left - 70
+    for i, (label, vals) in enumerate(rows):
+        y = top + i * (bar_h + gap)
+        out.append(f'<text x="{left - 6}" y="{y + bar_h - 4}" text-anchor="end" {FONT}>{escape(label[:36])}</text>')
+        x = float(left)
+        for s in stages:
+            v = vals.get(s) or 0.0
+            w = v / total_max * pw
+            if w > 0:
+                out.append(f'<rect class="bar" x="{x:.2f}" y="{y}" width="{max(w, 0.5):.2f}" height="{bar_h}" '
+                           f'fill="{colors[s]}"><title>{escape(label)} — {escape(s)}: {v:.3f} s</title></rect>')  # fmt: skip
+            x += w
+        total = sum(vals.get(s) or 0 for s in stages)
+        out.append(f'<text x="{x + 4:.2f}" y="{y + bar_h - 4}" {FONT}>{total:.2f} s</text>')
+    out.append("</svg>")
+    return "".join(out)

@@ -1,0 +1,317 @@
+"""The VRAM planner: predict peak memory and time of each candidate plan, pick the
+fastest that fits under the reserve, or refuse before anything is loaded.
+
+Candidates (``MemoryPlan``):
+
+- experts ``resident`` (both on the GPU), ``swap`` (one at a time; the next one is
+  installed at the switch, prefetched during the last high step when both fit) or
+  ``stream`` (N blocks of the active expert resident, the rest streamed block by
+  block from host memory through two pinned staging buffers, prefetched one block
+  ahead — runtime/streaming.py);
+- text encoder ``resident``, ``release`` (moved in for the encode, dropped after)
+  or ``cpu``;
+- VAE decode whole-frame or tiled (512 px tiles);
+- the DiT's token-wise work in 1, 4 or 16 sequence chunks (attention itself is not
+  chunked in K/V, so the result is the same).
+
+Memory per stage comes from runtime/memory.py, time from runtime/timing.py. A plan
+fits when every stage's allocated peak, plus allocator slack, is within the budget:
+free memory now (live GPU) or total minus the CUDA context (named GPU), minus
+``--reserve-vram``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict, dataclass, field, replace
+
+from wanrender.errors import WanrenderError
+from wanrender.runtime import memory as mem
+from wanrender.runtime import timing
+from wanrender.runtime.gpus import GIB, GPUSpec
+from wanrender.runtime.memory import Weights, Workload
+
+MODES = ("auto", "resident", "swap", "stream")
+EXPERTS = ("resident", "swap", "stream")
+TEXT_ENCODER = ("resident", "release", "cpu")
+CHUNKS = (1, 4, 16)
+DEFAULT_RESERVE_GIB = 0.5
+HOST_BASE_GIB = 3.0  # estimate: Python, torch, CUDA libraries, frames in flight
+STAGING_BUFFERS = 2
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    experts: str = "resident"
+    resident_blocks: int | None = None  # stream: blocks kept on the GPU (None: all)
+    text_encoder: str = "resident"
+    tiled_decode: bool = False
+    chunks: int = 1
+    prefetch: bool = False  # swap: install the low expert during the last high step
+
+    def describe(self) -> str:
+        parts = {"resident": ["both experts resident"], "swap": ["one expert at a time"],
+                 "stream": [f"stream: {self.resident_blocks} blocks resident"]}[self.experts]  # fmt: skip
+        if self.prefetch:
+            parts.append("prefetch")
+        if self.text_encoder != "resident":
+            parts.append(f"text encoder {'released' if self.text_encoder == 'release' else 'on CPU'}")
+        if self.chunks > 1:
+            parts.append(f"{self.chunks} chunks")
+        if self.tiled_decode:
+            parts.append("tiled decode")
+        return ", ".join(parts)
+
+    def short(self) -> str:
+        core = {"resident": "resident", "swap": "swap", "stream": f"stream {self.resident_blocks}"}[self.experts]
+        extras = [e for e, on in (("pf", self.prefetch), ("te-" + self.text_encoder, self.text_encoder != "resident"),
+                                  (f"x{self.chunks}", self.chunks > 1), ("tiled", self.tiled_decode)) if on]  # fmt: skip
+        return " ".join([core, *extras])
+
+    def complexity(self) -> tuple:
+        return (EXPERTS.index(self.experts), TEXT_ENCODER.index(self.text_encoder), self.chunks, self.tiled_decode, self.prefetch)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    plan: MemoryPlan
+    stage_bytes: dict[str, int]  # allocated peak per stage
+    stage_seconds: dict[str, float]
+    step_seconds: float
+    host_bytes: int
+    fits: bool
+    notes: tuple[str, ...] = ()
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(self.stage_bytes.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.stage_seconds.values())
+
+    def to_json(self) -> dict:
+        return {
+            "plan": self.plan.to_json(), "describe": self.plan.describe(),
+            "predicted_peak_gib": round(self.peak_bytes / GIB, 2),
+            "predicted_stage_gib": {k: round(v / GIB, 2) for k, v in self.stage_bytes.items()},
+            "predicted_seconds": round(self.seconds, 1), "predicted_step_seconds": round(self.step_seconds, 2),
+            "predicted_stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
+            "predicted_host_gib": round(self.host_bytes / GIB, 1), "notes": list(self.notes),
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Context:
+    """Everything a prediction depends on besides the plan."""
+
+    gpu: GPUSpec
+    weights: Weights
+    precision: str = "fp8"  # resolved: fp8 | bf16
+    compile: str = "off"
+    reserve_gib: float = DEFAULT_RESERVE_GIB
+    host_ram_gib: float | None = None
+
+    @property
+    def path(self) -> str:
+        return mem.compute_path(self.precision if self.gpu.fp8_matmul else "bf16", self.compile)
+
+    @property
+    def budget_bytes(self) -> int:
+        avail = self.gpu.free_gib if self.gpu.free_gib is not None else self.gpu.total_gib - mem.CUDA_CONTEXT_GIB
+        return int((avail - self.reserve_gib) * GIB)
+
+
+def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
+    w, gpu = ctx.weights, ctx.gpu
+    te_gpu = w.text_encoder if plan.text_encoder == "resident" else 0
+    te_stage = w.text_encoder if plan.text_encoder != "cpu" else 0
+    lora = w.lora if plan.experts != "resident" else 0  # LoRAs stay unmerged when weights move
+    act = mem.dit_activation_bytes(work, ctx.path, plan.chunks) + mem.misc_bytes(work)
+    if plan.experts == "resident":
+        dit_weights, base = 0, 2 * w.expert + w.vae + te_gpu
+    else:
+        base = w.vae + te_gpu
+        if plan.experts == "swap":
+            dit_weights = (2 if plan.prefetch else 1) * (w.expert + lora)
+        else:
+            dit_weights = w.expert_top + lora + (plan.resident_blocks or 0) * w.block + STAGING_BUFFERS * w.block
+    stages = {
+        "text_encode": base - te_gpu + te_stage + (mem.TE_WORK_BYTES if te_stage else 0),
+        "vae_encode": base + mem.vae_encode_bytes(work),
+        "sampling": base + dit_weights + act,
+        "vae_decode": base + mem.vae_decode_bytes(work, plan.tiled_decode),
+    }
+    # --- host memory: weights not on the GPU live in the page cache (mmap), plus pinned staging
+    host = HOST_BASE_GIB * GIB + (2 * w.expert if plan.experts != "resident" else 0)
+    host += w.text_encoder if plan.text_encoder != "resident" else 0
+    host += STAGING_BUFFERS * w.block if plan.experts == "stream" else 0
+    notes = []
+    link = min(gpu.h2d_gbs, timing.HOST_COPY_GBS)
+    install_gbs = timing.PAGEABLE_GBS
+    if ctx.host_ram_gib is not None and plan.experts != "resident" and host > ctx.host_ram_gib * GIB:
+        link = install_gbs = timing.DISK_GBS
+        notes.append(f"host RAM {ctx.host_ram_gib:.0f} GiB < {host / GIB:.0f} GiB needed: weights are re-read from disk")
+    # --- time
+    parts = timing.dit_step_seconds(gpu, work, ctx.path, plan.chunks, lora_unmerged=plan.experts != "resident")
+    step = parts["total"]
+    if plan.experts == "stream":
+        n = plan.resident_blocks or 0
+        step += timing.stream_overhead(parts["total"], w.block, w.num_blocks - n, n, link)
+    high_steps, low_steps = work.switch, work.steps - work.switch
+    seconds = {
+        "text_encode": timing.text_encode_seconds(gpu, plan.text_encoder, w.text_encoder),
+        "vae_encode": timing.vae_seconds(gpu, work, decode=False),
+        "pass1_high": high_steps * step,
+        "pass2_low": low_steps * step,
+        "vae_decode": timing.vae_seconds(gpu, work, decode=True, tiled=plan.tiled_decode),
+        "video_encode": timing.video_encode_seconds(work),
+    }
+    if plan.experts != "resident":
+        installed = w.expert_top + lora + (w.num_blocks if plan.experts == "swap" else plan.resident_blocks or 0) * w.block
+        install = installed / (install_gbs * 1e9)
+        # Each render installs the high expert before pass 1 and the low one at the switch;
+        # a prefetched install hides behind the last high step.
+        seconds["expert_install"] = install + (max(0.0, install - step) if plan.prefetch else install)
+    fits = mem.device_bytes(max(stages.values())) - int(mem.CUDA_CONTEXT_GIB * GIB) <= ctx.budget_bytes
+    return Prediction(plan, stages, seconds, step, int(host), fits, tuple(notes))
+
+
+def _stream_blocks(ctx: Context, work: Workload, plan: MemoryPlan) -> int:
+    """The most blocks that can stay resident under the budget (-1: not even zero)."""
+    probe = predict(replace(plan, resident_blocks=0), ctx, work)
+    room = ctx.budget_bytes / (1 + mem.FRAGMENTATION) - probe.stage_bytes["sampling"]
+    if any(v * (1 + mem.FRAGMENTATION) > ctx.budget_bytes for k, v in probe.stage_bytes.items() if k != "sampling"):
+        return -1
+    return min(ctx.weights.num_blocks - 1, int(room // ctx.weights.block)) if room >= 0 else -1
+
+
+def candidates(ctx: Context, work: Workload, mode: str = "auto") -> list[Prediction]:
+    """Every candidate plan's prediction, fastest fitting first."""
+    if mode not in MODES:
+        raise WanrenderError(f"--memory {mode!r} is invalid — choose one of {', '.join(MODES)}")
+    out: list[Prediction] = []
+    experts = EXPERTS if mode == "auto" else (mode,)
+    for ex, te, tiled, chunks in itertools.product(experts, TEXT_ENCODER, (False, True), CHUNKS):
+        plan = MemoryPlan(ex, None, te, tiled, chunks)
+        if ex == "stream":
+            n = _stream_blocks(ctx, work, plan)
+            plan = replace(plan, resident_blocks=max(n, 0))
+        variants = [plan, replace(plan, prefetch=True)] if ex == "swap" else [plan]
+        out += [predict(p, ctx, work) for p in variants]
+    out.sort(key=lambda p: (not p.fits, round(p.seconds, 1), p.plan.complexity()))
+    return out
+
+
+@dataclass(frozen=True)
+class Decision:
+    ctx: Context
+    work: Workload
+    mode: str
+    ranked: tuple[Prediction, ...]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def chosen(self) -> Prediction | None:
+        return self.ranked[0] if self.ranked and self.ranked[0].fits else None
+
+    def leanest(self) -> Prediction:
+        return min(self.ranked, key=lambda p: p.peak_bytes)
+
+    def refusal(self) -> WanrenderError:
+        lean = self.leanest()
+        frames, size = largest_fit(self.ctx, self.work, self.mode)
+        fixes = []
+        if frames:
+            fixes.append(f"--frames {frames} at {self.work.width}x{self.work.height}")
+        if size:
+            fixes.append(f"--size {size[0]}x{size[1]} at {self.work.frames} frames")
+        if self.mode != "auto" and largest_fit(self.ctx, self.work, "auto")[0] == self.work.frames:
+            fixes.insert(0, "--memory auto")
+        need = (mem.device_bytes(lean.peak_bytes) - mem.CUDA_CONTEXT_GIB * GIB) / GIB + self.ctx.reserve_gib
+        return WanrenderError(
+            f"{self.work.label()} does not fit {self.ctx.gpu.label()}: the leanest {self.mode} plan "
+            f"({lean.plan.short()}) needs {need:.1f} GiB with the {self.ctx.reserve_gib:g} GiB reserve, "
+            f"{self.ctx.budget_bytes / GIB + self.ctx.reserve_gib:.1f} GiB available — use "
+            + (" or ".join(fixes) if fixes else "a GPU with more memory")
+        )
+
+    def to_json(self) -> dict:
+        c = self.chosen
+        return {
+            "mode": self.mode, "gpu": self.ctx.gpu.label(), "precision": self.ctx.precision, "path": self.ctx.path,
+            "reserve_gib": self.ctx.reserve_gib, "budget_gib": round(self.ctx.budget_bytes / GIB, 2),
+            "weights_source": self.ctx.weights.source, **(c.to_json() if c else {}), "decision_notes": list(self.notes),
+        }  # fmt: skip
+
+
+def decide(ctx: Context, work: Workload, mode: str = "auto") -> Decision:
+    return Decision(ctx, work, mode, tuple(candidates(ctx, work, mode)))
+
+
+def largest_fit(ctx: Context, work: Workload, mode: str = "auto") -> tuple[int | None, tuple[int, int] | None]:
+    """(most frames at this size, largest same-aspect size at this frame count) that fit."""
+
+    def fits(w: Workload) -> bool:
+        return any(p.fits for p in candidates(ctx, w, mode))
+
+    frames = next((f for f in range(work.frames, 0, -4) if fits(replace(work, frames=f))), None)
+    size = None
+    for k in range(100, 0, -1):  # shrink both sides together, keeping the aspect ratio
+        wd, ht = (max(64, 16 * round(v * k / 100 / 16)) for v in (work.width, work.height))
+        if fits(replace(work, width=wd, height=ht)):
+            size = (wd, ht)
+            break
+    return frames, size
+
+
+def step_down(decision: Decision, failed: MemoryPlan, gpu: GPUSpec | None = None) -> Prediction | None:
+    """After an out-of-memory error: the fastest plan that fits the memory free now and
+    needs clearly less than the one that failed (at least 10% less at its peak)."""
+    ctx = replace(decision.ctx, gpu=gpu) if gpu is not None else decision.ctx
+    failed_peak = predict(failed, decision.ctx, decision.work).peak_bytes
+    for p in candidates(ctx, decision.work, "auto"):
+        if p.fits and p.peak_bytes <= 0.9 * failed_peak:
+            return p
+    return None
+
+
+def resolve_precision(precision: str, gpu: GPUSpec) -> str:
+    return ("fp8" if gpu.fp8_matmul else "bf16") if precision == "auto" else precision
+
+
+def plan_render(req, files, device, gpu: GPUSpec | None = None) -> Decision | MemoryPlan:
+    """The memory plan for a render, decided before any model is loaded.
+
+    A CUDA device is probed (or ``gpu`` used); a refusal raises here. On the CPU there
+    is no VRAM to plan: ``auto`` keeps everything resident and an explicit mode runs
+    its code path with the CPU standing in for the device (tests, the demo).
+    """
+    import torch
+
+    from wanrender.runtime import gpus
+
+    mode = getattr(req, "memory", "auto")
+    dev = torch.device(device)
+    if gpu is None and dev.type != "cuda":
+        return cpu_plan(mode)
+    spec = gpu or gpus.probe(dev)
+    precision = resolve_precision(req.precision, spec)
+    reserve = req.reserve_vram if getattr(req, "reserve_vram", None) is not None else DEFAULT_RESERVE_GIB
+    ctx = Context(spec, Weights.from_files(files, precision), precision, req.compile, reserve, gpus.host_ram_gib()[0])
+    decision = decide(ctx, Workload.of(req), mode)
+    if decision.chosen is None:
+        raise decision.refusal()
+    return decision
+
+
+def cpu_plan(mode: str) -> MemoryPlan:
+    if mode not in MODES:
+        raise WanrenderError(f"--memory {mode!r} is invalid — choose one of {', '.join(MODES)}")
+    return {
+        "auto": MemoryPlan(), "resident": MemoryPlan(), "swap": MemoryPlan("swap", text_encoder="release"),
+        "stream": MemoryPlan("stream", resident_blocks=1, text_encoder="release", chunks=4),
+    }[mode]  # fmt: skip

@@ -1,0 +1,260 @@
+"""Weights that move: modules placed on the GPU and back, and DiT blocks streamed.
+
+``Placement`` moves a module's tensors to a device and restores the originals (the
+host tensors, typically mmap views of the file) without copying anything back.
+
+``BlockStreamer`` is installed on a loaded ``WanDiT`` as its ``block_source``: the
+DiT's block loop asks it for each block. The first N blocks and everything outside
+the blocks sit on the device; every other block is copied into one of two device
+slots just before it runs, from the host through pinned staging buffers on a side
+CUDA stream, while the previous block computes. The host copy of a block's tensors
+into staging happens on the calling thread after the previous block's kernels are
+queued, so it overlaps the GPU's work. Memory on the device: the resident part
+plus two slots; on the host: two pinned staging buffers, whatever the model size.
+
+On the CPU (tests) the same code runs with plain copies and no streams, so
+"streamed == resident" is checked on the tiny model.
+
+``chunked_block_forward`` runs one block with the token-wise work (modulation,
+projections, norms, RoPE, FFN, cross-attention) in sequence chunks. Only K and V
+of the self-attention span the whole sequence; queries are chunked, which leaves
+every attention row unchanged. It mirrors ``models.dit.Block.forward``
+(tests/test_streaming.py holds the two together).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from wanrender.models.common import Linear
+from wanrender.models.dit import Block, apply_rope
+
+ALIGN = 256  # slot offsets: keeps every view aligned for vectorised kernels
+
+
+def _tensors(module: nn.Module, recurse: bool = True) -> Iterator[tuple[nn.Module, str, bool, torch.Tensor]]:
+    for mod in module.modules() if recurse else (module,):
+        for name, t in mod._parameters.items():
+            if t is not None:
+                yield mod, name, True, t
+        for name, t in mod._buffers.items():
+            if t is not None:
+                yield mod, name, False, t
+
+
+def _set(mod: nn.Module, name: str, is_param: bool, t: torch.Tensor) -> None:
+    if is_param:
+        mod._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[name] = t
+
+
+def _adapters_to(module: nn.Module, device: torch.device) -> None:
+    """Run-time LoRA adapters are attributes, not tensors of the module: move them too."""
+    for mod in module.modules():
+        if isinstance(mod, Linear) and mod.adapters:
+            mod.adapters = tuple(a._replace(down=a.down.to(device), up=a.up.to(device) if a.up is not None else None)
+                                 for a in mod.adapters)  # fmt: skip
+
+
+class Placement:
+    """A module's tensors on ``device``; ``restore`` puts the original tensors back."""
+
+    def __init__(self, module: nn.Module, device: torch.device | str, recurse: bool = True) -> None:
+        self.module = module
+        self.device = torch.device(device)
+        self._saved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
+        self._home: torch.device | None = None
+        for mod, name, is_param, t in _tensors(module, recurse):
+            self._home = self._home or t.device
+            if t.device != self.device:
+                self._saved.append((mod, name, is_param, t))
+                _set(mod, name, is_param, t.to(self.device))
+        if recurse:
+            _adapters_to(module, self.device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for *_, t in self._saved)
+
+    def restore(self) -> None:
+        for mod, name, is_param, t in self._saved:
+            _set(mod, name, is_param, t)
+        if self._home is not None and self._saved:
+            _adapters_to(self.module, self._home)
+        self._saved = []
+
+
+@dataclass(frozen=True)
+class _Entry:
+    module: nn.Module
+    name: str
+    is_param: bool
+    host: torch.Tensor
+    offset: int
+    nbytes: int
+
+
+def _layout(block: nn.Module) -> tuple[list[_Entry], int]:
+    entries, off = [], 0
+    for mod, name, is_param, t in _tensors(block):
+        n = t.numel() * t.element_size()
+        entries.append(_Entry(mod, name, is_param, t, off, n))
+        off += -(-n // ALIGN) * ALIGN
+    return entries, off
+
+
+def _view(buf: torch.Tensor, e: _Entry) -> torch.Tensor:
+    return buf[e.offset : e.offset + e.nbytes].view(e.host.dtype).view(e.host.shape)
+
+
+class BlockStreamer:
+    """Keeps ``resident`` blocks on ``device`` and streams the rest (see module doc)."""
+
+    def __init__(self, model: nn.Module, device: torch.device | str, resident: int, buffers: int = 2,
+                 chunks: int = 1) -> None:  # fmt: skip
+        if buffers < 2:
+            raise ValueError("streaming needs at least two buffers (one computing, one loading)")
+        self.model = model
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        blocks = list(model.blocks)
+        self.resident = max(0, min(resident, len(blocks)))
+        self.chunks = max(1, chunks)
+        self.buffers = buffers
+        self._placed = [Placement(b, self.device) for b in blocks[: self.resident]]
+        # Everything outside the blocks (embeddings, time projection, head) stays on the device.
+        self._placed += [Placement(m, self.device) for n, m in model.named_children() if n != "blocks"]
+        self._placed += [Placement(model, self.device, recurse=False)]
+        self.layouts = [_layout(b) for b in blocks[self.resident :]]
+        self._home = self.layouts[0][0][0].host.device if self.layouts and self.layouts[0][0] else None
+        for b in blocks[self.resident :]:
+            _adapters_to(b, self.device)
+        size = max((n for _, n in self.layouts), default=0)
+        self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(buffers)] if size else []
+        self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(buffers)] if size else []
+        self.copies = 0  # blocks copied in, for tests and the sidecar
+        if self.cuda:
+            self.side = torch.cuda.Stream(self.device)
+            self.ready = [torch.cuda.Event() for _ in range(buffers)]
+            self.slot_free = [torch.cuda.Event() for _ in range(buffers)]
+            self.staging_free = [torch.cuda.Event() for _ in range(buffers)]
+        model.block_source = self if (self.layouts or self.chunks > 1) else None
+
+    @property
+    def device_bytes(self) -> int:
+        return sum(p.nbytes for p in self._placed) + sum(s.numel() for s in self.slots)
+
+    @property
+    def pinned_bytes(self) -> int:
+        return sum(s.numel() for s in self.staging) if self.cuda else 0
+
+    def _load(self, j: int) -> None:
+        """Queue streamed block j into slot j % buffers (host copy now, device copy async)."""
+        entries, nbytes = self.layouts[j]
+        k = j % self.buffers
+        stage, slot = self.staging[k], self.slots[k]
+        if self.cuda:
+            self.staging_free[k].synchronize()  # the previous copy out of this staging buffer is done
+        for e in entries:
+            _view(stage, e).copy_(e.host)
+        if self.cuda:
+            with torch.cuda.stream(self.side):
+                self.side.wait_event(self.slot_free[k])  # the block that used this slot has finished
+                slot[:nbytes].copy_(stage[:nbytes], non_blocking=True)
+                self.ready[k].record(self.side)
+                self.staging_free[k].record(self.side)
+        else:
+            slot[:nbytes].copy_(stage[:nbytes])
+        self.copies += 1
+
+    def _wrap(self, block: nn.Module) -> Callable:
+        return block if self.chunks == 1 else functools.partial(chunked_block_forward, block, chunks=self.chunks)
+
+    def __call__(self, blocks: nn.ModuleList) -> Iterator[Callable]:
+        streamed = len(blocks) - self.resident
+        if streamed > 0:
+            self._load(0)  # overlaps the resident blocks
+        for i, block in enumerate(blocks):
+            if i < self.resident:
+                yield self._wrap(block)
+                continue
+            j = i - self.resident
+            k = j % self.buffers
+            if j > 0:
+                self._load(j)  # block j-1's kernels are queued: this copy overlaps them
+            if self.cuda:
+                torch.cuda.current_stream(self.device).wait_event(self.ready[k])
+            entries = self.layouts[j][0]
+            for e in entries:
+                _set(e.module, e.name, e.is_param, _view(self.slots[k], e))
+            try:
+                yield self._wrap(block)
+            finally:
+                for e in entries:
+                    _set(e.module, e.name, e.is_param, e.host)
+                if self.cuda:
+                    self.slot_free[k].record(torch.cuda.current_stream(self.device))
+
+    def uninstall(self) -> None:
+        if self.cuda:
+            self.side.synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
+        for p in self._placed:
+            p.restore()
+        if self._home is not None:
+            for b in list(self.model.blocks)[self.resident :]:
+                _adapters_to(b, self._home)
+        self.model.block_source = None
+        self.slots, self.staging, self._placed = [], [], []
+
+
+def _spans(n: int, chunks: int) -> list[tuple[int, int]]:
+    step = -(-n // chunks)
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
+
+
+def chunked_block_forward(block: Block, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: torch.Tensor,
+                          attn, compute_dtype: torch.dtype, chunks: int = 4) -> torch.Tensor:  # fmt: skip
+    """``Block.forward`` with token-wise work in ``chunks`` pieces; updates ``x`` in place
+    (the DiT's block loop owns the residual stream and rebinds it to the result)."""
+    shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (block.modulation.float() + e).unsqueeze(2).unbind(1)
+    sa, ca = block.self_attn, block.cross_attn
+    heads = sa.num_heads
+    spans = _spans(x.shape[1], chunks)
+
+    def modulated(s: int, t: int, shift: torch.Tensor, scale: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        return torch.addcmul(shift, norm(x[:, s:t]), 1 + scale).to(compute_dtype)
+
+    # Pass 1: K and V of the whole sequence (attention needs all of them).
+    k = v = None
+    for s, t in spans:
+        h = modulated(s, t, shift_a, scale_a, block.norm1)
+        kc = apply_rope(sa.norm_k(sa.k(h)).unflatten(-1, (heads, -1)), rope[s:t])
+        vc = sa.v(h).unflatten(-1, (heads, -1))
+        if k is None:
+            k = kc.new_empty(x.shape[0], x.shape[1], *kc.shape[2:])
+            v = vc.new_empty(x.shape[0], x.shape[1], *vc.shape[2:])
+        k[:, s:t], v[:, s:t] = kc, vc
+    # Pass 2: queries, attention, output and residual per chunk. Every attention row
+    # sees all keys; updating x[s:t] cannot affect a later chunk's queries (token-wise).
+    for s, t in spans:
+        h = modulated(s, t, shift_a, scale_a, block.norm1)
+        q = apply_rope(sa.norm_q(sa.q(h)).unflatten(-1, (heads, -1)), rope[s:t])
+        x[:, s:t] = torch.addcmul(x[:, s:t], sa.o(attn(q, k, v).flatten(-2)), gate_a)
+        del h, q
+    del k, v
+    ck = ca.norm_k(ca.k(context)).unflatten(-1, (heads, -1))
+    cv = ca.v(context).unflatten(-1, (heads, -1))
+    for s, t in spans:
+        hq = block.norm3(x[:, s:t]).to(compute_dtype)
+        q = ca.norm_q(ca.q(hq)).unflatten(-1, (heads, -1))
+        x[:, s:t] = x[:, s:t] + ca.o(attn(q, ck, cv).flatten(-2))
+        h = modulated(s, t, shift_f, scale_f, block.norm2)
+        x[:, s:t] = torch.addcmul(x[:, s:t], block.ffn(h), gate_f)
+    return x
