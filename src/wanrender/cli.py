@@ -77,6 +77,10 @@ def _summary(result, req) -> None:
         out.print(f"s/step: {sum(steps) / len(steps):.3f} over {len(steps)} steps", highlight=False)
     if result.peak_vram_bytes is not None:
         out.print(f"peak VRAM: {result.peak_vram_bytes / 2**30:.2f} GiB", highlight=False)
+    from wanrender.runtime.gpus import peak_rss_bytes
+
+    mem = result.meta.get("memory")
+    out.print(f"peak host RSS: {peak_rss_bytes() / 2**30:.2f} GiB" + (f"; memory plan: {mem['describe']}" if mem else ""), highlight=False)
     out.print(f"[bold green]video:[/] {result.video}  [dim](sidecar {result.sidecar})[/]", highlight=False)
 
 
@@ -123,6 +127,9 @@ def generate(
     attention: str = typer.Option("auto", "--attention", help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8."),
     compile: str = typer.Option("off", "--compile", help="off, default or max-autotune (regional: the repeated block)."),
     profile: str = typer.Option("auto", "--profile", help="auto (the GPU profile matching this device fills the knobs you did not set), off, or a profile YAML."),
+    ctx: typer.Context = None,  # which knobs were given on the command line (a profile fills only the others)
+    memory: str = typer.Option("auto", "--memory", help="auto, resident, swap or stream: where the weights live (see 'wanrender plan')."),
+    reserve_vram: Optional[float] = typer.Option(None, "--reserve-vram", help="GiB of GPU memory to leave free (default 0.5)."),
 ) -> None:
     """Render a video from IMAGE and a prompt."""
     from wanrender.generate import resolve_files
@@ -141,11 +148,11 @@ def generate(
             preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
             switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
             interpolate=interpolate, precision=precision, attention=attention, compile=compile,
-            crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
+            memory=memory, reserve_vram=reserve_vram, crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
         )  # fmt: skip
         from wanrender.bench.commands import profile_for_generate
 
-        req = profile_for_generate(req, profile, device)
+        req = profile_for_generate(req, profile, device, ctx)
         files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)
         _run_render(req, files, device)
     except WanrenderError as e:
@@ -164,6 +171,30 @@ def _pair(value: Optional[str], flag: str) -> tuple[Optional[float], Optional[fl
     if len(parts) == 2:
         return parts[0], parts[1]
     raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma")
+
+
+@app.command("plan")
+def plan_cmd(
+    size: str = typer.Option("832x1216", "--size", help="WIDTHxHEIGHT."),
+    frames: int = typer.Option(81, "--frames", help="Frames of the request to plan (the guide lists others too)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", help="rtx4090, rtx5090, a100-40g, a100-80g, h100, h200 (default: this GPU)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Plan for this much GPU memory, e.g. 24GB (with --gpu: its speed)."),
+    reserve_vram: float = typer.Option(0.5, "--reserve-vram", help="GiB to leave free."),
+    preset: str = typer.Option("turbo", "--preset", help="turbo or quality (steps and cfg)."),
+    memory: str = typer.Option("auto", "--memory", help="auto, resident, swap or stream."),
+    precision: str = typer.Option("auto", "--precision"),
+    compile: str = typer.Option("off", "--compile"),
+    models: Optional[Path] = typer.Option(None, "--models", help="Read weight sizes from these files (default: the standard fp8 set)."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM to plan for (default: this machine's)."),
+) -> None:
+    """Predict peak VRAM and time for a render and list a frame-count guide, for this GPU or a named one."""
+    from wanrender.runtime.planner import plan_command
+
+    try:
+        for r in plan_command(size, frames, gpu, vram, reserve_vram, preset, memory, precision, compile, models, ram):
+            Console().print(r, highlight=False)
+    except WanrenderError as e:
+        _fail(e)
 
 
 @app.command()

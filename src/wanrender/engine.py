@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +63,7 @@ class Engine:
         self.lora_report = lora_report or {}
         self.load_seconds = load_seconds
         self.plan = None  # the RenderPlan applied by Engine.load (None: models used as given)
+        self.memory = None  # runtime.offload.MemoryRuntime: where models sit per stage (None: where loaded)
 
     @classmethod
     def load(
@@ -75,17 +76,21 @@ class Engine:
         precision: str = "auto",
         attention: str = "auto",
         compile: str = "off",
+        memory=None,
     ) -> Engine:
         """Load every model onto ``device``. ``dtype`` casts non-fp8 weights (None keeps
-        the file's); activations run in bf16 on CUDA and fp32 on the CPU."""
+        the file's); activations run in bf16 on CUDA and fp32 on the CPU. ``memory``, a
+        runtime.planner.MemoryPlan, keeps what it offloads on the host (mmap views)."""
+        from wanrender.runtime.offload import MemoryRuntime, load_devices
         from wanrender.runtime.plan import apply_plan, make_plan
 
         dev = torch.device(device)
         plan, choice = make_plan(dev, precision, attention, compile)  # refuses bad knobs before loading
         t0 = time.perf_counter()
         act = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        high = loading.load_dit(files.high, device=dev, dtype=dtype, compute_dtype=act)
-        low = loading.load_dit(files.low, device=dev, dtype=dtype, compute_dtype=act)
+        expert_dev, te_dev, lora_mode = load_devices(memory, dev)
+        high = loading.load_dit(files.high, device=expert_dev, dtype=dtype, compute_dtype=act)
+        low = loading.load_dit(files.low, device=expert_dev, dtype=dtype, compute_dtype=act)
         if high.cfg != low.cfg:
             raise WanrenderError(f"{files.low}: the low-noise expert's architecture differs from the high-noise one — use a matching pair")
         report: dict[str, str] = {}
@@ -96,11 +101,11 @@ class Engine:
             if lora_path is not None and strength != 0.0:
                 from wanrender.models.lora import apply_lora, parse_lora
 
-                rep = apply_lora(model, parse_lora(lora_path, model), strength)
+                rep = apply_lora(model, parse_lora(lora_path, model), strength, mode=lora_mode)
                 report[name] = rep.summary()
                 log.info("LoRA %s (strength %g): %s", lora_path.name, strength, rep.summary())
         vae = loading.load_vae(files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None))
-        te = loading.load_text_encoder(files.text_encoder, device=dev, dtype=dtype)
+        te = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
         tok = loading.load_tokenizer(files.tokenizer)
         if te.config.dim != high.cfg.text_dim:
             raise WanrenderError(
@@ -109,6 +114,8 @@ class Engine:
         apply_plan([high, low], plan, choice)
         engine = cls(high, low, vae, te, tok, dev, files, report, time.perf_counter() - t0)
         engine.plan = plan
+        if memory is not None:
+            engine.memory = MemoryRuntime(high, low, te, dev, memory)
         return engine
 
     @contextmanager
@@ -117,7 +124,8 @@ class Engine:
             progress(name, None, None, "start")
         self._sync()
         t0 = time.perf_counter()
-        yield
+        with self.memory.stage(name) if self.memory is not None else nullcontext():
+            yield
         self._sync()
         timings[name] = time.perf_counter() - t0
         if progress:
@@ -148,6 +156,8 @@ class Engine:
             cond = i2v.image_condition(self.vae, image, req.frames).to(self.device)
         noise = i2v.initial_noise(req.seed, i2v.latent_shape(req.frames, req.width, req.height)).to(self.device)
         settings = i2v.Sampling(req.steps, req.switch, req.cfg, req.shift_high, req.shift_low, req.sampler)
+        if self.memory is not None:
+            timings["expert_install"] = self.memory.begin_sampling()  # swap/stream: the high expert in
         step_times: list[float] = []
         t_pass = [time.perf_counter()]
         current = ["pass1_high"]
@@ -159,10 +169,14 @@ class Engine:
             t_pass.append(now)
             if progress:
                 progress(current[0], i + 1, n, f"sigma {sigma:.4f}")
+            if self.memory is not None:
+                self.memory.after_step(current[0], i, n)
 
         def on_switch() -> None:
             self._sync()
             timings["pass1_high"] = time.perf_counter() - t_pass[0]
+            if self.memory is not None:
+                timings["expert_install"] += self.memory.switch()
             current[0] = "pass2_low"
             t_pass.append(time.perf_counter())
             t_pass[0] = t_pass[-1]
@@ -175,9 +189,11 @@ class Engine:
         timings["pass2_low"] = time.perf_counter() - t_pass[0]
         timings["sampling"] = time.perf_counter() - t_start
         with self._stage(timings, "vae_decode", progress):
-            frames = i2v.decode(self.vae, latent)
+            frames = i2v.decode(self.vae, latent, tiled=self.memory is not None and self.memory.plan.tiled_decode)
         result = RenderResult(None, None, frames, latent.cpu(), timings)
         result.meta["step_seconds"] = step_times
+        if self.memory is not None:
+            result.meta["memory"] = self.memory.report()
         if self.device.type == "cuda":
             result.peak_vram_bytes = int(torch.cuda.max_memory_allocated(self.device))
         if write is not None:

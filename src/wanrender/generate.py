@@ -86,15 +86,26 @@ def run_generate(
     req = replace(req, out=out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if engine is None:
+    memory: dict = {}  # the planner's decision and any step-down, for the sidecar
+
+    def load(plan) -> Engine:
         if progress:
             progress("load_models", None, None, "start")
-        engine = Engine.load(
+        eng = Engine.load(
             files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
-            precision=req.precision, attention=req.attention, compile=req.compile,
+            precision=req.precision, attention=req.attention, compile=req.compile, memory=plan,
         )  # fmt: skip
         if progress:
-            progress("load_models", None, None, f"{engine.load_seconds:.2f}s")
+            progress("load_models", None, None, f"{eng.load_seconds:.2f}s")
+        return eng
+
+    own_engine = engine is None
+    if engine is None:
+        from wanrender.runtime.planner import Decision, plan_render
+
+        decision = plan_render(req, files, dev)  # refuses here, before anything is loaded
+        memory["decision"] = decision
+        engine = load(decision.chosen.plan if isinstance(decision, Decision) else decision)
 
     def write(result: RenderResult) -> None:
         frames_dir = out.with_suffix("") if req.save_frames else None
@@ -113,7 +124,7 @@ def run_generate(
             if frames_dir is not None:
                 _write_frames(result.frames, frames_dir)
                 written.append(frames_dir)
-            write_sidecar(sidecar, _sidecar(req, engine, result))
+            write_sidecar(sidecar, _sidecar(req, engine, result, memory))
         except BaseException:
             for p in written:  # all or nothing: no video without its sidecar
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -123,9 +134,51 @@ def run_generate(
     try:
         return engine.render(req, image, progress, write)
     except torch.cuda.OutOfMemoryError:
+        if not (own_engine and hasattr(memory.get("decision"), "ctx")):  # a Decision: a GPU was planned
+            raise WanrenderError(
+                f"the GPU ran out of memory at {req.frames} frames {req.width}x{req.height} — try fewer frames, "
+                "a smaller size or --memory stream, or free GPU memory"
+            ) from None
+    # Out of memory on an approved plan: another process took memory after planning.
+    # Free everything (outside the except block, so the traceback's tensors go too),
+    # step down to the next plan once, and say so.
+    failed = engine.memory.plan
+    engine.memory.release()
+    engine = None
+    lower = _step_down(memory, failed, dev)
+    if progress:
+        progress("memory", None, None, memory["fallback"]["message"])
+    engine = load(lower.plan)
+    try:
+        return engine.render(req, image, progress, write)
+    except torch.cuda.OutOfMemoryError:
         raise WanrenderError(
-            f"the GPU ran out of memory at {req.frames} frames {req.width}x{req.height} — try fewer frames or a smaller size"
+            f"the GPU ran out of memory again after stepping down to '{lower.plan.short()}' — free GPU memory and retry"
         ) from None
+
+
+def _step_down(memory: dict, failed, dev: torch.device):
+    """The next plan down after an out-of-memory error, for the memory free now."""
+    import gc
+
+    from wanrender.runtime import gpus
+    from wanrender.runtime.planner import step_down
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    decision = memory["decision"]
+    lower = step_down(decision, failed, gpus.probe(dev) if dev.type == "cuda" else None)
+    if lower is None:
+        raise WanrenderError(
+            f"the GPU ran out of memory on plan '{failed.short()}' and no leaner plan fits the memory free now "
+            "— free GPU memory (another process took it) and retry"
+        )
+    msg = f"out of memory on plan '{failed.short()}' (another process took GPU memory?) — stepped down to '{lower.plan.short()}'"
+    log.warning(msg)
+    memory["fallback"] = {"from": failed.to_json(), "to": lower.plan.to_json(), "message": msg}
+    memory["decision_after_fallback"] = lower
+    return lower
 
 
 def _interpolate(req: RenderRequest, result: RenderResult, device: torch.device, progress: Progress | None):
@@ -168,8 +221,13 @@ def _write_frames(frames, folder: Path) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult) -> dict:
+def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: dict | None = None) -> dict:
+    from wanrender.runtime.gpus import peak_rss_bytes
+
     s = result.meta.get("step_seconds", [])
+    runtime = engine.plan.to_json() if engine.plan is not None else None
+    if runtime is not None:
+        runtime["memory"] = _memory_entry(result, memory or {})
     return {
         "request": req.to_json(),
         "plan": {
@@ -178,7 +236,7 @@ def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult) -> dict:
             "attention": getattr(engine.high.attention, "__name__", str(engine.high.attention)),
             "passes": [p.__dict__ for p in _passes(req)],
             "lora": engine.lora_report,
-            "runtime": engine.plan.to_json() if engine.plan is not None else None,
+            "runtime": runtime,
         },
         "models": describe_files(engine.files.as_dict()),
         "seed": req.seed,
@@ -191,8 +249,26 @@ def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult) -> dict:
         "seconds_per_step": round(sum(s) / len(s), 4) if s else None,
         "load_models_s": round(engine.load_seconds, 3),
         "peak_vram_bytes": result.peak_vram_bytes,
+        "peak_host_rss_bytes": peak_rss_bytes(),
         "versions": versions(),
     }
+
+
+def _memory_entry(result: RenderResult, memory: dict) -> dict:
+    """The memory plan as decided (predictions included), as run, and any step-down."""
+    from wanrender.runtime.planner import Decision
+
+    decision = memory.get("decision")
+    entry: dict = {}
+    if isinstance(decision, Decision):
+        entry = decision.to_json()
+    elif decision is not None:  # on the CPU: a plan without predictions
+        entry = {"mode": "cpu", "plan": decision.to_json(), "describe": decision.describe()}
+    if "decision_after_fallback" in memory:
+        entry.update(memory["decision_after_fallback"].to_json())
+    entry["fallback"] = memory.get("fallback")
+    entry["run"] = result.meta.get("memory")
+    return entry
 
 
 def _passes(req: RenderRequest):

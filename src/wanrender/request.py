@@ -21,6 +21,7 @@ MAX_FRAMES = 321
 RENDER_FPS = 16  # Wan renders 16 frames per second; interpolation multiplies it
 INTERPOLATE = ("off", "rife", "dis")
 MIN_SIDE, MAX_SIDE = 64, 2048
+MEMORY_MODES = ("auto", "resident", "swap", "stream")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,8 @@ class RenderRequest:
     precision: str = "auto"
     attention: str = "auto"
     compile: str = "off"
+    memory: str = "auto"  # auto | resident | swap | stream (runtime/planner.py)
+    reserve_vram: float | None = None  # GiB kept free on the GPU (None: the planner's default)
     out: Path | None = None
     extra: dict = field(default_factory=dict)
 
@@ -152,4 +155,8 @@ def validate(r: RenderRequest) -> RenderRequest:
         )
     if r.fit not in ("crop", "pad"):
         raise WanrenderError(f"--fit {r.fit!r} is invalid — choose crop or pad")
+    if r.memory not in MEMORY_MODES:
+        raise WanrenderError(f"--memory {r.memory!r} is invalid — choose one of {', '.join(MEMORY_MODES)}")
+    if r.reserve_vram is not None and not 0 <= r.reserve_vram <= 1024:
+        raise WanrenderError(f"--reserve-vram {r.reserve_vram:g} is invalid — use GiB to keep free, e.g. 1 or 4")
     return r

@@ -110,9 +110,12 @@ def bench_compare(
         b, n, r = v.base_p50.get(m), v.new_p50.get(m), v.ratios.get(m)
         table.add_row(v.label, f"{v.base_status or '—'} -> {v.new_status}", f"{b:.3f}" if b is not None else "—",
                       f"{n:.3f}" if n is not None else "—", f"{r:.3f}x" if r is not None else "—",
-                      "[bold red]REGRESSION[/] " + "; ".join(v.problems) if v.problems else "[green]ok[/]")  # fmt: skip
+                      "[bold red]REGRESSION[/]" if v.problems else "[green]ok[/]")  # fmt: skip
     out = Console()
     out.print(table)
+    for v in cmp.regressions:  # one line per problem: too long for a table cell
+        for p in v.problems:
+            out.print(f"[red]REGRESSION[/] {v.label}: {p}", highlight=False)
     for note in cmp.notes:
         out.print(f"note: {note}", highlight=False)
     out.print(("[bold red]" if cmp.regressions else "[bold green]") + cmp.summary() + "[/]", highlight=False)
@@ -210,19 +213,16 @@ def tune(
     Console().print(f"wrote {path}", highlight=False)
 
 
-def profile_for_generate(req, profile: str, device: Optional[str]):
+def profile_for_generate(req, profile: str, device: Optional[str], ctx: Optional[typer.Context]):
     """``generate --profile``: the profile's knobs for those not given on the command line."""
-    import click
-
     from wanrender.bench.profiles import REQUEST_KNOBS, apply_profile
 
-    ctx = click.get_current_context(silent=True)
     explicit = set()
-    if ctx is not None:
-        for k in REQUEST_KNOBS:
-            src = ctx.get_parameter_source(k)
-            if src is not None and src != click.core.ParameterSource.DEFAULT:
-                explicit.add(k)
+    for k in REQUEST_KNOBS:
+        # Without a context (a direct call) every knob counts as set: nothing is overridden.
+        src = ctx.get_parameter_source(k) if ctx is not None else None
+        if src is None or src.name != "DEFAULT":
+            explicit.add(k)
     req, line = apply_profile(req, profile, device, explicit)
     if line:
         console.print(f"[dim]{line}[/]", highlight=False)

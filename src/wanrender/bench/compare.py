@@ -15,14 +15,14 @@ from pathlib import Path
 
 from wanrender.bench import results as res
 from wanrender.bench.matrix import parse_bytes, parse_seconds
+from wanrender.bench.runner import STAGES
 from wanrender.errors import WanrenderError
 
 # Limit names that expand to several metrics, and memory metrics (bytes, not seconds).
 ALIASES = {"pass": ("pass1", "pass2")}
 MEMORY = {"vram": ("memory", "torch_allocated_peak"), "reserved": ("memory", "torch_reserved_peak"),
           "nvml": ("memory", "nvml_used_peak"), "rss": ("memory", "host_rss_peak")}  # fmt: skip
-TIME_METRICS = ("total", "s_per_step", "text_encode", "vae_encode", "pass1", "pass2", "vae_decode",
-                "interpolate", "video_encode")  # fmt: skip
+TIME_METRICS = ("total", "s_per_step") + STAGES
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from wanrender.errors import WanrenderError
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 STACK_DUMP_WAIT_S = 1.0
-STAGES = ("text_encode", "vae_encode", "pass1", "pass2", "vae_decode", "interpolate", "video_encode")
+STAGES = ("text_encode", "vae_encode", "expert_install", "pass1", "pass2", "vae_decode", "interpolate", "video_encode")
 # Engine.render's timing names -> the lab's (passes are numbered: pass order is an axis).
 _STAGE_OF = {"pass1_high": "pass1", "pass2_low": "pass2"}
 

@@ -115,10 +115,25 @@ def _sage() -> AttentionFn:
     return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
-def _sage8() -> AttentionFn:
-    from wanrender.kernels.attention_sage8 import sage8_attention
+_SAGE8_OP: list[AttentionFn] = []
 
-    return sage8_attention
+
+def _sage8() -> AttentionFn:
+    """The Triton kernel as a PyTorch custom op: opaque to torch.compile (Inductor
+    must not re-generate a hand-written Triton kernel), with a shape-only fake."""
+    if not _SAGE8_OP:
+        from wanrender.kernels.attention_sage8 import sage8_attention
+
+        @torch.library.custom_op("wanrender::sage8_attention", mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return sage8_attention(q, k, v).contiguous()  # the fake promises a contiguous result
+
+        @op.register_fake
+        def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return q.new_empty(q.shape)
+
+        _SAGE8_OP.append(op)
+    return _SAGE8_OP[0]
 
 
 def _sage8_check(t: Target) -> list[str]:

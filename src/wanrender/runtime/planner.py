@@ -23,6 +23,7 @@ free memory now (live GPU) or total minus the CUDA context (named GPU), minus
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from wanrender.errors import WanrenderError
@@ -38,6 +39,7 @@ CHUNKS = (1, 4, 16)
 DEFAULT_RESERVE_GIB = 0.5
 HOST_BASE_GIB = 3.0  # estimate: Python, torch, CUDA libraries, frames in flight
 STAGING_BUFFERS = 2
+TIE = 0.02
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class MemoryPlan:
 
     def describe(self) -> str:
         parts = {"resident": ["both experts resident"], "swap": ["one expert at a time"],
-                 "stream": [f"stream: {self.resident_blocks} blocks resident"]}[self.experts]  # fmt: skip
+                 "stream": [f"stream: {self.resident_blocks} of the blocks resident"]}[self.experts]  # fmt: skip
         if self.prefetch:
             parts.append("prefetch")
         if self.text_encoder != "resident":
@@ -68,8 +70,11 @@ class MemoryPlan:
                                   (f"x{self.chunks}", self.chunks > 1), ("tiled", self.tiled_decode)) if on]  # fmt: skip
         return " ".join([core, *extras])
 
-    def complexity(self) -> tuple:
-        return (EXPERTS.index(self.experts), TEXT_ENCODER.index(self.text_encoder), self.chunks, self.tiled_decode, self.prefetch)
+    def complexity(self, blocks: int = 40) -> tuple:
+        """Fewer moving parts first: the tie-break between plans of about the same speed."""
+        streamed = blocks - (self.resident_blocks or 0) if self.experts == "stream" else 0
+        return (EXPERTS.index(self.experts), streamed, TEXT_ENCODER.index(self.text_encoder), self.chunks,
+                self.tiled_decode, self.prefetch)  # fmt: skip
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -202,8 +207,15 @@ def candidates(ctx: Context, work: Workload, mode: str = "auto") -> list[Predict
             plan = replace(plan, resident_blocks=max(n, 0))
         variants = [plan, replace(plan, prefetch=True)] if ex == "swap" else [plan]
         out += [predict(p, ctx, work) for p in variants]
-    out.sort(key=lambda p: (not p.fits, round(p.seconds, 1), p.plan.complexity()))
+    # Predictions within TIE (2%) of each other are ties, decided by fewer moving parts:
+    # the model cannot tell them apart, and e.g. resident blocks beat streamed ones on
+    # robustness (a streamed copy depends on the host keeping up).
+    out.sort(key=lambda p: (not p.fits, _bucket(p.seconds), p.plan.complexity(ctx.weights.num_blocks)))
     return out
+
+
+def _bucket(seconds: float) -> int:
+    return int(math.log(max(seconds, 1e-3)) / math.log(1 + TIE))
 
 
 @dataclass(frozen=True)
@@ -315,3 +327,105 @@ def cpu_plan(mode: str) -> MemoryPlan:
         "auto": MemoryPlan(), "resident": MemoryPlan(), "swap": MemoryPlan("swap", text_encoder="release"),
         "stream": MemoryPlan("stream", resident_blocks=1, text_encoder="release", chunks=4),
     }[mode]  # fmt: skip
+
+
+# --- `wanrender plan`: the chosen plan and a frame-count guide --------------------------
+
+GUIDE_FRAMES = (25, 49, 61, 81, 101, 121, 161)
+
+
+def guide(ctx: Context, work: Workload, frames: tuple[int, ...] = GUIDE_FRAMES, mode: str = "auto") -> list[dict]:
+    """One row per frame count at ``work``'s size: the chosen plan, peak, time."""
+    rows = []
+    for f in frames:
+        w = replace(work, frames=f)
+        d = decide(ctx, w, mode)
+        c = d.chosen
+        rows.append({
+            "frames": f, "seconds_of_video": (f - 1) / 16, "size": f"{w.width}x{w.height}",
+            "plan": c.plan.short() if c else "does not fit", "peak_gib": (c or d.leanest()).peak_bytes / GIB,
+            "step_s": c.step_seconds if c else None, "total_s": c.seconds if c else None, "fits": c is not None,
+        })  # fmt: skip
+    return rows
+
+
+def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[int, ...] = GUIDE_FRAMES) -> list:
+    """Rich renderables for `wanrender plan`."""
+    from rich.table import Table
+    from rich.text import Text
+
+    d = decide(ctx, work, mode)
+    g = ctx.gpu
+    src = "live" if g.free_gib is not None else "named (datasheet figures and estimates)"
+    head = [
+        f"GPU: {g.label()} — {src}; budget {ctx.budget_bytes / GIB:.1f} GiB after a {ctx.reserve_gib:g} GiB reserve"
+        + ("" if g.free_gib is not None else f" and {mem.CUDA_CONTEXT_GIB:g} GiB CUDA context"),
+        f"Compute: precision {ctx.precision if g.fp8_matmul else 'bf16'} ({ctx.path}), {g.attention_tflops:g} TFLOP/s attention; "
+        f"weights: {ctx.weights.source} (expert {ctx.weights.expert / GIB:.1f} GiB, text encoder {ctx.weights.text_encoder / GIB:.1f} GiB)",
+    ]
+    if d.chosen is not None:
+        c = d.chosen
+        head.append(f"{work.label()}, {work.steps} steps, cfg {work.cfg:g}: {c.plan.describe()}")
+        head.append(
+            f"  predicted peak {c.peak_bytes / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.stage_bytes.items())
+            + f"); {c.step_seconds:.1f} s/step, {c.seconds:.0f} s image to MP4; host RAM ~{c.host_bytes / GIB:.0f} GiB"
+        )
+        head += [f"  note: {n}" for n in c.notes]
+    else:
+        head.append(f"{work.label()}: refused — {d.refusal()}")
+    table = Table(title=f"Frame-count guide at {work.width}x{work.height} ({work.steps} steps, cfg {work.cfg:g})",
+                  title_justify="left")  # fmt: skip
+    for col, just in (("frames", "right"), ("video", "right"), ("plan", "left"), ("peak VRAM", "right"),
+                      ("s/step", "right"), ("total", "right")):  # fmt: skip
+        table.add_column(col, justify=just)
+    for r in guide(ctx, work, frames, mode):
+        table.add_row(
+            str(r["frames"]), f"{r['seconds_of_video']:.1f} s", r["plan"] if r["fits"] else "[red]does not fit[/]",
+            f"{r['peak_gib']:.1f} GiB", f"{r['step_s']:.1f}" if r["fits"] else "–", f"{r['total_s']:.0f} s" if r["fits"] else "–",
+        )  # fmt: skip
+    return [Text("\n".join(head)), table]
+
+
+def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, reserve: float, preset: str, mode: str,
+                 precision: str, compile: str, models, ram: str | None) -> list:  # fmt: skip
+    """`wanrender plan`: parse the flags, build the context, return what to print."""
+    from wanrender.request import PRESETS, validate
+    from wanrender.runtime import gpus
+
+    try:
+        width, height = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise WanrenderError(f"--size {size!r} is invalid — use WIDTHxHEIGHT, e.g. 832x1216") from None
+    if preset not in PRESETS:
+        raise WanrenderError(f"unknown preset {preset!r} — choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    from pathlib import Path
+
+    validate(_probe_request(frames, width, height, p))  # the same limits and messages as generate
+    if gpu:
+        spec = gpus.named(gpu)
+    elif vram is None:
+        spec = gpus.probe("cuda")
+    else:
+        spec = replace(gpus.named("rtx4090"), name="a GPU")  # only the memory is given: 4090-class speed
+    if vram is not None:
+        spec = spec.with_vram(gpus.parse_gib(vram))
+    prec = resolve_precision(precision, spec)
+    if models is not None:
+        from wanrender.generate import resolve_files
+
+        weights = Weights.from_files(resolve_files(Path(models)), prec)
+    else:
+        weights = Weights.standard(lora=p.lora_strength > 0)
+    host = gpus.parse_gib(ram, "--ram") if ram else gpus.host_ram_gib()[0]
+    ctx = Context(spec, weights, prec, compile, reserve, host)
+    return plan_report(ctx, Workload(frames, width, height, p.cfg, p.steps, p.switch), mode)
+
+
+def _probe_request(frames: int, width: int, height: int, preset):
+    from pathlib import Path
+
+    from wanrender.request import RenderRequest
+
+    return RenderRequest(Path("plan.png"), "plan", frames=frames, width=width, height=height, steps=preset.steps,
+                         switch=preset.switch, cfg=preset.cfg)  # fmt: skip

@@ -54,12 +54,21 @@ def _set(mod: nn.Module, name: str, is_param: bool, t: torch.Tensor) -> None:
         mod._buffers[name] = t
 
 
-def _adapters_to(module: nn.Module, device: torch.device) -> None:
-    """Run-time LoRA adapters are attributes, not tensors of the module: move them too."""
+def _adapters_to(module: nn.Module, device: torch.device) -> list[tuple[Linear, tuple]]:
+    """Run-time LoRA adapters are attributes, not tensors of the module: move them too
+    (they are small and stay on the device). Returns the originals, for restoring."""
+    saved = []
     for mod in module.modules():
         if isinstance(mod, Linear) and mod.adapters:
+            saved.append((mod, mod.adapters))
             mod.adapters = tuple(a._replace(down=a.down.to(device), up=a.up.to(device) if a.up is not None else None)
                                  for a in mod.adapters)  # fmt: skip
+    return saved
+
+
+def _restore_adapters(saved: list[tuple[Linear, tuple]]) -> None:
+    for mod, adapters in saved:
+        mod.adapters = adapters
 
 
 class Placement:
@@ -69,14 +78,11 @@ class Placement:
         self.module = module
         self.device = torch.device(device)
         self._saved: list[tuple[nn.Module, str, bool, torch.Tensor]] = []
-        self._home: torch.device | None = None
         for mod, name, is_param, t in _tensors(module, recurse):
-            self._home = self._home or t.device
             if t.device != self.device:
                 self._saved.append((mod, name, is_param, t))
                 _set(mod, name, is_param, t.to(self.device))
-        if recurse:
-            _adapters_to(module, self.device)
+        self._adapters = _adapters_to(module, self.device) if recurse else []
 
     @property
     def nbytes(self) -> int:
@@ -85,9 +91,8 @@ class Placement:
     def restore(self) -> None:
         for mod, name, is_param, t in self._saved:
             _set(mod, name, is_param, t)
-        if self._home is not None and self._saved:
-            _adapters_to(self.module, self._home)
-        self._saved = []
+        _restore_adapters(self._adapters)
+        self._saved, self._adapters = [], []
 
 
 @dataclass(frozen=True)
@@ -132,9 +137,7 @@ class BlockStreamer:
         self._placed += [Placement(m, self.device) for n, m in model.named_children() if n != "blocks"]
         self._placed += [Placement(model, self.device, recurse=False)]
         self.layouts = [_layout(b) for b in blocks[self.resident :]]
-        self._home = self.layouts[0][0][0].host.device if self.layouts and self.layouts[0][0] else None
-        for b in blocks[self.resident :]:
-            _adapters_to(b, self.device)
+        self._adapters = [a for b in blocks[self.resident :] for a in _adapters_to(b, self.device)]
         size = max((n for _, n in self.layouts), default=0)
         self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(buffers)] if size else []
         self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(buffers)] if size else []
@@ -207,9 +210,7 @@ class BlockStreamer:
             torch.cuda.current_stream(self.device).synchronize()
         for p in self._placed:
             p.restore()
-        if self._home is not None:
-            for b in list(self.model.blocks)[self.resident :]:
-                _adapters_to(b, self._home)
+        _restore_adapters(self._adapters)
         self.model.block_source = None
         self.slots, self.staging, self._placed = [], [], []
 

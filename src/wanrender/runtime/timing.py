@@ -9,7 +9,7 @@ tokens, batch 1), split by kernel class and scaled to other GPUs and shapes:
   dense rate times the efficiency measured on the H200 (bf16 782/989 = 0.791,
   fp8 1419/1979 = 0.717): 2.54 s bf16 / 1.40 s fp8 per forward at L0;
 - elementwise work (fp32 residual, norms, RoPE, modulation) ∝ L / memory
-  bandwidth: 2.96 s eager and 1.22 s compiled at L0 on the H200 (both measured by
+  bandwidth: 2.90 s eager and 1.16 s compiled at L0 on the H200 (both measured by
   difference: 15.33 s bf16-eager and 12.45 s fp8-compiled forwards minus their
   attention and GEMM shares). fp8 eager adds the activation quantisation passes
   (estimate: 0.9 s at L0 on the H200).
@@ -35,7 +35,8 @@ H200_BF16, H200_BW = 989.0, 4800.0
 # measured (docs/benchmarks.md, H200)
 GEMM_EFF_BF16 = 782.0 / 989.0
 GEMM_EFF_FP8 = 1419.0 / 1979.0
-EW_SECONDS_L0 = {"eager": 2.957, "fp8-eager": 2.957, "compiled": 1.216, "compiled-fp8": 1.216}
+# by difference: forward minus attention (self + cross, 9.89 s) minus GEMMs (2.54 s bf16, 1.40 s fp8)
+EW_SECONDS_L0 = {"eager": 2.903, "fp8-eager": 2.903, "compiled": 1.163, "compiled-fp8": 1.163}
 TEXT_ENCODE_S, VAE_ENCODE_S, VAE_DECODE_S, VIDEO_ENCODE_S = 0.12, 2.44, 3.77, 2.17
 PAGEABLE_GBS = 7.1
 REF_FRAMES_PIXELS = 81 * 832 * 1216
