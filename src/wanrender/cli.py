@@ -318,6 +318,7 @@ def bench_dit(
     compile: str = typer.Option("default", "--compile", help="Compile mode of the fp8 path (off, default, max-autotune)."),
     attention: str = typer.Option("auto", "--attention"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="Time diffusers' WanTransformer3DModel too."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Time our bf16 eager path too."),
     record: Optional[Path] = typer.Option(None, "--record", help="Append the table to this markdown file."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers as JSON."),
 ) -> None:
@@ -337,7 +338,7 @@ def bench_dit(
         if unknown:
             raise WanrenderError(f"unknown shape {unknown[0]!r} — choose from {', '.join(bd.SHAPES)}")
         env = snapshot()
-        result = bd.run(names, repeats, compile, attention, peer, log=lambda m: console.print(m, highlight=False))
+        result = bd.run(names, repeats, compile, attention, peer, log=lambda m: console.print(m, highlight=False), bf16=bf16)
     except WanrenderError as e:
         _fail(e)
         return

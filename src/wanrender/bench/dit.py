@@ -180,7 +180,7 @@ def attention_rows(n: int, shape: str, repeats: int) -> list[dict]:
 
 
 def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", attention: str = "auto",
-        peer: bool = True, log: Callable[[str], None] = print) -> dict:  # fmt: skip
+        peer: bool = True, log: Callable[[str], None] = print, bf16: bool = True) -> dict:  # fmt: skip
     from wanrender.kernels import attention as attn
     from wanrender.kernels.linear import enable_fp8
     from wanrender.runtime.plan import FP8_EXCLUDE, compile_blocks
@@ -211,6 +211,8 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
                 if shape == shapes[0]:
                     outs["peer"] = ref(inp, t, ctx.bfloat16(), return_dict=False)[0].float()
             ours.attention = choice.fn
+            if not bf16:
+                continue
             sec, times = cuda_median(lambda: ours(x, t, ctx, cond), repeats)
             result["dit"].append(DitRow(shape, f"ours bf16 ({choice.backend.name}, eager)", sec, times,
                                         flops / sec / 1e12, sec / peer_s if peer_s else None).__dict__)  # fmt: skip
@@ -247,10 +249,12 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
                 outs["fp8"] = ours(x, t, ctx, cond).float()
     result["fp8_setup_s"] = time.perf_counter() - t0
     acc = result["accuracy"]
-    if "peer" in outs:
+    if "peer" in outs and "bf16" in outs:
         acc["bf16_vs_peer_cosine"] = _cos(outs["bf16"], outs["peer"])
-    acc["fp8_vs_bf16_cosine"] = _cos(outs["fp8"], outs["bf16"])
-    acc["fp8_vs_bf16_rel_l2"] = ((outs["fp8"] - outs["bf16"]).norm() / outs["bf16"].norm()).item()
+    base = "bf16" if "bf16" in outs else "peer"
+    if base in outs:
+        acc[f"fp8_vs_{base}_cosine"] = _cos(outs["fp8"], outs[base])
+        acc[f"fp8_vs_{base}_rel_l2"] = ((outs["fp8"] - outs[base]).norm() / outs[base].norm()).item()
     outs.clear()
     ours = None  # free both experts before the attention-only timings
     gc.collect()
