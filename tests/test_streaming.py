@@ -202,3 +202,24 @@ def test_cuda_streaming_equals_resident_and_bounds_memory() -> None:
     assert s.copies == 6 and s.pinned_bytes > 0
     s.uninstall()
     assert all(t.device.type == "cpu" for t in host.parameters())
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_swap_prefetches_the_low_expert_during_the_last_high_step() -> None:
+    from wanrender.runtime.offload import MemoryRuntime
+    from wanrender.runtime.planner import MemoryPlan
+
+    high, low = tiny_dit(CFG, 0), tiny_dit(CFG, 1)
+    args = inputs(device="cuda")
+    ref_low = tiny_dit(CFG, 1).cuda()(*args)
+    rt = MemoryRuntime(high, low, torch.nn.Linear(2, 2), torch.device("cuda"), MemoryPlan("swap", prefetch=True))
+    rt.begin_sampling()
+    assert all(t.is_cuda for t in high.parameters()) and not any(t.is_cuda for t in low.parameters())
+    rt.after_step("pass1_high", 0, 2)  # the last high step starts: low comes in beside it
+    high(*args)
+    rt.switch()
+    assert rt.prefetched and not any(t.is_cuda for t in high.parameters())
+    torch.testing.assert_close(low(*args), ref_low)
+    rt.release()
+    assert not any(t.is_cuda for t in low.parameters())

@@ -35,10 +35,16 @@ def fp8_capable(device: torch.device | str) -> list[str]:
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row (per-token) e4m3 quantisation: (x_fp8 [M, K], scale [M, 1] fp32)."""
+    """Per-row (per-token) e4m3 quantisation: (x_fp8 [M, K], scale [M, 1] fp32).
+
+    Scaled in the input's own dtype: bf16 keeps 8 mantissa bits, e4m3 keeps 3, so
+    nothing is lost, and no fp32 copy of the activations (the FFN hidden state is
+    2.3 GB in bf16 at 81 frames) is ever made.
+    """
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
-    scale = amax / FP8_MAX
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+    inv = (FP8_MAX / amax).to(x.dtype)
+    # The scale handed to the matmul is the exact inverse of the (rounded) factor used.
+    return (x * inv).clamp(-FP8_MAX, FP8_MAX).to(FP8), 1.0 / inv.float()
 
 
 def weight_rowwise(layer: Linear) -> tuple[torch.Tensor, torch.Tensor]:

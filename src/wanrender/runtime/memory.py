@@ -223,7 +223,6 @@ _BASE, _Z, _MULT, _RES = 96, 16, (1, 2, 4, 4), 2  # Wan 2.1 VAE
 def vae_cache_bytes(decode: bool, pixels: int) -> int:
     """Bytes the causal cache holds: two past frames of each temporal-3 conv's input (bf16)."""
     levels = len(_MULT)
-    total = 0
     if decode:
         dims = [_BASE * m for m in (_MULT[-1], *reversed(_MULT))]  # 384 384 384 192 96
         at = lambda lvl: pixels // 4 ** (levels - 1 - lvl)  # noqa: E731 - stage 0 is 1/8 scale

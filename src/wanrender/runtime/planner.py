@@ -243,12 +243,11 @@ class Decision:
             fixes.append(f"--size {size[0]}x{size[1]} at {self.work.frames} frames")
         if self.mode != "auto" and largest_fit(self.ctx, self.work, "auto")[0] == self.work.frames:
             fixes.insert(0, "--memory auto")
-        need = (mem.device_bytes(lean.peak_bytes) - mem.CUDA_CONTEXT_GIB * GIB) / GIB + self.ctx.reserve_gib
+        need = lean.peak_bytes * (1 + mem.FRAGMENTATION) / GIB
         return WanrenderError(
             f"{self.work.label()} does not fit {self.ctx.gpu.label()}: the leanest {self.mode} plan "
-            f"({lean.plan.short()}) needs {need:.1f} GiB with the {self.ctx.reserve_gib:g} GiB reserve, "
-            f"{self.ctx.budget_bytes / GIB + self.ctx.reserve_gib:.1f} GiB available — use "
-            + (" or ".join(fixes) if fixes else "a GPU with more memory")
+            f"({lean.plan.short()}) needs {need:.2f} GiB, {self.ctx.budget_bytes / GIB:.2f} GiB usable after the "
+            f"{self.ctx.reserve_gib:g} GiB reserve — use " + (" or ".join(fixes) if fixes else "a GPU with more memory")
         )
 
     def to_json(self) -> dict:

@@ -210,6 +210,9 @@ class BlockStreamer:
             torch.cuda.current_stream(self.device).synchronize()
         for p in self._placed:
             p.restore()
+        for entries, _ in self.layouts:  # a forward cut short (out of memory) may have left a block bound
+            for e in entries:
+                _set(e.module, e.name, e.is_param, e.host)
         _restore_adapters(self._adapters)
         self.model.block_source = None
         self.slots, self.staging, self._placed = [], [], []
