@@ -113,8 +113,6 @@ def run_case(case: Case, work: Path) -> dict:
             res["notes"].append(f"VRAM capped at {case.vram_cap_bytes / 2**30:.2f} GiB ({frac:.3f} of {total / 2**30:.1f} GiB)")
         else:
             res["notes"].append("vram_cap recorded, not applied: no CUDA device")
-    if case.memory_plan != "auto":
-        res["notes"].append(f"memory_plan {case.memory_plan!r} recorded, not applied: the VRAM planner is not available yet")
     if case.models == "demo":
         from wanrender.demo import ensure_demo_models
 
@@ -130,11 +128,26 @@ def run_case(case: Case, work: Path) -> dict:
     req = from_preset(case.preset, image, case.prompt, frames=case.frames, width=case.width, height=case.height,
                       steps=case.steps, switch=case.switch, seed=case.seed, interpolate=case.interpolate,
                       precision=case.precision, attention=case.attention, compile=case.compile,
-                      out=work / "render.mp4")  # fmt: skip
+                      memory=case.memory_plan, out=work / "render.mp4")  # fmt: skip
     hooks = _Hooks(case.inject, float(os.environ.get("WANRENDER_BENCH_STEP_DELAY") or 0))
     t = time.time()
+    # The VRAM planner sees the emulated card: the cap, not the physical memory.
+    from dataclasses import replace as _replace
+
+    from wanrender.runtime import gpus
+    from wanrender.runtime.planner import Decision, plan_render
+
+    spec = None
+    if cuda:
+        spec = gpus.probe(dev)
+        if case.vram_cap_bytes:
+            cap = case.vram_cap_bytes / 2**30
+            spec = _replace(spec, total_gib=min(spec.total_gib, cap), free_gib=min(spec.free_gib, cap))
+    decision = plan_render(req, files, dev, gpu=spec)
+    mem = decision.chosen.plan if isinstance(decision, Decision) else decision
+    res["memory_plan"] = mem.describe()
     engine = Engine.load(files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
-                         precision=req.precision, attention=req.attention, compile=req.compile)  # fmt: skip
+                         precision=req.precision, attention=req.attention, compile=req.compile, memory=mem)  # fmt: skip
     res["load_s"] = round(time.time() - t, 3)
     res["plan"] = engine.plan.to_json() if engine.plan is not None else None
     if case.pass_order == "low-high":

@@ -226,6 +226,10 @@ def _check_request(case: Case) -> None:
     from_preset(case.preset, Path(case.image if case.image != "demo" else "demo.png"), case.prompt,
                 frames=case.frames, width=case.width, height=case.height, steps=case.steps, switch=case.switch,
                 seed=case.seed, interpolate=case.interpolate)  # fmt: skip
+    from wanrender.kernels.attention import REGISTRY
+
+    if case.attention != "auto" and case.attention not in REGISTRY:  # a typo, not a case that cannot run here
+        raise WanrenderError(f"attention {case.attention!r} is unknown — use auto or one of {', '.join(REGISTRY)}")
     for knob, allowed in (("precision", ("auto", "fp8", "bf16")), ("compile", ("off", "default", "max-autotune"))):
         if getattr(case, knob) not in allowed:
             raise WanrenderError(f"{knob} {getattr(case, knob)!r} is invalid — use one of {', '.join(allowed)}")

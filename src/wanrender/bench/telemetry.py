@@ -96,9 +96,9 @@ class _Nvml:
 
 def open_nvml(index: int) -> tuple[_Nvml | None, str | None]:
     """The GPU's NVML handle, or None and why not."""
-    try:
-        import pynvml  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("pynvml") is None:
         return None, "pynvml (nvidia-ml-py) not installed: no GPU telemetry"
     try:
         return _Nvml(index), None
