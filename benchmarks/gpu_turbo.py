@@ -29,52 +29,21 @@ OUT = Path(os.environ.get("OUT", "bench_out"))
 
 
 def gpu_env() -> dict:
-    p = torch.cuda.get_device_properties(0)
-    env = {"gpu": p.name, "sm": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}  # fmt: skip
-    try:
-        import subprocess
+    from wanrender.bench.env import snapshot
 
-        env["driver"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        pass
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return env
+    return snapshot()
 
 
 def randomize_(module: torch.nn.Module, std: float = 0.02) -> None:
-    """Seeded normal weights on the GPU; norm gains near 1."""
-    g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.dtype.is_floating_point and p.element_size() > 1:
-                if "norm" in name and p.dim() == 1:
-                    p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32))
-                else:
-                    p.copy_(std * torch.randn(p.shape, generator=g, device="cuda", dtype=torch.float32))
+    from wanrender.bench.dit import randomize_ as _randomize
+
+    _randomize(module, std=std)
 
 
 def cuda_time(fn, repeats: int) -> tuple[float, list[float]]:
-    if repeats == 0:
-        return float("nan"), []
-    fn()  # warm-up
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return statistics.median(times), times
+    from wanrender.bench.dit import cuda_median
+
+    return (float("nan"), []) if repeats == 0 else cuda_median(fn, repeats)
 
 
 def dit_inputs(frames: int, width: int, height: int, text_dim: int = 4096):
