@@ -139,3 +139,16 @@ def test_long_prompt_truncated_with_warning(tmp_path: Path, caplog) -> None:
         out = encode_text(enc, tok, ["snow " * 700], text_len=512)
     assert out.shape[1] == 512
     assert "truncated" in caplog.text
+
+
+def test_boundary_rule_sets_the_switch() -> None:
+    r = from_preset("quality", Path("x.png"), "a bear", steps=40, boundary=0.9)
+    from wanrender.pipeline.schedules import simple_sigmas
+
+    sig = simple_sigmas(40, 5.0)
+    assert all(float(s) >= 0.9 for s in sig[: r.switch]) and float(sig[r.switch]) < 0.9
+    assert from_preset("turbo", Path("x.png"), "a bear", boundary=0.9).switch == 2
+    with pytest.raises(WanrenderError, match="give only one"):
+        from_preset("turbo", Path("x.png"), "a bear", boundary=0.9, switch=2)
+    with pytest.raises(WanrenderError, match="--boundary 1.5 is invalid"):
+        from_preset("turbo", Path("x.png"), "a bear", boundary=1.5)

@@ -103,6 +103,7 @@ def generate(
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 832x1216)."),
     steps: Optional[int] = typer.Option(None, "--steps"),
     switch: Optional[int] = typer.Option(None, "--switch", help="Step where the low-noise expert takes over."),
+    boundary: Optional[float] = typer.Option(None, "--boundary", help="Switch by the official rule instead: t >= B x 1000 -> high expert (0.9)."),
     cfg: Optional[float] = typer.Option(None, "--cfg"),
     shift: Optional[str] = typer.Option(None, "--shift", help="S or S_HIGH,S_LOW."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or dpmpp_2m."),
@@ -147,7 +148,7 @@ def generate(
         req = from_preset(
             preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
             switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
-            interpolate=interpolate, precision=precision, attention=attention, compile=compile,
+            interpolate=interpolate, boundary=boundary, precision=precision, attention=attention, compile=compile,
             memory=memory, reserve_vram=reserve_vram, crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
         )  # fmt: skip
         from wanrender.bench.commands import profile_for_generate

@@ -106,6 +106,19 @@ def from_preset(name: str, image: Path, prompt: str, **overrides: object) -> Ren
     given = {k: v for k, v in overrides.items() if v is not None}
     if given.get("interpolate", "off") != "off" and "fps" not in given:
         given["fps"] = 2 * RENDER_FPS
+    boundary = given.pop("boundary", None)
+    if boundary is not None:
+        # The official Wan 2.2 rule instead of a step number: steps whose timestep is
+        # >= boundary x 1000 on the high expert's schedule go to the high expert.
+        if "switch" in given:
+            raise WanrenderError("--switch and --boundary both set the expert switch — give only one")
+        if not 0.0 < float(boundary) < 1.0:
+            raise WanrenderError(f"--boundary {boundary} is invalid — use a value in (0, 1); Wan 2.2 I2V uses 0.9")
+        from wanrender.pipeline.schedules import boundary_switch_step, simple_sigmas
+
+        steps = int(given.get("steps", p.steps))
+        shift = float(given.get("shift_high", p.shift_high))
+        given["switch"] = boundary_switch_step(simple_sigmas(max(1, steps), shift), float(boundary))
     if "steps" in given and "switch" not in given:
         given["switch"] = max(0, round(int(given["steps"]) * p.switch / p.steps))  # keep the preset's ratio
     return validate(replace(base, **given))
