@@ -175,7 +175,7 @@ class Engine:
         def on_switch() -> None:
             self._sync()
             timings["pass1_high"] = time.perf_counter() - t_pass[0]
-            if self.memory is not None:
+            if self.memory is not None and req.switch < req.steps:  # no low pass: nothing to install
                 timings["expert_install"] += self.memory.switch()
             current[0] = "pass2_low"
             t_pass.append(time.perf_counter())

@@ -45,8 +45,12 @@ def resolve_files(
         lora_high=lora_high or found.lora_high, lora_low=lora_low or found.lora_low,
     )  # fmt: skip
     if picked.missing():
-        where = models_dir or Path("--models DIR")
-        picked.require_complete(Path(where))
+        if models_dir is None:
+            raise WanrenderError(
+                f"missing {'; '.join(picked.missing())} — pass --models DIR (after 'wanrender models fetch --dir DIR') "
+                "or the files with --high/--low/--vae/--text-encoder"
+            )
+        picked.require_complete(models_dir)
     return ModelFiles(
         high=picked.high, low=picked.low, vae=picked.vae, text_encoder=picked.text_encoder,  # type: ignore[arg-type]
         tokenizer=picked.tokenizer, lora_high=picked.lora_high, lora_low=picked.lora_low,  # type: ignore[arg-type]
@@ -59,11 +63,14 @@ def default_out(req: RenderRequest) -> Path:
 
 
 def check_lora_needs(req: RenderRequest, files: ModelFiles) -> None:
-    if req.preset == "turbo" and (files.lora_high is None or files.lora_low is None):
-        if req.lora_strength_high or req.lora_strength_low:
+    """A non-zero LoRA strength with no LoRA file would be silently ignored: refuse it."""
+    for side, strength, path in (("high", req.lora_strength_high, files.lora_high), ("low", req.lora_strength_low, files.lora_low)):
+        if strength and path is None:
+            what = "the turbo preset needs the two 4-step LoRAs (high and low)" if req.preset == "turbo" else (
+                f"--lora-strength asks for a {side}-noise LoRA but none was given")
             raise WanrenderError(
-                "the turbo preset needs the two 4-step LoRAs (high and low) — pass --lora-high/--lora-low, "
-                "put them in --models DIR, or use --preset quality"
+                f"{what} — pass --lora-high/--lora-low, put them in --models DIR, "
+                "or use --preset quality / --lora-strength 0"
             )
 
 
@@ -79,11 +86,17 @@ def run_generate(
 
     check_lora_needs(req, files)
     rgb = imagemod.load_image(req.image)  # validated before any model is loaded
+    if req.interpolate == "rife":
+        from wanrender.interp.weights import find_rife_weights
+
+        find_rife_weights()  # missing weights fail now, not after the render
     image = imagemod.fit_image(rgb, req.width, req.height, req.fit)
     out = req.out or default_out(req)
     if out.suffix.lower() != ".mp4":
         raise WanrenderError(f"--out {out}: the video is written as MP4 — use a name ending in .mp4")
     req = replace(req, out=out)
+    if req.save_frames:
+        check_frames_folder(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     memory: dict = {}  # the planner's decision and any step-down, for the sidecar
@@ -91,10 +104,16 @@ def run_generate(
     def load(plan) -> Engine:
         if progress:
             progress("load_models", None, None, "start")
-        eng = Engine.load(
-            files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
-            precision=req.precision, attention=req.attention, compile=req.compile, memory=plan,
-        )  # fmt: skip
+        try:
+            eng = Engine.load(
+                files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
+                precision=req.precision, attention=req.attention, compile=req.compile, memory=plan,
+            )  # fmt: skip
+        except torch.cuda.OutOfMemoryError:
+            raise WanrenderError(
+                "the GPU ran out of memory while loading the models — free GPU memory (another process may hold it) "
+                "or use --memory stream"
+            ) from None
         if progress:
             progress("load_models", None, None, f"{eng.load_seconds:.2f}s")
         return eng
@@ -108,7 +127,7 @@ def run_generate(
         engine = load(decision.chosen.plan if isinstance(decision, Decision) else decision)
 
     def write(result: RenderResult) -> None:
-        frames_dir = out.with_suffix("") if req.save_frames else None
+        frames_dir = frames_folder(out) if req.save_frames else None
         sidecar = out.with_suffix(".json")
         written: list[Path] = []
         try:
@@ -203,6 +222,20 @@ def _interpolate(req: RenderRequest, result: RenderResult, device: torch.device,
     return frames
 
 
+FRAMES_MARKER = ".wanrender-frames"
+
+
+def frames_folder(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_frames")
+
+
+def check_frames_folder(out: Path) -> None:
+    """Refuse before rendering to replace a folder wanrender did not write."""
+    folder = frames_folder(out)
+    if folder.exists() and not (folder / FRAMES_MARKER).exists():
+        raise WanrenderError(f"{folder} exists and was not written by wanrender — move it or choose another --out")
+
+
 def _write_frames(frames, folder: Path) -> None:
     from PIL import Image
 
@@ -213,7 +246,9 @@ def _write_frames(frames, folder: Path) -> None:
     try:
         for i, f in enumerate(frames):
             Image.fromarray(f).save(tmp / f"frame_{i:05d}.png")
+        (tmp / FRAMES_MARKER).write_text("PNG frames of a wanrender video; replaced by the next render to this name\n")
         if folder.exists():
+            check_frames_folder(folder.with_name(folder.name.removesuffix("_frames") + ".mp4"))
             shutil.rmtree(folder)
         tmp.rename(folder)
     finally:
@@ -233,7 +268,7 @@ def _sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: d
         "plan": {
             "device": str(engine.device),
             "compute_dtype": str(engine.high.compute_dtype).replace("torch.", ""),
-            "attention": getattr(engine.high.attention, "__name__", str(engine.high.attention)),
+            "attention": engine.plan.attention if engine.plan is not None else getattr(engine.high.attention, "__name__", "?"),
             "passes": [p.__dict__ for p in _passes(req)],
             "lora": engine.lora_report,
             "runtime": runtime,

@@ -159,6 +159,9 @@ def validate(r: RenderRequest) -> RenderRequest:
         raise WanrenderError(f"--fps {r.fps} is invalid — use 1..240 (Wan renders at 16)")
     if not 0 <= r.crf <= 51:
         raise WanrenderError(f"--crf {r.crf} is invalid — use 0..51 (lower is better quality; 18 is visually lossless)")
+    for name, v in (("--lora-strength (high)", r.lora_strength_high), ("--lora-strength (low)", r.lora_strength_low)):
+        if not -10.0 <= v <= 10.0:  # also rejects nan and inf
+            raise WanrenderError(f"{name} {v} is invalid — use a finite value in -10..10 (the 4-step LoRAs use 1)")
     if r.interpolate not in INTERPOLATE:
         raise WanrenderError(f"--interpolate {r.interpolate!r} is invalid — choose one of {', '.join(INTERPOLATE)}")
     if r.interpolate != "off" and (r.fps % RENDER_FPS or not 2 <= r.fps // RENDER_FPS <= 16):

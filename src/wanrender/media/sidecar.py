@@ -33,12 +33,26 @@ def cached_sha256(path: Path, cache: Path | None = None) -> str:
     return digest
 
 
+def _weight_files(p: Path) -> list[Path]:
+    """Every file a model entry stands for: a folder's weights and tokenizer, a shard
+    index's shards (and the index), or the file itself."""
+    if p.is_dir():
+        return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".safetensors", ".pth", ".model", ".json"))
+    if p.name.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.loads(p.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError):
+            shards = []
+        return [p] + [p.parent / s for s in shards if (p.parent / s).is_file()]
+    return [p]
+
+
 def describe_files(files: dict[str, Path | None]) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for role, p in files.items():
         if p is None:
             continue
-        paths = sorted(p.rglob("*.safetensors")) if p.is_dir() else [p]
+        paths = _weight_files(p)
         out[role] = {
             "path": str(p),
             "files": [{"name": q.name, "bytes": q.stat().st_size, "sha256": cached_sha256(q)} for q in paths],

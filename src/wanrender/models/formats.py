@@ -64,18 +64,28 @@ class CheckpointInfo:
         return ", ".join(bits)
 
 
-def expert_from_path(path: Path) -> str | None:
-    s = str(path).lower().replace("-", "_")
-    if "high_noise" in s or "highnoise" in s or re.search(r"(^|[/_])high([/_.]|$)", s):
+def _expert_in(name: str) -> str | None:
+    s = name.lower().replace("-", "_")
+    if "high_noise" in s or "highnoise" in s or re.search(r"(^|_)high(_|\.|$)", s):
         return "high"
-    if "low_noise" in s or "lownoise" in s or re.search(r"(^|[/_])low([/_.]|$)", s):
-        return "low"
-    parent = path.parent.name if path.is_file() else path.name
-    if parent == "transformer":
-        return "high"  # diffusers Wan 2.2 A14B: transformer = high noise, transformer_2 = low noise
-    if parent == "transformer_2":
+    if "low_noise" in s or "lownoise" in s or re.search(r"(^|_)low(_|\.|$)", s):
         return "low"
     return None
+
+
+def expert_from_path(path: Path) -> str | None:
+    """high/low from the file name, else from its own folder's name (official
+    ``high_noise_model/``, diffusers ``transformer``/``transformer_2``) — never from
+    folders further up, which may say anything (``/data/high_quality/...``)."""
+    own = None if path.is_dir() else _expert_in(path.stem)
+    if own:
+        return own
+    folder = path.name if path.is_dir() else path.parent.name
+    if folder == "transformer":
+        return "high"  # diffusers Wan 2.2 A14B: transformer = high noise, transformer_2 = low noise
+    if folder == "transformer_2":
+        return "low"
+    return _expert_in(folder)
 
 
 def strip_prefix(keys: list[str], prefixes: tuple[str, ...] = DIT_PREFIXES) -> str:
@@ -121,6 +131,8 @@ def _dit_variant(ck: Checkpoint, prefix: str, diffusers: bool, config: dict | No
     if diffusers:
         in_ch = int((config or {}).get("in_channels", 0))
         dim = int((config or {}).get("num_attention_heads", 0)) * int((config or {}).get("attention_head_dim", 0))
+        if "patch_embedding.weight" in keys and not (in_ch and dim):  # a weights file given without its folder
+            dim, in_ch = ck.shape_of("patch_embedding.weight")[:2]
         wan21 = (config or {}).get("image_dim") is not None or any("add_k_proj" in k for k in keys)
     else:
         pe = ck.shape_of(prefix + "patch_embedding.weight")

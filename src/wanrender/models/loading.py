@@ -185,9 +185,14 @@ def load_dit(
         raw, scales = canonical_state(ck)
         try:
             weights = ditmod.official_keys_from_diffusers(raw)
+            scales = ditmod.official_keys_from_diffusers(scales)  # keyed by "<layer>.weight" too
         except KeyError as e:
             raise ModelFileError(path, str(e.args[0]), "check it is a Wan 2.2 diffusers transformer folder") from None
-        cfg = config or ditmod.config_from_diffusers(folder_cfg or {})
+        if config is None:
+            # A folder has config.json; a bare weights file is read from its shapes.
+            config = ditmod.config_from_diffusers(folder_cfg) if folder_cfg else ditmod.config_from_state_dict(
+                {k: tuple(v.shape) for k, v in weights.items()})
+        cfg = config
     else:
         weights, scales = canonical_state(ck, info.prefix)
         cfg = config or _dit_config(ck, weights, folder_cfg)

@@ -9,9 +9,11 @@ Writing uses the ``safetensors`` package.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +56,7 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
     """A read-only mapping name -> tensor whose storage is the file's pages.
 
     The header is parsed and checked on open; tensor data is touched only when a
-    tensor is used. Mapped copy-on-write: an accidental in-place write changes
-    this process's view, never the file.
+    tensor is used. Mapped read-only: the views must never be written in place.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -90,13 +91,20 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
                 raise ModelFileError(
                     self.path, f"truncated: tensor {name!r} ends past the end of the file", _REDOWNLOAD
                 )
+            if any(d < 0 for d in info.shape) or info.nbytes != math.prod(info.shape) * DTYPES[info.dtype].itemsize:
+                raise ModelFileError(self.path, f"tensor {name!r}: its byte range does not match its shape", _REDOWNLOAD)
             self.infos[name] = info
         self._mm: mmap.mmap | None = None
 
     def _map(self) -> mmap.mmap:
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            # Read-only: a copy-on-write mapping is charged against memory commit, so a
+            # file larger than RAM + swap (a 28 GB bf16 expert) could not even be mapped.
+            try:
+                with open(self.path, "rb") as f:
+                    self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except OSError as e:
+                raise ModelFileError(self.path, f"cannot map the file ({e.strerror})", "check the disk and free memory") from None
         return self._mm
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -104,7 +112,11 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         dtype = DTYPES[info.dtype]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=self._data_start + info.start)
+        with warnings.catch_warnings():
+            # The views are read-only by design: nothing may write into the user's file
+            # (LoRA merges and casts always make new tensors).
+            warnings.filterwarnings("ignore", message="The given buffer is not writable")
+            raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=self._data_start + info.start)
         return raw.view(dtype).reshape(info.shape)
 
     def __iter__(self) -> Iterator[str]:

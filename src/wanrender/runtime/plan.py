@@ -41,6 +41,16 @@ class RenderPlan:
         return asdict(self)
 
 
+def auto_precision(fp8_capable: bool, compile: str) -> str:
+    """What ``--precision auto`` means (the planner uses the same rule).
+
+    Measured (docs/benchmarks.md): fp8 linears pay off with the compiled block
+    (0.97x the peer vs 1.13x for bf16 eager); eager fp8 is unmeasured, so auto keeps
+    bf16 there.
+    """
+    return "fp8" if fp8_capable and compile != "off" else "bf16"
+
+
 def make_plan(
     device: str | torch.device,
     precision: str = "auto",
@@ -56,17 +66,11 @@ def make_plan(
     notes = []
     why_not_fp8 = fp8_capable(dev)
     if precision == "auto":
-        # Measured (docs/benchmarks.md): fp8 linears pay off with the compiled block
-        # (0.97x the peer vs 1.13x for bf16 eager); eager fp8 is unmeasured, so auto
-        # keeps bf16 there.
+        precision = auto_precision(not why_not_fp8, compile)
         if why_not_fp8:
-            precision = "bf16"
             notes.append("precision bf16: " + "; ".join(why_not_fp8))
-        elif compile == "off":
-            precision = "bf16"
+        elif precision == "bf16":
             notes.append("precision bf16: fp8 is chosen automatically with --compile on")
-        else:
-            precision = "fp8"
     elif precision == "fp8" and why_not_fp8:
         raise WanrenderError(f"--precision fp8 cannot run here: {'; '.join(why_not_fp8)} — use --precision bf16")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -290,8 +290,10 @@ def step_down(decision: Decision, failed: MemoryPlan, gpu: GPUSpec | None = None
     return None
 
 
-def resolve_precision(precision: str, gpu: GPUSpec) -> str:
-    return ("fp8" if gpu.fp8_matmul else "bf16") if precision == "auto" else precision
+def resolve_precision(precision: str, gpu: GPUSpec, compile: str = "off") -> str:
+    from wanrender.runtime.plan import auto_precision
+
+    return auto_precision(gpu.fp8_matmul, compile) if precision == "auto" else precision
 
 
 def plan_render(req, files, device, gpu: GPUSpec | None = None) -> Decision | MemoryPlan:
@@ -310,7 +312,7 @@ def plan_render(req, files, device, gpu: GPUSpec | None = None) -> Decision | Me
     if gpu is None and dev.type != "cuda":
         return cpu_plan(mode)
     spec = gpu or gpus.probe(dev)
-    precision = resolve_precision(req.precision, spec)
+    precision = resolve_precision(req.precision, spec, req.compile)
     reserve = req.reserve_vram if getattr(req, "reserve_vram", None) is not None else DEFAULT_RESERVE_GIB
     ctx = Context(spec, Weights.from_files(files, precision), precision, req.compile, reserve, gpus.host_ram_gib()[0])
     decision = decide(ctx, Workload.of(req), mode)
@@ -409,7 +411,7 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
         spec = replace(gpus.named("rtx4090"), name="a GPU")  # only the memory is given: 4090-class speed
     if vram is not None:
         spec = spec.with_vram(gpus.parse_gib(vram))
-    prec = resolve_precision(precision, spec)
+    prec = resolve_precision(precision, spec, compile)
     if models is not None:
         from wanrender.generate import resolve_files
 
