@@ -85,28 +85,62 @@ def profile_forward(fn, label: str) -> str:
 
 
 def build_dit(fp8: bool):
-    from wanrender.models.dit import DiTConfig, WanDiT
+    from wanrender.bench.synthetic import random_dit
 
-    with torch.device("meta"):
-        m = WanDiT(DiTConfig.preset("i2v-A14B"))
-    m = m.to_empty(device="cuda").to(torch.bfloat16)
-    randomize_(m)
-    m.compute_dtype = torch.bfloat16
-    if fp8:
-        to_fp8_(m)
-    return m.eval()
+    return random_dit(torch.device("cuda"), fp8=fp8)
 
 
 def to_fp8_(m: torch.nn.Module) -> None:
-    """Store every Linear weight as fp8 e4m3 + per-tensor scale, as ComfyUI fp8_scaled files do."""
-    from wanrender.models.common import Linear, quantize_fp8
+    from wanrender.bench.synthetic import to_fp8_ as _to_fp8
 
-    for mod in m.modules():
-        if isinstance(mod, Linear) and mod.weight.element_size() > 1:
-            q, s = quantize_fp8(mod.weight)
-            mod._parameters["weight"] = torch.nn.Parameter(q, requires_grad=False)
-            mod.weight_scale = s
+    _to_fp8(m)
     torch.cuda.empty_cache()
+
+
+def compare_dit(args, width: int, height: int, res: dict, profiles: list[str]) -> None:
+    """Steps 1-2: one DiT forward, the peer vs ours (bf16, then fp8-stored), same weights."""
+    x, cond, ctx, t = dit_inputs(args.frames, width, height)
+    dit = build_dit(fp8=False)
+    if not args.skip_diffusers:
+        ref = build_diffusers()
+        inp, ctx16 = torch.cat([x, cond], 1).to(torch.bfloat16), ctx.to(torch.bfloat16)
+        with torch.no_grad():
+            med, times = cuda_time(lambda: ref(inp, t, ctx16, return_dict=False), args.repeats)
+            ref_out = ref(inp, t, ctx16, return_dict=False)[0].float()
+            if args.profile:
+                profiles.append(profile_forward(lambda: ref(inp, t, ctx16, return_dict=False), "diffusers"))
+        res["diffusers_dit"] = {"seconds": med, "times": times}
+        print(f"diffusers DiT forward: {med:.3f} s  {times}", flush=True)
+        copy_from_diffusers_(dit, ref)
+        ref = inp = ctx16 = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    with torch.no_grad():
+        med, times = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
+        if args.profile:
+            profiles.append(profile_forward(lambda: dit(x, t, ctx, cond), "ours bf16"))
+    res["ours_dit_bf16"] = {"seconds": med, "times": times}
+    print(f"our DiT forward (bf16 weights): {med:.3f} s  {times}", flush=True)
+    if not args.skip_diffusers:
+        res["ratio_ours_bf16_to_diffusers"] = med / res["diffusers_dit"]["seconds"]
+        with torch.no_grad():
+            ours_out = dit(x, t, ctx, cond).float()
+        cos = torch.nn.functional.cosine_similarity(ours_out.flatten(), ref_out.flatten(), 0).item()
+        rel = ((ours_out - ref_out).norm() / ref_out.norm()).item()
+        res["ours_vs_diffusers_output"] = {"cosine": cos, "rel_l2": rel}
+        print(f"ours vs diffusers output (same weights, bf16, full size): cosine {cos:.6f}, rel L2 {rel:.4f}", flush=True)
+        ours_out = ref_out = None
+    to_fp8_(dit)
+    with torch.no_grad():
+        med8, times8 = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
+    res["ours_dit_fp8_storage"] = {"seconds": med8, "times": times8}
+    print(f"our DiT forward (fp8-stored weights, bf16 compute): {med8:.3f} s", flush=True)
+    x = cond = ctx = dit = None
+    torch.cuda.empty_cache()
+    for p in profiles:
+        print(p)
+    (OUT / "profiles.txt").write_text("\n".join(profiles))
+
 
 
 def main() -> None:
@@ -129,79 +163,23 @@ def main() -> None:
     profiles: list[str] = []
     print(json.dumps(res["env"]))
 
-    # 1-2. The DiT forward: peer vs ours (bf16 weights), same weights, same inputs.
-    x, cond, ctx, t = dit_inputs(args.frames, width, height)
-    dit = build_dit(fp8=False)
-    if args.pipeline_only:
-        args.skip_diffusers = True
-        args.repeats = 0
-    if not args.skip_diffusers:
-        ref = build_diffusers()
-        inp, ctx16 = torch.cat([x, cond], 1).to(torch.bfloat16), ctx.to(torch.bfloat16)
-        with torch.no_grad():
-            med, times = cuda_time(lambda: ref(inp, t, ctx16, return_dict=False), args.repeats)
-            ref_out = ref(inp, t, ctx16, return_dict=False)[0].float()
-            if args.profile:
-                profiles.append(profile_forward(lambda: ref(inp, t, ctx16, return_dict=False), "diffusers"))
-        res["diffusers_dit"] = {"seconds": med, "times": times}
-        print(f"diffusers DiT forward: {med:.3f} s  {times}", flush=True)
-        copy_from_diffusers_(dit, ref)
-        del ref, inp, ctx16
-        gc.collect()
-        torch.cuda.empty_cache()
-    with torch.no_grad():
-        med, times = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
-        if args.profile:
-            profiles.append(profile_forward(lambda: dit(x, t, ctx, cond), "ours bf16"))
-    res["ours_dit_bf16"] = {"seconds": med, "times": times}
-    print(f"our DiT forward (bf16 weights): {med:.3f} s  {times}", flush=True)
-    if not args.skip_diffusers:
-        res["ratio_ours_bf16_to_diffusers"] = med / res["diffusers_dit"]["seconds"]
-        with torch.no_grad():
-            ours_out = dit(x, t, ctx, cond).float()
-        cos = torch.nn.functional.cosine_similarity(ours_out.flatten(), ref_out.flatten(), 0).item()
-        rel = ((ours_out - ref_out).norm() / ref_out.norm()).item()
-        res["ours_vs_diffusers_output"] = {"cosine": cos, "rel_l2": rel}
-        print(f"ours vs diffusers output (same weights, bf16, full size): cosine {cos:.6f}, rel L2 {rel:.4f}", flush=True)
-        del ours_out, ref_out
-    to_fp8_(dit)
-    with torch.no_grad():
-        med8, times8 = cuda_time(lambda: dit(x, t, ctx, cond), args.repeats)
-    res["ours_dit_fp8_storage"] = {"seconds": med8, "times": times8}
-    print(f"our DiT forward (fp8-stored weights, bf16 compute): {med8:.3f} s", flush=True)
-    del x, cond, ctx
-    torch.cuda.empty_cache()
-    for p in profiles:
-        print(p)
-    (OUT / "profiles.txt").write_text("\n".join(profiles))
+    if not args.pipeline_only:
+        compare_dit(args, width, height, res, profiles)
     if args.dit_only:
         (OUT / "results.json").write_text(json.dumps(res, indent=1, default=str))
         return
 
-    # 3. The whole turbo pipeline, weights resident.
-    from wanrender.engine import Engine, ModelFiles
+    # 3. The whole turbo pipeline, weights resident (full-size random weights, fp8-stored).
+    from wanrender.bench.synthetic import apply_knobs, random_engine
     from wanrender.generate import run_generate
-    from wanrender.models.text_encoder import TextEncoderConfig, Tokenizer, UMT5Encoder
-    from wanrender.models.vae import VAEConfig, WanVAE
     from wanrender.request import from_preset
 
-    high, low = dit, build_dit(fp8=True)
-    with torch.device("meta"):
-        te = UMT5Encoder(TextEncoderConfig.preset("umt5-xxl"))
-    te = te.to_empty(device="cuda").to(torch.bfloat16)
-    randomize_(te, std=0.05)
-    to_fp8_(te)
-    te.compute_dtype = torch.bfloat16
-    vae = WanVAE(VAEConfig.preset("wan2.1")).to("cuda", torch.bfloat16).eval()
-    randomize_(vae, std=0.02)
-    tok = Tokenizer.from_file(_tiny_spm(OUT / "spm"))
-    engine = Engine(high, low, vae, te, tok, torch.device("cuda"), ModelFiles(None, None, None, None, None))  # type: ignore[arg-type]
-    from wanrender.runtime.plan import apply_plan, make_plan
-
-    plan, choice = make_plan("cuda", args.precision, args.attention, args.compile)
+    torch.cuda.empty_cache()
+    engine = random_engine("cuda")
+    high, low = engine.high, engine.low
     t0 = time.perf_counter()
-    apply_plan([high, low], plan, choice)
-    engine.plan = plan
+    apply_knobs(engine, args.precision, args.attention, args.compile)
+    plan = engine.plan
     if args.compile != "off":  # compile outside the timed render: one forward per expert at the shape
         xw, cw, ctxw, tw = dit_inputs(args.frames, width, height)
         with torch.no_grad():
@@ -237,20 +215,6 @@ def main() -> None:
     if "ratio_ours_bf16_to_diffusers" in res:
         print(f"DiT forward: diffusers {res['diffusers_dit']['seconds']:.2f} s, ours bf16 {res['ours_dit_bf16']['seconds']:.2f} s "
               f"(ratio {res['ratio_ours_bf16_to_diffusers']:.3f}), ours fp8-stored {res['ours_dit_fp8_storage']['seconds']:.2f} s")
-
-
-def _tiny_spm(folder: Path) -> Path:
-    import random
-
-    import sentencepiece as spm
-
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    words = "snow winter bear cub fur light soft gentle camera motion slow dolly cinematic scene crisp calm".split()
-    (folder / "c.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(10)) for _ in range(500)))
-    spm.SentencePieceTrainer.train(input=str(folder / "c.txt"), model_prefix=str(folder / "spiece"), vocab_size=200,
-                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)  # fmt: skip
-    return folder / "spiece.model"
 
 
 if __name__ == "__main__":

@@ -117,6 +117,8 @@ def run_case(case: Case, work: Path) -> dict:
         from wanrender.demo import ensure_demo_models
 
         files = ensure_demo_models()
+    elif case.models == "random":
+        files = None  # full-size random weights built on the GPU below (bench/synthetic.py)
     else:
         files = resolve_files(Path(case.models_path or case.models))
     if case.image == "demo":
@@ -143,11 +145,24 @@ def run_case(case: Case, work: Path) -> dict:
         if case.vram_cap_bytes:
             cap = case.vram_cap_bytes / 2**30
             spec = _replace(spec, total_gib=min(spec.total_gib, cap), free_gib=min(spec.free_gib, cap))
-    decision = plan_render(req, files, dev, gpu=spec)
-    mem = decision.chosen.plan if isinstance(decision, Decision) else decision
-    res["memory_plan"] = mem.describe()
-    engine = Engine.load(files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
-                         precision=req.precision, attention=req.attention, compile=req.compile, memory=mem)  # fmt: skip
+    if files is None:
+        from wanrender.bench.synthetic import apply_knobs, random_engine
+        from wanrender.errors import WanrenderError
+
+        if not cuda:
+            raise WanrenderError("models: random builds two full-size 14B experts — it needs a CUDA GPU; use models: demo on a CPU")
+        req = _replace(req, lora_strength_high=0.0, lora_strength_low=0.0)
+        engine = random_engine(dev)
+        apply_knobs(engine, req.precision, req.attention, req.compile)
+        files = engine.files
+        res["memory_plan"] = "all resident (random full-size weights; the planner needs checkpoint files)"
+        res["notes"].append("full-size random weights, fp8-stored experts, no LoRA: speed and memory only")
+    else:
+        decision = plan_render(req, files, dev, gpu=spec)
+        mem = decision.chosen.plan if isinstance(decision, Decision) else decision
+        res["memory_plan"] = mem.describe()
+        engine = Engine.load(files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
+                             precision=req.precision, attention=req.attention, compile=req.compile, memory=mem)  # fmt: skip
     res["load_s"] = round(time.time() - t, 3)
     res["plan"] = engine.plan.to_json() if engine.plan is not None else None
     if case.pass_order == "low-high":

@@ -44,7 +44,7 @@ class Case:
     name: str = ""
     image: str = "demo"  # "demo" (the demo photo) or a path
     prompt: str = "slow dolly-in, gentle camera motion, soft light"
-    models: str = "demo"  # "demo" (tiny random-weight models) or a model folder
+    models: str = "demo"  # "demo" (tiny random-weight models), "random" (full-size, GPU) or a model folder
     preset: str = "demo"
     frames: int = 5
     width: int = 80
@@ -214,7 +214,7 @@ def _resolve_paths(case: Case, base: Path | None) -> Case:
         if not p.is_file():
             raise WanrenderError(f"matrix image {case.image!r} not found (looked at {p}) — fix the path or use 'demo'")
         image_path, sha = str(p), hashlib.sha256(p.read_bytes()).hexdigest()
-    if case.models != "demo":
+    if case.models not in ("demo", "random"):
         models_path = str(_resolve(case.models, base))
     return replace(case, image_path=image_path, image_sha256=sha, models_path=models_path)
 

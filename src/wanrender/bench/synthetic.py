@@ -1,0 +1,88 @@
+"""Full-size models with seeded random weights, built directly on the GPU.
+
+Speed does not depend on weight values, so benchmarks and sweeps on machines
+without the real checkpoints (they are the user's, fetched explicitly) run on
+these: the i2v-A14B experts stored as fp8 + per-tensor scale (as the users'
+fp8_scaled files), the umt5-xxl encoder fp8-stored, the Wan 2.1 VAE in bf16, and
+a tiny SentencePiece tokenizer (prompt length is all that matters for speed).
+Weights are normal with std 0.02 (norm gains near 1): never zeros.
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from wanrender.bench.dit import randomize_
+
+_WORDS = "snow winter bear cub fur light soft gentle camera motion slow dolly cinematic scene crisp calm".split()
+
+
+def to_fp8_(model: nn.Module) -> nn.Module:
+    """Store every ``Linear`` weight as e4m3 + a per-tensor scale (frees the bf16 copy)."""
+    from wanrender.models.common import Linear, quantize_fp8
+
+    for mod in model.modules():
+        if isinstance(mod, Linear) and mod.weight.element_size() > 1:
+            q, s = quantize_fp8(mod.weight)
+            mod._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+            mod.weight_scale = s
+    return model
+
+
+def random_dit(device: torch.device, seed: int = 0, fp8: bool = True) -> nn.Module:
+    from wanrender.models.dit import DiTConfig, WanDiT
+
+    with torch.device("meta"):
+        m = WanDiT(DiTConfig.preset("i2v-A14B"))
+    m = m.to_empty(device=device).to(torch.bfloat16).eval()
+    randomize_(m, seed=seed)
+    m.compute_dtype = torch.bfloat16
+    return to_fp8_(m) if fp8 else m
+
+
+def tiny_tokenizer(folder: Path):
+    import sentencepiece as spm
+
+    from wanrender.models.text_encoder import Tokenizer
+
+    rng = random.Random(0)
+    (folder / "c.txt").write_text("\n".join(" ".join(rng.choice(_WORDS) for _ in range(10)) for _ in range(500)))
+    spm.SentencePieceTrainer.train(input=str(folder / "c.txt"), model_prefix=str(folder / "spiece"), vocab_size=200,
+                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)  # fmt: skip
+    return Tokenizer.from_file(folder / "spiece.model")
+
+
+def random_engine(device: str | torch.device = "cuda"):
+    """An ``Engine`` with full-size random-weight models resident on ``device``."""
+    from wanrender.engine import Engine, ModelFiles
+    from wanrender.models.text_encoder import TextEncoderConfig, UMT5Encoder
+    from wanrender.models.vae import VAEConfig, WanVAE
+
+    dev = torch.device(device)
+    high, low = random_dit(dev, seed=0), random_dit(dev, seed=1)
+    with torch.device("meta"):
+        te = UMT5Encoder(TextEncoderConfig.preset("umt5-xxl"))
+    te = te.to_empty(device=dev).to(torch.bfloat16)
+    randomize_(te, seed=2, std=0.05)
+    to_fp8_(te)
+    te.compute_dtype = torch.bfloat16
+    vae = WanVAE(VAEConfig.preset("wan2.1")).to(dev, torch.bfloat16).eval()
+    randomize_(vae, seed=3)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer(Path(tmp))
+    none = ModelFiles(None, None, None, None, None)  # type: ignore[arg-type]  # in-memory: no files to hash
+    return Engine(high, low, vae, te, tok, dev, none)
+
+
+def apply_knobs(engine, precision: str, attention: str, compile: str) -> None:
+    """The render plan for ``engine``'s experts (what ``Engine.load`` does for files)."""
+    from wanrender.runtime.plan import apply_plan, make_plan
+
+    plan, choice = make_plan(engine.device, precision, attention, compile)
+    apply_plan([engine.high, engine.low], plan, choice)
+    engine.plan = plan
