@@ -1,30 +1,54 @@
 #!/usr/bin/env bash
-# The GPU measurements still owed, as steps that each fit one 10-minute device call.
+# The GPU measurements, as steps that each fit one 10-minute device call.
 # Run from the repository root on the GPU machine, with diffusers and PyAV importable
 # (carry them as wheels where the machine lacks them) and PYTHONPATH=src.
-#   bash benchmarks/gpu_session.sh STEP      # STEP = 1..6
+#   bash benchmarks/gpu_session.sh STEP
 # Results land in $OUT (or ./bench_out).
-set -euo pipefail
+#   kernels  attention kernel variants, a whole DiT forward with the 8-bit kernel
+#            (peer in the same run), the tiny fp8-vs-bf16 turbo run, GPU tests
+#   sweep    the random-weight matrix (benchmarks/matrices/gpu-random.yaml); ONLY=
+#            selects cases by label; earlier rows in $PRIOR (a results.jsonl) are
+#            resumed from
+#   parity   the full-size turbo pipeline, bf16 eager vs the fast path
+#   real     with real checkpoints under models/: the full matrix
+set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 wr() { python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" "$@"; }
+T0=$(date +%s)
+left() { local s=$(( ${BUDGET:-570} - ($(date +%s) - T0) )); echo $(( s > 1 ? s : 1 )); }  # timeout 0 = no limit
 
 case "${1:-}" in
-  1)  # GPU-only tests (kernels vs references, streaming, interpolation half precision)
-      python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -30 ;;
-  2)  # fast path at the production shape, the 8-bit attention inside a whole forward
-      wr bench dit --shapes 832x1216 --attention sage8 --json "$OUT/bench_dit_sage8.json" | tee "$OUT/bench_dit_sage8.txt" ;;
-  3)  # the other two shapes (peer, bf16 eager, fp8 + compile with cuDNN attention)
-      wr bench dit --shapes 480x832,720x1280 --json "$OUT/bench_dit_shapes.json" | tee "$OUT/bench_dit_shapes.txt" ;;
-  4)  # the whole turbo pipeline on the fast path, compile outside the timed render
-      python3 benchmarks/gpu_turbo.py --pipeline-only --precision fp8 --attention auto --compile default \
-          | tee "$OUT/pipeline_fast.txt" ;;
-  5)  # a 12-case sweep on full-size random weights (attention x precision x compile)
-      wr bench run benchmarks/matrices/gpu-random.yaml --out "$OUT/sweep-random" | tee "$OUT/sweep-random.txt"
-      wr bench report "$OUT/sweep-random/results.jsonl" -o "$OUT/report-random.html" ;;
-  6)  # with real checkpoints under models/: the full matrix, emulated 32 GB card included
-      wr bench run benchmarks/matrices/gpu-h200.yaml --out "$OUT/sweep" | tee "$OUT/sweep.txt"
+  kernels)
+      timeout 150 python3 benchmarks/gpu_attention.py --sweep --shapes prod --rep-ms 400 2>&1 | tail -40 | tee "$OUT/attention.txt"
+      # the fastest accurate variant goes into the whole forward
+      OPTS=$(python3 - "$OUT/gpu_attention.json" <<'EOF'
+import json, sys
+try:
+    rows = json.load(open(sys.argv[1]))["sweep"]
+except Exception:
+    rows = []
+ok = [r for r in rows if "ms" in r and r["config"].get("pv_mode", 0) != 2 and r["acc_mean_v"] < 0.01]
+print(json.dumps(min(ok, key=lambda r: r["ms"])["config"] if ok else {}))
+EOF
+)
+      echo "sage8 options for the whole forward: $OPTS"
+      timeout 270 python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
+          bench dit --shapes 832x1216 --attention sage8 --no-bf16 --sage8-options "$OPTS" --json "$OUT/bench_dit_sage8.json" \
+          2>&1 | tail -30 | tee "$OUT/bench_dit_sage8.txt"
+      timeout 60 python3 benchmarks/gpu_pipeline_parity.py --tiny --attention sage8 2>&1 | tail -4
+      timeout "$(left)" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+  sweep)
+      mkdir -p "$OUT/sweep"
+      [ -n "${PRIOR:-}" ] && cp "$PRIOR" "$OUT/sweep/results.jsonl"
+      timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
+          bench run benchmarks/matrices/gpu-random.yaml --out "$OUT/sweep" --resume --retry-failed ${ONLY:+--only "$ONLY"} 2>&1 | tail -40
+      ;;
+  parity)
+      timeout "$(left)" python3 benchmarks/gpu_pipeline_parity.py --attention "${ATTN:-sage8}" --compile default 2>&1 | tail -8 ;;
+  real)
+      wr bench run benchmarks/matrices/gpu-h200.yaml --out "$OUT/sweep"
       wr bench report "$OUT/sweep/results.jsonl" -o "$OUT/report.html" ;;
-  *)  echo "usage: bash benchmarks/gpu_session.sh 1..6"; exit 2 ;;
+  *)  echo "usage: bash benchmarks/gpu_session.sh kernels|sweep|parity|real"; exit 2 ;;
 esac

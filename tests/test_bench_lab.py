@@ -86,8 +86,11 @@ def sweep(lab):
     t0 = time.monotonic()
     log = root / "interrupted.log"
     with open(log, "w") as fh:
+        # SIGINT back to its default before exec: a shell that starts the tests in the
+        # background leaves it ignored, and Python then never raises KeyboardInterrupt.
         proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "bench", "run", str(mfile), "--out", str(out)],
-                                stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ))  # fmt: skip
+                                stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     results = out / "results.jsonl"
     while time.monotonic() - t0 < 240:
         if results.exists() and len(_rows(results)) >= 2:
@@ -141,6 +144,7 @@ def test_each_failure_ends_only_its_case_with_status_and_log_tail(sweep) -> None
     assert sum(r["status"] == "ok" for r in rows.values()) == 3
     oom = rows["simulated-oom"]
     assert "ran out of memory" in oom["message"] and "inject oom" in oom["log_tail"]
+    assert oom["memory"]["plan"]  # what was known before the failure stays in its row
     hang = rows["simulated-hang"]
     assert hang["returncode"] == -signal.SIGKILL and 15 <= hang["wall_s"] < 50
     if "inject hang" in hang["log_tail"]:  # reached the hang before the limit: the stacks show where
@@ -382,9 +386,10 @@ def test_shipped_profiles_match_their_gpus_with_provenance(lab) -> None:
 
     h200 = find_profile("NVIDIA H200")
     assert h200 is not None and not h200.estimated
-    assert h200.provenance["note"] == "measured 2026-11-21, docs/benchmarks.md"
+    assert h200.provenance["note"] == "measured 2026-11-21 and 2026-11-22, docs/benchmarks.md"
     b = h200.bucket_for(81, 832, 1216)
-    assert b.knobs == {"precision": "fp8", "attention": "sdpa-cudnn", "compile": "default", "memory_plan": "auto"}
+    assert b.knobs == {"precision": "fp8", "attention": "sage8", "compile": "default", "memory_plan": "auto"}
+    assert b.measured["ratio_to_peer_2026_11_22"] == {"fp8_sage8_compile-default": 0.789}
     assert b.measured["ratio_to_peer"] == {"fp8_sdpa-cudnn_compile-default": 0.973, "bf16_sdpa-cudnn_eager": 1.198}
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 5090", "NVIDIA A100-SXM4-80GB"):
         p = find_profile(name)

@@ -153,3 +153,18 @@ def test_attention_backends_match_reference(name: str, dtype: torch.dtype) -> No
     want = attn.reference_attention(q.float(), k.float(), v.float())
     tol = 0.03 if name.startswith("sage") else 0.01
     assert _rel(got, want) <= tol
+
+
+def test_fp8_path_on_hopper_ranks_the_8bit_kernel_first(monkeypatch) -> None:
+    # The registry's measured order: sage8 leads the fp8 path on sm90; when it cannot
+    # run (no Triton here), auto falls through to cuDNN and records why.
+    assert attn.PRIORITY["sm90-8bit"][0] == "sage8"
+    ok = attn.Backend("sage8", "stand-in", lambda: (lambda q, k, v: q), lambda t: [])
+    monkeypatch.setitem(attn.REGISTRY, "sage8", ok)
+    assert attn.select("auto", H100, eight_bit=True).backend.name == "sage8"
+    assert attn.select("auto", H100).backend.name == "sdpa-cudnn"  # the bf16 path stays exact
+    no = attn.Backend("sage8", "stand-in", lambda: None, lambda t: ["Triton is not installed"])
+    monkeypatch.setitem(attn.REGISTRY, "sage8", no)
+    choice = attn.select("auto", H100, eight_bit=True)
+    assert choice.backend.name == "sdpa-cudnn" and choice.rejected["sage8"] == ["Triton is not installed"]
+    assert attn.select("auto", A100, eight_bit=True).backend.name != "sage8"  # sm80: no 8-bit order measured

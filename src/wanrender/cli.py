@@ -322,6 +322,7 @@ def bench_dit(
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Time our bf16 eager path too."),
     record: Optional[Path] = typer.Option(None, "--record", help="Append the table to this markdown file."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers as JSON."),
+    sage8_options: Optional[str] = typer.Option(None, "--sage8-options", help="JSON of sage8 kernel options to time, e.g. '{\"block_n\": 64}'."),
 ) -> None:
     """Full-size DiT forward with random weights: the diffusers peer, our bf16 and fp8 paths, attention backends."""
     import json
@@ -338,11 +339,29 @@ def bench_dit(
         unknown = [s for s in names if s not in bd.SHAPES]
         if unknown:
             raise WanrenderError(f"unknown shape {unknown[0]!r} — choose from {', '.join(bd.SHAPES)}")
+        if sage8_options:
+            from wanrender.kernels import attention as attn
+
+            import inspect
+
+            from wanrender.kernels.attention_sage8 import sage8_attention
+
+            try:
+                opts = dict(json.loads(sage8_options))
+            except (ValueError, TypeError) as e:
+                raise WanrenderError(f"--sage8-options {sage8_options!r} is not a JSON object ({e}) — e.g. '{{\"block_n\": 64}}'") from None
+            known = set(inspect.signature(sage8_attention).parameters) - {"q", "k", "v", "out"}
+            unknown = sorted(set(opts) - known)
+            if unknown:  # checked before minutes of peer timing, not inside the kernel
+                raise WanrenderError(f"--sage8-options: unknown option {unknown[0]!r} — known: {', '.join(sorted(known))}")
+            attn.SAGE8_OPTIONS.update(opts)
         env = snapshot()
         result = bd.run(names, repeats, compile, attention, peer, log=lambda m: console.print(m, highlight=False), bf16=bf16)
     except WanrenderError as e:
         _fail(e)
         return
+    if sage8_options:
+        result["sage8_options"] = sage8_options
     text = bd.markdown(result, env)
     Console().print(text, highlight=False)
     if record:

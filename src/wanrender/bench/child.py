@@ -53,6 +53,21 @@ def _is_oom(e: BaseException) -> bool:
     return False
 
 
+def _log_oom(e: BaseException) -> None:
+    """The allocator's own words and state: what the planner missed."""
+    import torch
+
+    seen: BaseException | None = e
+    while seen is not None and not isinstance(seen, torch.cuda.OutOfMemoryError):
+        seen = seen.__cause__ or seen.__context__
+    if seen is not None:
+        _say(f"allocator: {str(seen).strip()[:600]}")
+    if torch.cuda.is_available():
+        gib = 2**30
+        _say(f"at the failure: allocated {torch.cuda.memory_allocated() / gib:.2f} GiB, reserved "
+             f"{torch.cuda.memory_reserved() / gib:.2f} GiB, peak allocated {torch.cuda.max_memory_allocated() / gib:.2f} GiB")  # fmt: skip
+
+
 def _say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -94,25 +109,42 @@ def _device(case: Case) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def run_case(case: Case, work: Path) -> dict:
+def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
     import torch
 
     from wanrender.engine import Engine
     from wanrender.generate import resolve_files, run_generate
     from wanrender.request import from_preset
 
-    res: dict = {"notes": [], "windows": [], "repeats": []}
+    res = res if res is not None else {}  # the caller's dict: what is known survives a failure
+    res.update({"notes": [], "windows": [], "repeats": []})
     device = _device(case)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    if case.vram_cap_bytes:
+
+    def apply_cap() -> None:
+        if not case.vram_cap_bytes:
+            return
         if cuda:
+            from wanrender.errors import WanrenderError
+            from wanrender.runtime.memory import CUDA_CONTEXT_GIB
+
+            # A card of the cap's size loses the CUDA context (outside torch's
+            # allocator) to the driver: the allocator gets the rest.
+            if case.vram_cap_bytes <= CUDA_CONTEXT_GIB * 2**30:
+                raise WanrenderError(f"vram_cap {case.vram_cap_bytes / 2**30:.2f} GiB leaves nothing beside the "
+                                     f"{CUDA_CONTEXT_GIB} GiB CUDA context — emulate a card of at least a few GiB")  # fmt: skip
             total = torch.cuda.get_device_properties(dev).total_memory
-            frac = min(1.0, case.vram_cap_bytes / total)
-            torch.cuda.set_per_process_memory_fraction(frac, dev)
-            res["notes"].append(f"VRAM capped at {case.vram_cap_bytes / 2**30:.2f} GiB ({frac:.3f} of {total / 2**30:.1f} GiB)")
+            frac = min(1.0, (case.vram_cap_bytes - CUDA_CONTEXT_GIB * 2**30) / total)
+            torch.cuda.set_per_process_memory_fraction(frac, dev.index if dev.index is not None else torch.cuda.current_device())
+            res["notes"].append(f"VRAM capped at {case.vram_cap_bytes / 2**30:.2f} GiB: allocator limited to "
+                                f"{frac * total / 2**30:.2f} GiB ({frac:.3f} of {total / 2**30:.1f} GiB), "
+                                f"{CUDA_CONTEXT_GIB} GiB counted for the CUDA context")  # fmt: skip
         else:
             res["notes"].append("vram_cap recorded, not applied: no CUDA device")
+
+    if case.models != "random":
+        apply_cap()
     if case.models == "demo":
         from wanrender.demo import ensure_demo_models
 
@@ -142,25 +174,38 @@ def run_case(case: Case, work: Path) -> dict:
     spec = None
     if cuda:
         spec = gpus.probe(dev)
+        # The copy rate the planner used (probe measures it): a row records its inputs.
+        res["gpu"] = {"name": spec.name, "h2d_gbs": round(spec.h2d_gbs, 1), "measured": list(spec.measured)}
         if case.vram_cap_bytes:
-            cap = case.vram_cap_bytes / 2**30
-            spec = _replace(spec, total_gib=min(spec.total_gib, cap), free_gib=min(spec.free_gib, cap))
+            # Planned as a card of the cap's size: its total less the context, not what is free here.
+            spec = spec.with_vram(min(spec.total_gib, case.vram_cap_bytes / 2**30))
+
+    def record(decision) -> object:
+        """The plan and its prediction go into the result now, so a failure while
+        loading or rendering still reports what was attempted."""
+        mem = decision.chosen.plan if isinstance(decision, Decision) else decision
+        res["memory_plan"] = mem.describe()
+        if isinstance(decision, Decision):  # held against the measured peak
+            res["predicted"] = decision.chosen.to_json()
+        return mem
+
     if files is None:
         from wanrender.bench.synthetic import apply_knobs, random_engine
         from wanrender.errors import WanrenderError
+        from wanrender.runtime.memory import Weights
 
         if not cuda:
             raise WanrenderError("models: random builds two full-size 14B experts — it needs a CUDA GPU; use models: demo on a CPU")
         req = _replace(req, lora_strength_high=0.0, lora_strength_low=0.0)
-        engine = random_engine(dev)
+        # The planner counts the standard fp8_scaled file set, which is what is built.
+        mem = record(plan_render(req, None, dev, gpu=spec, weights=Weights.standard(lora=False)))
+        engine = random_engine(dev, mem)  # built uncapped (bf16 first), then the cap
+        apply_cap()
         apply_knobs(engine, req.precision, req.attention, req.compile)
         files = engine.files
-        res["memory_plan"] = "all resident (random full-size weights; the planner needs checkpoint files)"
         res["notes"].append("full-size random weights, fp8-stored experts, no LoRA: speed and memory only")
     else:
-        decision = plan_render(req, files, dev, gpu=spec)
-        mem = decision.chosen.plan if isinstance(decision, Decision) else decision
-        res["memory_plan"] = mem.describe()
+        mem = record(plan_render(req, files, dev, gpu=spec))
         engine = Engine.load(files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
                              precision=req.precision, attention=req.attention, compile=req.compile, memory=mem)  # fmt: skip
     res["load_s"] = round(time.time() - t, 3)
@@ -216,17 +261,22 @@ def main(argv: list[str] | None = None) -> int:
     work = spec_path.parent
     t0 = time.time()
     try:
-        out = run_case(case, work)
+        partial: dict = {}
+        out = run_case(case, work, partial)
         out["status"] = "ok"
     except BaseException as e:  # noqa: BLE001 - every failure becomes a status row
         from wanrender.errors import WanrenderError
 
         traceback.print_exc()
         status = "oom" if _is_oom(e) else "error"
+        if status == "oom":
+            _log_oom(e)
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if not isinstance(e, WanrenderError):
             msg = f"{type(e).__name__}: {msg}"
         out = {"status": status, "message": msg[:500]}
+        # The plan, the prediction and the notes explain a failure (an OOM on a plan).
+        out.update({k: partial[k] for k in ("memory_plan", "predicted", "notes", "load_s", "gpu") if k in partial})
     out["child_wall_s"] = round(time.time() - t0, 3)
     out["host_rss_peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tmp = work / ".result.json.partial"

@@ -38,6 +38,7 @@ def bench_run(
     resume: bool = typer.Option(False, "--resume", help="Skip cases already in OUT/results.jsonl for this environment."),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: run again cases whose last row is not ok."),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: bench-results/MATRIX_NAME)."),
+    only: Optional[str] = typer.Option(None, "--only", help="Run only the cases whose label matches, e.g. '81f-*,sage8-*'."),
 ) -> None:
     """Run every case of MATRIX in its own process (timeout, telemetry); append rows to OUT/results.jsonl."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -46,7 +47,7 @@ def bench_run(
     from wanrender.bench.runner import run_sweep
 
     try:
-        m = mx.load(matrix)
+        m = mx.load(matrix).only(only)
         out_dir = out or Path("bench-results") / m.name
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                        TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[case]}"), console=console)  # fmt: skip
@@ -158,7 +159,7 @@ def tune(
     compile: Optional[str] = typer.Option(None, "--compile", help="Compile modes to try (default off,default)."),
     memory_plan: Optional[str] = typer.Option(None, "--memory-plan", help="Memory plans to try (default auto)."),
     repeats: int = typer.Option(2, "--repeats", help="Timed renders per candidate (after one warm-up)."),
-    models: Optional[Path] = typer.Option(None, "--models", help="Model folder (default: the demo models on CPU; required on a GPU)."),
+    models: Optional[Path] = typer.Option(None, "--models", help="Model folder, or 'random' for full-size random weights on a GPU (default: the demo models on CPU)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
     work: Optional[Path] = typer.Option(None, "--work", help="Folder for measurements and logs (default: bench-results/tune-DEVICE)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile YAML (default: $WANRENDER_HOME/profiles/DEVICE.yaml)."),
@@ -175,13 +176,20 @@ def tune(
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = dev.startswith("cuda")
         if on_gpu and models is None:
-            raise WanrenderError("tune on a GPU needs the real models — pass --models DIR ('wanrender models fetch' gets them)")
+            raise WanrenderError("tune on a GPU needs models — pass --models DIR ('wanrender models fetch' gets them) "
+                                 "or --models random (full-size random weights: speed and memory only)")
+        random_models = models is not None and str(models) == "random" and not models.exists()
+        if random_models and not on_gpu:
+            raise WanrenderError("--models random builds two full-size 14B experts — it needs a CUDA GPU")
         if repeats < 1:
             raise WanrenderError(f"--repeats {repeats} is invalid — use 1 or more")
         space = tn.parse_space(tn.default_space(dev), {"attention": attention, "precision": precision,
                                                        "compile": compile, "memory_plan": memory_plan})  # fmt: skip
-        base = Case(models=str(models.resolve()) if models else "demo", models_path=str(models.resolve()) if models else None,
-                    preset="turbo" if models else "demo", repeats=repeats, timeout_s=1800.0 if on_gpu else 300.0)  # fmt: skip
+        if random_models:
+            base = Case(models="random", preset="turbo", repeats=repeats, timeout_s=1800.0)
+        else:
+            base = Case(models=str(models.resolve()) if models else "demo", models_path=str(models.resolve()) if models else None,
+                        preset="turbo" if models else "demo", repeats=repeats, timeout_s=1800.0 if on_gpu else 300.0)  # fmt: skip
         wanted = tn.parse_buckets(buckets) if buckets else tn.default_buckets(dev)
         dname = device_name(dev)
         work_dir = work or Path("bench-results") / f"tune-{tn._slug(dname)}"

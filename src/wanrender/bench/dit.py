@@ -88,15 +88,18 @@ def gemm_ceilings() -> dict[str, float]:
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    """Seeded normal weights (norm gains near 1), drawn on the module's own device."""
+    params = [(n, p) for n, p in module.named_parameters() if p.element_size() > 1]
+    if not params:
+        return
+    dev = params[0][1].device
+    g = torch.Generator(device=dev).manual_seed(seed)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            if p.element_size() == 1:
-                continue
+        for name, p in params:
             if "norm" in name and p.dim() == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device="cuda"))
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device=dev))
             else:
-                p.copy_(std * torch.randn(p.shape, generator=g, device="cuda"))
+                p.copy_(std * torch.randn(p.shape, generator=g, device=dev))
 
 
 def build_ours(bf16_from: torch.nn.Module | None = None):

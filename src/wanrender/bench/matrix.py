@@ -14,6 +14,8 @@ cases:               # extra cases after the product: defaults + these fields
   - {name: oom, inject: oom}
 ```
 
+Without ``axes`` a matrix is its ``cases`` alone (or, with neither, the defaults).
+
 Relative paths (``image``, ``models``) are relative to the matrix file, so a
 matrix travels with its images. Each case has an identity hash over everything
 that defines the render (not the name, repeats or timeout): it keys results,
@@ -101,6 +103,18 @@ class Matrix:
     path: Path | None
     cases: tuple[Case, ...]
     labels: tuple[str, ...]
+
+    def only(self, patterns: str | None) -> Matrix:
+        """The cases whose label matches one of the comma-separated shell patterns."""
+        if not patterns:
+            return self
+        import fnmatch
+
+        pats = [p.strip() for p in patterns.split(",") if p.strip()]
+        keep = [i for i, lab in enumerate(self.labels) if any(fnmatch.fnmatchcase(lab, p) for p in pats)]
+        if not keep:
+            raise WanrenderError(f"--only {patterns!r} matches no case — labels are: {', '.join(self.labels)}")
+        return replace(self, cases=tuple(self.cases[i] for i in keep), labels=tuple(self.labels[i] for i in keep))
 
 
 # Keys a matrix may use -> Case fields they set (resolution sets two).
@@ -289,7 +303,9 @@ def expand(doc: dict, path: Path | None = None) -> Matrix:
             raise WanrenderError(f"{where}: axis {k!r} must be a non-empty list — e.g. {k}: [a, b]")
     cases: list[Case] = []
     names = list(axes)
-    for combo in itertools.product(*(axes[k] for k in names)) if names else [()]:
+    # A matrix of named cases must not gain an unnamed defaults-only case (a full
+    # extra render); with neither axes nor cases the defaults are the one case.
+    for combo in itertools.product(*(axes[k] for k in names)) if names else ([] if doc.get("cases") else [()]):
         c = _apply(base, dict(zip(names, combo)), f"{where} axes")
         if not any(_matches(c, ex, f"{where} exclude") for ex in doc.get("exclude") or []):
             cases.append(c)

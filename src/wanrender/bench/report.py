@@ -21,7 +21,7 @@ from wanrender.media.atomic import atomic_write_text
 GIB = 2**30
 OFF_SCALE = 3.0  # a limit more than this many times the data's peak is named, not drawn
 # Case fields that never split a series (they do not change the render or are the x axis).
-_NOT_SERIES = ("name", "frames", "repeats", "timeout_s", "image_path", "image_sha256", "models_path")
+_NOT_SERIES = ("name", "frames", "repeats", "timeout_s", "image_path", "image_sha256", "models_path", "warmup")
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -55,7 +55,7 @@ def _case(row: dict) -> dict:
 
 def _summary_table(rows: list[dict]) -> str:
     head = ("case", "status", "frames", "size", "attention", "precision", "compile", "pass order", "total p50 s",
-            "total p90 s", "s/step p50", "pass1 p50", "pass2 p50", "VRAM alloc GiB", "reserved GiB", "NVML GiB",
+            "total p90 s", "s/step p50", "pass1 p50", "pass2 p50", "memory plan", "VRAM alloc GiB", "predicted GiB", "reserved GiB", "NVML GiB",
             "host RSS GiB", "energy J/video", "warm-up s")  # fmt: skip
     out = ['<table id="summary-table"><thead><tr>' + "".join(
         f'<th class="{"l" if i < 2 else ""}">{escape(h)}</th>' for i, h in enumerate(head)) + "</tr></thead><tbody>"]  # fmt: skip
@@ -66,8 +66,8 @@ def _summary_table(rows: list[dict]) -> str:
                  f"{c.get('width')}x{c.get('height')}", escape(str(c.get("attention"))),
                  escape(str(c.get("precision"))), escape(str(c.get("compile"))), escape(str(c.get("pass_order"))),
                  _f(res.p50(r, "total")), _f((r.get("total") or {}).get("p90")), _f(res.p50(r, "s_per_step")),
-                 _f(res.p50(r, "pass1")), _f(res.p50(r, "pass2")), _gib(m.get("torch_allocated_peak")),
-                 _gib(m.get("torch_reserved_peak")), _gib(m.get("nvml_used_peak")), _gib(m.get("host_rss_peak")),
+                 _f(res.p50(r, "pass1")), _f(res.p50(r, "pass2")), escape(str(m.get("plan") or "")),
+                 _gib(m.get("torch_allocated_peak")), _f(m.get("predicted_peak_gib"), 1), _gib(m.get("torch_reserved_peak")), _gib(m.get("nvml_used_peak")), _gib(m.get("host_rss_peak")),
                  _f(e.get("p50"), 1), _f(r.get("warmup_s"), 2)]  # fmt: skip
         out.append("<tr>" + "".join(f'<td class="{"l" if i < 2 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
     out.append("</tbody></table>")
@@ -94,11 +94,36 @@ def _series_names(rows: list[dict]) -> dict[str, str]:
     """Rows that differ only in frames share a series; its name lists what else varies."""
     keys = sorted({k for r in rows for k in _case(r)} - set(_NOT_SERIES))
     varying = [k for k in keys if len({str(_case(r).get(k)) for r in rows}) > 1]
+    if "width" in varying or "height" in varying:
+        varying = [k for k in varying if k not in ("width", "height")] + ["size"]
+    first = ("vram_cap_bytes", "attention", "precision", "compile", "size")  # what tells series apart, first
+    varying.sort(key=lambda k: first.index(k) if k in first else len(first))
     out = {}
     for r in rows:
         c = _case(r)
-        out[r["key"]] = " ".join(f"{k}={c.get(k)}" for k in varying) or "all cases"
+        parts = [_short(k, c) for k in varying if k in ("size", "vram_cap_bytes") or c.get(k) is not None]
+        out[r["key"]] = " ".join(p for p in parts if p) or "all cases"
     return out
+
+
+def _short(key: str, c: dict) -> str:
+    """A legend-sized name for one field's value (the legend has ~30 characters)."""
+    v = c.get(key)
+    if key == "size":
+        return f"{c.get('width')}x{c.get('height')}"
+    if key == "vram_cap_bytes":
+        return f"cap {v / GIB:.1f}G" if v else ""
+    if key in ("attention", "precision"):
+        return str(v)
+    if key == "compile":
+        return "" if v == "off" else f"compiled ({v})"
+    if key == "steps":
+        return f"{v} steps"
+    if key == "switch":
+        return ""  # implied by the steps
+    if key in ("interpolate", "memory_plan"):
+        return f"{key} {v}"
+    return f"{key}={v}"
 
 
 def _grouped(rows: list[dict], value) -> list[Series]:
@@ -133,7 +158,7 @@ def _limits(rows: list[dict], peak: float, gpu: bool) -> tuple[tuple[HLine, ...]
 
 def _scaling_section(rows: list[dict]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
-    t = xy_chart(_grouped(ok, lambda r: res.p50(r, "total")), plot="time-vs-frames", title="Render time vs frames (p50)",
+    t = xy_chart(_grouped(ok, lambda r: res.p50(r, "total")), plot="time-vs-frames", width=720, title="Render time vs frames (p50)",
                  x_label="frames", y_label="seconds (total, p50)")  # fmt: skip
     gpu = any((r.get("memory") or {}).get("torch_allocated_peak") for r in rows)
     key = "torch_allocated_peak" if gpu else "host_rss_peak"
@@ -143,7 +168,7 @@ def _scaling_section(rows: list[dict]) -> str:
     series = _grouped(measured, lambda r: r["memory"][key] / GIB)
     peak = max((p[1] for s in series for p in s.points), default=0.0)
     lines, off = _limits(rows, peak, gpu)
-    v = xy_chart(series, plot="vram-vs-frames", title=f"{what} vs frames", x_label="frames", y_label="GiB", hlines=lines)
+    v = xy_chart(series, plot="vram-vs-frames", title=f"{what} vs frames", x_label="frames", y_label="GiB", hlines=lines, width=720)
     note = f'<p class="muted">Limits off the scale: {escape(", ".join(off))}.</p>' if off else ""
     return f'<div class="grid">{t}{v}</div>{note}'
 

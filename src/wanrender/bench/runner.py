@@ -136,6 +136,23 @@ def _peak(values: list) -> int | None:
     return max(vals) if vals else None
 
 
+def _child_env() -> dict[str, str]:
+    """The sweep's environment, with this wanrender importable from the child's working
+    folder (a source checkout run as PYTHONPATH=src would not be: the path is relative)."""
+    import site
+
+    import wanrender
+
+    env = dict(os.environ)
+    root = Path(wanrender.__file__).resolve().parents[1]
+    installed = {Path(p).resolve() for p in site.getsitepackages() + [site.getusersitepackages()]}
+    if root in installed:  # an installed package: the child finds it anyway (site-packages before the stdlib would be wrong)
+        return env
+    parts = [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in parts if p != str(root)])
+    return env
+
+
 def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep_work: bool = False) -> dict:
     """Run one case in a child process and return its row (not yet written)."""
     key = case_key(case, env["fingerprint"])
@@ -149,26 +166,32 @@ def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep
     cmd = [sys.executable, "-m", "wanrender.bench.child", str(work / "spec.json")]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     t0 = time.time()
-    with open(log_path, "ab") as log:
-        log.write(f"=== {started} case {label} ({key}) run {run_id}\n".encode())
-        log.flush()
+    log = open(log_path, "ab")
+    log.write(f"=== {started} case {label} ({key}) run {run_id}\n".encode())
+    log.flush()
+    proc = sampler = None
+    timed_out = False
+    # Everything after the spawn is inside the try: a Ctrl-C that lands while the
+    # sampler starts must still kill the case (it once outlived the sweep that way).
+    try:
         # A session of its own: the sweep's Ctrl-C does not reach the child directly,
         # and a kill takes the whole group (compile workers included).
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=str(work))  # fmt: skip
-    sampler = Sampler(proc.pid, _gpu_index(case), t0=t0).start()
-    timed_out = False
-    try:
+                                start_new_session=True, cwd=str(work), env=_child_env())  # fmt: skip
+        sampler = Sampler(proc.pid, _gpu_index(case), t0=t0).start()
         try:
             proc.wait(timeout=case.timeout_s)
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc, dump_stacks=True)
     except BaseException:  # Ctrl-C or any parent failure: the case must not outlive the sweep
-        _kill_group(proc, dump_stacks=False)
+        if proc is not None:
+            _kill_group(proc, dump_stacks=False)
         raise
     finally:
-        sampler.stop()
+        log.close()
+        if sampler is not None:
+            sampler.stop()
     wall = time.time() - t0
     result = None
     if not timed_out and (work / "result.json").is_file():
@@ -192,11 +215,14 @@ def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep
             "host_rss_peak": (result or {}).get("host_rss_peak_bytes") or sampler.peak_rss,
             "device_total": (result or {}).get("device_total_bytes") or sampler.gpu_total_bytes,
             "cap": case.vram_cap_bytes,
+            "plan": (result or {}).get("memory_plan"),
+            "predicted_peak_gib": ((result or {}).get("predicted") or {}).get("predicted_peak_gib"),
+            "predicted_s": ((result or {}).get("predicted") or {}).get("predicted_seconds"),
         },
         "energy_j": {**res.stats(energies), "per": "video (one timed render)"} if energies else None,
         "telemetry": {**tel, "phases": [(n, round(a - t0, 3), round(b - t0, 3)) for n, a, b in (result or {}).get("windows", [])],
                       "samples": sampler.thinned()},
-        "plan": (result or {}).get("plan"), "device": (result or {}).get("device"),
+        "plan": (result or {}).get("plan"), "device": (result or {}).get("device"), "gpu": (result or {}).get("gpu"),
         "notes": (result or {}).get("notes", []) + ([tel["note"]] if tel.get("note") else []),
         "log": str(log_path), "log_tail": log_tail(log_path) if status != "ok" else "",
         "env": env,

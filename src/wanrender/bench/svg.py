@@ -81,7 +81,7 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
     if not pts:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>')
         return "".join(out)
-    left, right, top, bottom = 62, 14 + (150 if legend and len(series) > 1 else 0), 24, 40
+    left, right, top, bottom = 62, 14 + (250 if legend and len(series) > 1 else 0), 24, 40
     xs = [p[0] for p in pts] + [b.x0 for b in bands] + [b.x1 for b in bands]
     ys = [p[1] for p in pts] + [h.y for h in hlines]
     x_lo, x_hi = min(xs), max(xs)
@@ -138,7 +138,7 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
         for i, s in enumerate(series[:16]):
             y = top + 8 + i * 15
             out.append(f'<rect x="{lx}" y="{y - 7}" width="10" height="10" fill="{s.color}"/>'
-                       f'<text x="{lx + 14}" y="{y + 2}" {FONT}>{escape(s.name[:24])}</text>')  # fmt: skip
+                       f'<text x="{lx + 14}" y="{y + 2}" {FONT}>{escape(s.name if len(s.name) <= 38 else s.name[:37] + "…")}</text>')  # fmt: skip
     out.append("</svg>")
     return "".join(out)
 

@@ -34,14 +34,14 @@ def to_fp8_(model: nn.Module) -> nn.Module:
     return model
 
 
-def random_dit(device: torch.device, seed: int = 0, fp8: bool = True) -> nn.Module:
+def random_dit(device: torch.device, seed: int = 0, fp8: bool = True, preset: str = "i2v-A14B") -> nn.Module:
     from wanrender.models.dit import DiTConfig, WanDiT
 
     with torch.device("meta"):
-        m = WanDiT(DiTConfig.preset("i2v-A14B"))
+        m = WanDiT(DiTConfig.preset(preset))
     m = m.to_empty(device=device).to(torch.bfloat16).eval()
     randomize_(m, seed=seed)
-    m.compute_dtype = torch.bfloat16
+    m.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return to_fp8_(m) if fp8 else m
 
 
@@ -57,32 +57,66 @@ def tiny_tokenizer(folder: Path):
     return Tokenizer.from_file(folder / "spiece.model")
 
 
-def random_engine(device: str | torch.device = "cuda"):
-    """An ``Engine`` with full-size random-weight models resident on ``device``."""
+FULL = ("i2v-A14B", "umt5-xxl", "wan2.1")
+TINY = ("demo", "demo", "demo")  # the same code on the CPU, for tests
+
+
+def random_engine(device: str | torch.device = "cuda", memory=None, presets: tuple[str, str, str] = FULL):
+    """An ``Engine`` with full-size random-weight models, placed as ``memory`` (a
+    runtime.planner.MemoryPlan; None: all resident) says: what a swap or stream plan
+    keeps on the host is built on the GPU and then moved to host memory, so building
+    needs an uncapped GPU (apply an emulated VRAM cap afterwards). ``presets``: DiT,
+    text encoder and VAE presets (``TINY`` for tests)."""
     from wanrender.engine import Engine, ModelFiles
     from wanrender.models.text_encoder import TextEncoderConfig, UMT5Encoder
     from wanrender.models.vae import VAEConfig, WanVAE
+    from wanrender.runtime.offload import load_devices
 
     dev = torch.device(device)
-    high, low = random_dit(dev, seed=0), random_dit(dev, seed=1)
+    expert_dev, te_dev, _ = load_devices(memory, dev)
+    host = torch.device("cpu")
+
+    def park(model: nn.Module) -> nn.Module:
+        # Built in bf16 and quantised on the device, the fp8 tensors sit in allocator
+        # segments that also held the bf16 originals: under a VRAM cap that
+        # fragmentation cost gigabytes a real load never pays. Every model goes to
+        # the host once and comes back compact (or stays there, as the plan says).
+        if dev.type == "cuda":
+            model = model.to(host)
+            torch.cuda.empty_cache()
+        return model
+
+    dit_p, te_p, vae_p = presets
+    high = park(random_dit(dev, seed=0, preset=dit_p))
+    low = park(random_dit(dev, seed=1, preset=dit_p))
     with torch.device("meta"):
-        te = UMT5Encoder(TextEncoderConfig.preset("umt5-xxl"))
+        te = UMT5Encoder(TextEncoderConfig.preset(te_p))
     te = te.to_empty(device=dev).to(torch.bfloat16)
     randomize_(te, seed=2, std=0.05)
     to_fp8_(te)
-    te.compute_dtype = torch.bfloat16
-    vae = WanVAE(VAEConfig.preset("wan2.1")).to(dev, torch.bfloat16).eval()
+    te.compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    te = park(te).to(te_dev)
+    high, low = high.to(expert_dev), low.to(expert_dev)
+    vae = WanVAE(VAEConfig.preset(vae_p)).to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
     randomize_(vae, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(Path(tmp))
     none = ModelFiles(None, None, None, None, None)  # type: ignore[arg-type]  # in-memory: no files to hash
-    return Engine(high, low, vae, te, tok, dev, none)
+    engine = Engine(high, low, vae, te, tok, dev, none)
+    engine.pending_memory = memory  # taken up by apply_knobs (after the render plan, as Engine.load)
+    return engine
 
 
 def apply_knobs(engine, precision: str, attention: str, compile: str) -> None:
-    """The render plan for ``engine``'s experts (what ``Engine.load`` does for files)."""
+    """The render plan for ``engine``'s experts, then its memory plan (what
+    ``Engine.load`` does for files, in the same order)."""
+    from wanrender.runtime.offload import MemoryRuntime
     from wanrender.runtime.plan import apply_plan, make_plan
 
     plan, choice = make_plan(engine.device, precision, attention, compile)
     apply_plan([engine.high, engine.low], plan, choice)
     engine.plan = plan
+    memory = getattr(engine, "pending_memory", None)
+    if memory is not None:
+        engine.memory = MemoryRuntime(engine.high, engine.low, engine.text_encoder, engine.device, memory)
+        engine.pending_memory = None

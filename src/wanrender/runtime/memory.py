@@ -82,6 +82,14 @@ VAE_WORK = 4.5  # decode/encode working set, in units of one 4-frame full-resolu
 TE_WORK_BYTES = 400 << 20  # UMT5 at <= 512 tokens: fp32 dequantised weight of the largest layer, twice
 CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
 FRAGMENTATION = 0.03  # caching-allocator slack over the allocated peak
+# Free but unusable holes the caching allocator holds while the DiT samples, in token
+# activations ([L, D] bf16, divided by the chunk count). Measured on an H200 capped
+# to 23.6 / 31.4 GiB (2026-11-22, docs/benchmarks.md): 2.24 GiB = 2.8 units at 81
+# frames, 2.73 GiB = 1.8 units at 161 frames, both unchunked, when a plan sized to
+# 3% slack ran out of memory with its predicted peak still 1.4 GiB away. 3 covers
+# the worst case seen with a margin at 81 frames; at 161 frames it is generous
+# (4.6 GiB kept for 2.7 seen), which costs a few resident blocks, not a failure.
+HOLE_UNITS = 3.0
 ADAPTER_BYTES_STANDARD = 600_000_000  # one 4-step LoRA file (approx., fetch.STANDARD_SET)
 
 
@@ -205,6 +213,11 @@ def dit_activation_bytes(work: Workload, path: str, chunks: int = 1, dims: DiTDi
         # layer); unchunked eager's worst moment (RoPE) comes after they are freed.
         act += 2 * dims.dim * dims.ffn * 2
     return int(act)
+
+
+def allocator_holes(work: Workload, chunks: int = 1, dims: DiTDims = WAN_14B) -> int:
+    """Room to leave for the allocator's holes during sampling (see ``HOLE_UNITS``)."""
+    return int(HOLE_UNITS * work.tokens * work.batch * dims.dim * 2 / max(chunks, 1))
 
 
 def misc_bytes(work: Workload, dims: DiTDims = WAN_14B) -> int:

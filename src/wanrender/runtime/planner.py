@@ -89,6 +89,7 @@ class Prediction:
     host_bytes: int
     fits: bool
     notes: tuple[str, ...] = ()
+    holes_bytes: int = 0  # allocator holes during sampling (memory.allocator_holes), not in stage_bytes
 
     @property
     def peak_bytes(self) -> int:
@@ -106,6 +107,7 @@ class Prediction:
             "predicted_seconds": round(self.seconds, 1), "predicted_step_seconds": round(self.step_seconds, 2),
             "predicted_stage_seconds": {k: round(v, 2) for k, v in self.stage_seconds.items()},
             "predicted_host_gib": round(self.host_bytes / GIB, 1), "notes": list(self.notes),
+            "predicted_holes_gib": round(self.holes_bytes / GIB, 2),
         }  # fmt: skip
 
 
@@ -181,14 +183,20 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
         # Each render installs the high expert before pass 1 and the low one at the switch;
         # a prefetched install hides behind the last high step.
         seconds["expert_install"] = install + (max(0.0, install - step) if plan.prefetch else install)
-    fits = mem.device_bytes(max(stages.values())) - int(mem.CUDA_CONTEXT_GIB * GIB) <= ctx.budget_bytes
-    return Prediction(plan, stages, seconds, step, int(host), fits, tuple(notes))
+    holes = mem.allocator_holes(work, plan.chunks)
+    fits = mem.device_bytes(need_bytes(stages, holes)) - int(mem.CUDA_CONTEXT_GIB * GIB) <= ctx.budget_bytes
+    return Prediction(plan, stages, seconds, step, int(host), fits, tuple(notes), holes)
+
+
+def need_bytes(stages: dict[str, int], holes: int) -> int:
+    """The allocated peak a plan must have room for: sampling also leaves allocator holes."""
+    return max(v + (holes if k == "sampling" else 0) for k, v in stages.items())
 
 
 def _stream_blocks(ctx: Context, work: Workload, plan: MemoryPlan) -> int:
     """The most blocks that can stay resident under the budget (-1: not even zero)."""
     probe = predict(replace(plan, resident_blocks=0), ctx, work)
-    room = ctx.budget_bytes / (1 + mem.FRAGMENTATION) - probe.stage_bytes["sampling"]
+    room = ctx.budget_bytes / (1 + mem.FRAGMENTATION) - probe.stage_bytes["sampling"] - probe.holes_bytes
     if any(v * (1 + mem.FRAGMENTATION) > ctx.budget_bytes for k, v in probe.stage_bytes.items() if k != "sampling"):
         return -1
     return min(ctx.weights.num_blocks - 1, int(room // ctx.weights.block)) if room >= 0 else -1
@@ -231,7 +239,7 @@ class Decision:
         return self.ranked[0] if self.ranked and self.ranked[0].fits else None
 
     def leanest(self) -> Prediction:
-        return min(self.ranked, key=lambda p: p.peak_bytes)
+        return min(self.ranked, key=lambda p: need_bytes(p.stage_bytes, p.holes_bytes))
 
     def refusal(self) -> WanrenderError:
         lean = self.leanest()
@@ -243,7 +251,7 @@ class Decision:
             fixes.append(f"--size {size[0]}x{size[1]} at {self.work.frames} frames")
         if self.mode != "auto" and largest_fit(self.ctx, self.work, "auto")[0] == self.work.frames:
             fixes.insert(0, "--memory auto")
-        need = lean.peak_bytes * (1 + mem.FRAGMENTATION) / GIB
+        need = need_bytes(lean.stage_bytes, lean.holes_bytes) * (1 + mem.FRAGMENTATION) / GIB
         return WanrenderError(
             f"{self.work.label()} does not fit {self.ctx.gpu.label()}: the leanest {self.mode} plan "
             f"({lean.plan.short()}) needs {need:.2f} GiB, {self.ctx.budget_bytes / GIB:.2f} GiB usable after the "
@@ -296,12 +304,13 @@ def resolve_precision(precision: str, gpu: GPUSpec, compile: str = "off") -> str
     return auto_precision(gpu.fp8_matmul, compile) if precision == "auto" else precision
 
 
-def plan_render(req, files, device, gpu: GPUSpec | None = None) -> Decision | MemoryPlan:
+def plan_render(req, files, device, gpu: GPUSpec | None = None, weights: Weights | None = None) -> Decision | MemoryPlan:
     """The memory plan for a render, decided before any model is loaded.
 
     A CUDA device is probed (or ``gpu`` used); a refusal raises here. On the CPU there
     is no VRAM to plan: ``auto`` keeps everything resident and an explicit mode runs
     its code path with the CPU standing in for the device (tests, the demo).
+    ``weights`` replaces the sizes read from ``files`` (models built in memory).
     """
     import torch
 
@@ -314,7 +323,7 @@ def plan_render(req, files, device, gpu: GPUSpec | None = None) -> Decision | Me
     spec = gpu or gpus.probe(dev)
     precision = resolve_precision(req.precision, spec, req.compile)
     reserve = req.reserve_vram if getattr(req, "reserve_vram", None) is not None else DEFAULT_RESERVE_GIB
-    ctx = Context(spec, Weights.from_files(files, precision), precision, req.compile, reserve, gpus.host_ram_gib()[0])
+    ctx = Context(spec, weights or Weights.from_files(files, precision), precision, req.compile, reserve, gpus.host_ram_gib()[0])
     decision = decide(ctx, Workload.of(req), mode)
     if decision.chosen is None:
         raise decision.refusal()
