@@ -10,6 +10,8 @@
 #            selects cases by label; earlier rows in $PRIOR (a results.jsonl) are
 #            resumed from
 #   parity   the full-size turbo pipeline, bf16 eager vs the fast path
+#   shapes   the peer vs the fp8 path (sage8, compile) at 480x832 and 720x1280
+#   tune     a measured GPU profile from random full-size weights (e.g. on an H100)
 #   real     with real checkpoints under models/: the full matrix
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -47,8 +49,14 @@ EOF
       ;;
   parity)
       timeout "$(left)" python3 benchmarks/gpu_pipeline_parity.py --attention "${ATTN:-sage8}" --compile default 2>&1 | tail -8 ;;
+  shapes)
+      timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
+          bench dit --shapes 480x832,720x1280 --no-bf16 --json "$OUT/bench_dit_shapes.json" 2>&1 | tail -25 ;;
+  tune)
+      timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
+          tune --models random --budget "${TUNE_BUDGET:-8m}" --repeats 1 --out "$OUT/profile.yaml" --work "$OUT/tune" 2>&1 | tail -25 ;;
   real)
       wr bench run benchmarks/matrices/gpu-h200.yaml --out "$OUT/sweep"
       wr bench report "$OUT/sweep/results.jsonl" -o "$OUT/report.html" ;;
-  *)  echo "usage: bash benchmarks/gpu_session.sh kernels|sweep|parity|real"; exit 2 ;;
+  *)  echo "usage: bash benchmarks/gpu_session.sh kernels|sweep|parity|shapes|tune|real"; exit 2 ;;
 esac
