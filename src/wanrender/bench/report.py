@@ -34,6 +34,7 @@ th{background:#f4f4f4}td.l,th.l{text-align:left}
 pre.log{background:#111;color:#ddd;padding:8px;font-size:11px;max-height:360px;overflow:auto;white-space:pre-wrap}
 .grid{display:flex;flex-wrap:wrap;gap:10px}.muted{color:#777;font-size:12px}
 figure{margin:0 0 14px 0}figcaption{font-size:13px;font-weight:bold;margin:6px 0}
+td.wrap{white-space:normal;overflow-wrap:anywhere;max-width:1100px}
 """
 
 
@@ -255,7 +256,7 @@ def _env_section(rows: list[dict]) -> str:
                  ("packages", ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items())),
                  ("env vars", ", ".join(f"{k}={v}" for k, v in (env.get("env_vars") or {}).items()) or "none"),
                  ("taken", env.get("taken"))]  # fmt: skip
-        body = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l">{escape(str(v))}</td></tr>' for k, v in items)
+        body = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l wrap">{escape(str(v))}</td></tr>' for k, v in items)
         out.append(f'<table class="env">{body}</table>')
     return "".join(out)
 

@@ -81,7 +81,10 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
     if not pts:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>')
         return "".join(out)
-    left, right, top, bottom = 62, 14 + (250 if legend and len(series) > 1 else 0), 24, 40
+    # The legend takes what its longest name needs (~6.5 px a character), at most 250 px.
+    names = [min(len(s.name), 38) for s in series]
+    legend_w = min(250, 24 + int(6.5 * max(names))) if legend and len(series) > 1 else 0
+    left, right, top, bottom = 62, 14 + legend_w, 24, 40
     xs = [p[0] for p in pts] + [b.x0 for b in bands] + [b.x1 for b in bands]
     ys = [p[1] for p in pts] + [h.y for h in hlines]
     x_lo, x_hi = min(xs), max(xs)
