@@ -168,3 +168,44 @@ def test_fp8_path_on_hopper_ranks_the_8bit_kernel_first(monkeypatch) -> None:
     choice = attn.select("auto", H100, eight_bit=True)
     assert choice.backend.name == "sdpa-cudnn" and choice.rejected["sage8"] == ["Triton is not installed"]
     assert attn.select("auto", A100, eight_bit=True).backend.name != "sage8"  # sm80: no 8-bit order measured
+
+
+def test_rope_real_arithmetic_matches_the_complex_product(monkeypatch) -> None:
+    # The compiled block rotates in real arithmetic (Inductor generates no complex
+    # code); it must give the eager complex product's numbers.
+    from wanrender.models import dit
+
+    rope = dit.rope_tables(TINY_DIT, (3, 4, 5), torch.device("cpu"))
+    assert rope.dtype == torch.float32 and rope.shape[-1] == 2
+    x = torch.randn(2, 60, TINY_DIT.num_heads, TINY_DIT.head_dim, generator=torch.Generator().manual_seed(1))
+    eager = dit.apply_rope(x, rope)
+    torch.testing.assert_close(dit.rope_real(x, rope), eager, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.testing.assert_close(dit.apply_rope(x, rope), eager, rtol=1e-6, atol=1e-6)
+    # A rotation keeps each pair's length.
+    torch.testing.assert_close(eager.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_block_graph_has_no_complex_tensors() -> None:
+    # Inductor cannot generate code for complex ops (on CUDA it falls back to eager and
+    # the qk norm + RoPE do not fuse): the graph the block compiles to must be real.
+    m = tiny_dit(TINY_DIT)
+    dtypes: set = set()
+
+    def backend(gm, example_inputs):
+        for node in gm.graph.nodes:
+            val = node.meta.get("example_value", node.meta.get("val"))
+            if isinstance(val, torch.Tensor):
+                dtypes.add(val.dtype)
+        return gm.forward
+
+    torch._dynamo.reset()
+    for block in m.blocks:
+        block.compile(backend=backend, dynamic=False)
+    g = torch.Generator().manual_seed(3)
+    x, cond = torch.randn(1, 16, 2, 4, 4, generator=g), torch.randn(1, 20, 2, 4, 4, generator=g)
+    ctx = torch.randn(1, 5, TINY_DIT.text_dim, generator=g)
+    with torch.no_grad():
+        m(x, torch.tensor([500.0]), ctx, cond)
+    torch._dynamo.reset()
+    assert dtypes and not any(d.is_complex for d in dtypes), dtypes

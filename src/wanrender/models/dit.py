@@ -103,8 +103,9 @@ def rope_tables(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device
     """Rotations for 3-D RoPE over a (frames, height, width) token grid.
 
     The head dim is split into frame/height/width parts (44/42/42 for head dim 128);
-    angles are computed in float64 like the reference. Returns complex64
-    ``[L, 1, head_dim // 2]`` (cos + i sin), one factor per interleaved channel pair.
+    angles are computed in float64 like the reference. Returns float32
+    ``[L, 1, head_dim // 2, 2]``: (cos, sin) per interleaved channel pair, real so the
+    compiled block sees no complex tensor (Inductor cannot generate code for one).
     """
     d = cfg.head_dim
     parts = (d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6))
@@ -121,16 +122,29 @@ def rope_tables(cfg: DiTConfig, grid: tuple[int, int, int], device: torch.device
         ],
         dim=-1,
     ).reshape(f * h * w, 1, -1)
-    return torch.polar(torch.ones_like(a), a).to(torch.complex64)
+    return torch.view_as_real(torch.polar(torch.ones_like(a), a).to(torch.complex64)).contiguous()
 
 
 def apply_rope(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved (even, odd) channel pairs of x [B, L, H, D] in fp32.
 
-    As one complex multiply: three passes over the tensor instead of eight.
+    Eager: one complex multiply, three passes over the tensor instead of eight.
+    Compiled: Inductor has no code generation for complex ops (it falls back to eager
+    and the qk norm cannot fuse with the rotation), so the same product in real
+    arithmetic, which it fuses with the norm into one pass.
     """
+    if torch.compiler.is_compiling():
+        return rope_real(x, rope)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(xc * rope).flatten(-2).type_as(x)
+    return torch.view_as_real(xc * torch.view_as_complex(rope)).flatten(-2).type_as(x)
+
+
+def rope_real(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """``apply_rope`` in real arithmetic: (a + ib)(c + is) = (ac - bs) + i(as + bc)."""
+    x2 = x.float().unflatten(-1, (-1, 2))
+    a, b = x2[..., 0], x2[..., 1]
+    c, s = rope[..., 0], rope[..., 1]
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):

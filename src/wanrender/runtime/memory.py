@@ -221,7 +221,7 @@ def allocator_holes(work: Workload, chunks: int = 1, dims: DiTDims = WAN_14B) ->
 
 
 def misc_bytes(work: Workload, dims: DiTDims = WAN_14B) -> int:
-    """RoPE table (complex64), latents and sampler state, text context: small next to the rest."""
+    """RoPE table (cos, sin in fp32), latents and sampler state, text context: small next to the rest."""
     latent = 16 * work.latent_frames * (work.height // 8) * (work.width // 8) * 4
     rope = work.tokens * dims.head_dim // 2 * 8
     dit_input = latent * 36 // 16 * work.batch  # noise + mask + image latent, concatenated
