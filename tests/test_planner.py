@@ -197,6 +197,7 @@ def test_cli_plan_for_named_gpus() -> None:
     assert res.exit_code == 0, res.output
     assert "RTX 4090" in res.output and "Frame-count guide at 832x1216" in res.output
     assert "stream:" in res.output and "161" in res.output and "does not fit" not in res.output
+    assert "kept free while sampling" in res.output
     res = runner.invoke(app, ["plan", "--gpu", "h100", "--frames", "161"])
     assert res.exit_code == 0 and "both experts resident" in res.output
     res = runner.invoke(app, ["plan", "--vram", "6GB"])

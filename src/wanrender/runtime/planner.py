@@ -380,6 +380,7 @@ def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[
             f"  predicted peak {c.peak_bytes / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.stage_bytes.items())
             + f"); {c.step_seconds:.1f} s/step, {c.seconds:.0f} s image to MP4; host RAM ~{c.host_bytes / GIB:.0f} GiB"
         )
+        head.append(f"  kept free while sampling: {c.holes_bytes / GIB:.1f} GiB for the allocator's fragmentation (measured under caps)")
         head += [f"  note: {n}" for n in c.notes]
     else:
         head.append(f"{work.label()}: refused — {d.refusal()}")
