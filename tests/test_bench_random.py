@@ -55,7 +55,7 @@ def test_random_engine_memory_plans_match_resident(tmp_path: Path, mode: str) ->
     latents = []
     for plan in (None, cpu_plan(mode)):
         engine = random_engine("cpu", plan, presets=TINY)
-        apply_knobs(engine, "bf16", "auto", "off")
+        apply_knobs(engine, "bf16", "auto", "off", plan)
         assert (engine.memory is not None) == (plan is not None)
         req = from_preset("demo", demo_image(), "slow pan", frames=5, width=80, height=64, seed=3,
                           lora_strength_high=0, lora_strength_low=0, out=tmp_path / f"{mode}.mp4")  # fmt: skip

@@ -201,7 +201,7 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
         mem = record(plan_render(req, None, dev, gpu=spec, weights=Weights.standard(lora=False)))
         engine = random_engine(dev, mem)  # built uncapped (bf16 first), then the cap
         apply_cap()
-        apply_knobs(engine, req.precision, req.attention, req.compile)
+        apply_knobs(engine, req.precision, req.attention, req.compile, mem)
         files = engine.files
         res["notes"].append("full-size random weights, fp8-stored experts, no LoRA: speed and memory only")
     else:

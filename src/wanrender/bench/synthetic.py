@@ -102,21 +102,17 @@ def random_engine(device: str | torch.device = "cuda", memory=None, presets: tup
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(Path(tmp))
     none = ModelFiles(None, None, None, None, None)  # type: ignore[arg-type]  # in-memory: no files to hash
-    engine = Engine(high, low, vae, te, tok, dev, none)
-    engine.pending_memory = memory  # taken up by apply_knobs (after the render plan, as Engine.load)
-    return engine
+    return Engine(high, low, vae, te, tok, dev, none)
 
 
-def apply_knobs(engine, precision: str, attention: str, compile: str) -> None:
-    """The render plan for ``engine``'s experts, then its memory plan (what
-    ``Engine.load`` does for files, in the same order)."""
+def apply_knobs(engine, precision: str, attention: str, compile: str, memory=None) -> None:
+    """The render plan for ``engine``'s experts, then ``memory`` (the MemoryPlan the
+    engine was built for, if any): what ``Engine.load`` does for files, in that order."""
     from wanrender.runtime.offload import MemoryRuntime
     from wanrender.runtime.plan import apply_plan, make_plan
 
     plan, choice = make_plan(engine.device, precision, attention, compile)
     apply_plan([engine.high, engine.low], plan, choice)
     engine.plan = plan
-    memory = getattr(engine, "pending_memory", None)
     if memory is not None:
         engine.memory = MemoryRuntime(engine.high, engine.low, engine.text_encoder, engine.device, memory)
-        engine.pending_memory = None
