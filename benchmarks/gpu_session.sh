@@ -11,7 +11,11 @@
 #            resumed from
 #   parity   the full-size turbo pipeline, bf16 eager vs the fast path
 #   shapes   the peer vs the fp8 path (sage8, compile) at 480x832 and 720x1280
-#   tune     a measured GPU profile from random full-size weights (e.g. on an H100)
+#   forward  one Q/K/V GEMM vs three (gpu_qkv_fusion.py), then the peer vs the fp8
+#            path (sage8, compile) at all three shapes
+#   checks   the GPU tests, then the full-size turbo parity (bf16 eager vs fast path)
+#   tune     a measured GPU profile from random full-size weights (e.g. on an H100);
+#            BUCKETS, ATTN, PREC, COMP narrow the search (comma lists)
 #   real     with real checkpoints under models/: the full matrix
 set -uo pipefail
 OUT=${OUT:-bench_out}
@@ -40,7 +44,7 @@ EOF
           bench dit --shapes 832x1216 --attention sage8 --no-bf16 --sage8-options "$OPTS" --json "$OUT/bench_dit_sage8.json" \
           2>&1 | tail -30 | tee "$OUT/bench_dit_sage8.txt"
       timeout 60 python3 benchmarks/gpu_pipeline_parity.py --tiny --attention sage8 2>&1 | tail -4
-      timeout "$(left)" python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+      timeout "$(left)" python3 -m pytest -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
   sweep)
       mkdir -p "$OUT/sweep"
       [ -n "${PRIOR:-}" ] && cp "$PRIOR" "$OUT/sweep/results.jsonl"
@@ -52,11 +56,22 @@ EOF
   shapes)
       timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
           bench dit --shapes 480x832,720x1280 --no-bf16 --json "$OUT/bench_dit_shapes.json" 2>&1 | tail -25 ;;
+  forward)
+      timeout 120 python3 benchmarks/gpu_qkv_fusion.py 2>&1 | tail -6
+      timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
+          bench dit --shapes 832x1216,480x832,720x1280 --attention sage8 --no-bf16 --json "$OUT/bench_dit_forward.json" \
+          2>&1 | tail -40 ;;
+  checks)
+      timeout 240 python3 -m pytest -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
+      timeout 60 python3 benchmarks/gpu_pipeline_parity.py --tiny --attention sage8 2>&1 | tail -4
+      timeout "$(left)" python3 benchmarks/gpu_pipeline_parity.py --attention sage8 --compile default 2>&1 | tail -10 ;;
   tune)
       timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
-          tune --models random --budget "${TUNE_BUDGET:-8m}" --repeats 1 --out "$OUT/profile.yaml" --work "$OUT/tune" 2>&1 | tail -25 ;;
+          tune --models random --budget "${TUNE_BUDGET:-8m}" --repeats 1 --out "$OUT/profile.yaml" --work "$OUT/tune" \
+          ${BUCKETS:+--buckets "$BUCKETS"} ${ATTN:+--attention "$ATTN"} ${PREC:+--precision "$PREC"} \
+          ${COMP:+--compile "$COMP"} 2>&1 | tail -25 ;;
   real)
       wr bench run benchmarks/matrices/gpu-h200.yaml --out "$OUT/sweep"
       wr bench report "$OUT/sweep/results.jsonl" -o "$OUT/report.html" ;;
-  *)  echo "usage: bash benchmarks/gpu_session.sh kernels|sweep|parity|shapes|tune|real"; exit 2 ;;
+  *)  echo "usage: bash benchmarks/gpu_session.sh kernels|sweep|parity|shapes|forward|checks|tune|real"; exit 2 ;;
 esac

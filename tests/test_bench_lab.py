@@ -308,6 +308,33 @@ def test_report_is_one_offline_file_with_plots_tables_and_failures(sweep, lab) -
     assert "host RAM" in html  # the host's limit is named (off the scale of a tiny demo)
 
 
+def test_report_names_environments_and_what_sets_them_apart(sweep, tmp_path) -> None:
+    import copy
+
+    from wanrender.bench.report import write_report
+    from wanrender.bench.results import append_row, read_rows
+
+    rows = [r for r in read_rows(sweep["results"]).latest_by_key().values() if r["status"] == "ok"]
+    assert rows and all(r["memory"]["host_rss_timed_peak"] for r in rows)  # the runner stores the timed peak
+    other = copy.deepcopy(rows[0])
+    other["env_fingerprint"], other["key"] = "f" * 12, other["case_hash"] + "-" + "f" * 12
+    other["env"]["env_vars"] = {**other["env"]["env_vars"], "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}
+    del other["memory"]["host_rss_timed_peak"]  # a row written before the field existed
+    path = tmp_path / "two-envs.jsonl"
+    for r in [*rows, other]:
+        append_row(path, r)
+    html = write_report(path, tmp_path / "r.html").read_text()
+    table = html.split('id="summary-table"')[1].split("</table>")[0]
+    assert ">environment</th>" in table and table.count(">env 1</td>") == len(rows) and table.count(">env 2</td>") == 1
+    assert "PYTORCH_CUDA_ALLOC_CONF expandable_segments:True -&gt; max_split_size_mb:512" in html
+    # the old row's timed RSS peak comes from its own telemetry samples: a number, not a dash
+    cell = table.split(">env 2</td>")[0].rsplit("<tr>", 1)[1]
+    nvml, rss = (c.rsplit(">", 1)[1] for c in cell.split("</span>")[-3:-1])
+    assert nvml == "—" and float(rss) > 0, (nvml, rss)  # no NVML on a CPU; RSS from the samples
+    single = write_report(sweep["results"], tmp_path / "one.html").read_text()
+    assert ">environment</th>" not in single and "differs from env 1" not in single
+
+
 def _chromium() -> str | None:
     for name in ("chromium", "chromium-browser"):
         if shutil.which(name):
@@ -391,7 +418,16 @@ def test_shipped_profiles_match_their_gpus_with_provenance(lab) -> None:
     assert b.knobs == {"precision": "fp8", "attention": "sage8", "compile": "default", "memory_plan": "auto"}
     assert b.measured["ratio_to_peer_2026_11_22"] == {"fp8_sage8_compile-default": 0.789}
     assert b.measured["ratio_to_peer"] == {"fp8_sdpa-cudnn_compile-default": 0.973, "bf16_sdpa-cudnn_eager": 1.198}
-    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 5090", "NVIDIA A100-SXM4-80GB"):
+    h100 = find_profile("NVIDIA H100 80GB HBM3")
+    assert h100 is not None and not h100.estimated and h100.provenance["source"] == "wanrender tune"
+    assert h100.provenance["device_measured"] == "NVIDIA H100 80GB HBM3" and len(h100.provenance["runs"]) == 2
+    fast = {"precision": "fp8", "attention": "sage8", "compile": "default", "memory_plan": "auto"}
+    for size, secs in (((832, 1216), 50.289), ((832, 480), 12.932)):
+        b = h100.bucket_for(81, *size)
+        assert (b.width, b.height) == size and b.knobs == fast and b.measured["total_p50_s"] == secs
+        assert min(b.measured["tried"].values()) == secs  # the knobs chosen are the fastest tried
+    assert find_profile("NVIDIA H100 PCIe") is h100 or find_profile("NVIDIA H100 PCIe").path == h100.path
+    for name in ("NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 5090", "NVIDIA A100-SXM4-80GB"):
         p = find_profile(name)
         assert p is not None and p.estimated and p.provenance["reasoning"], name
     assert find_profile("NVIDIA A100-SXM4-40GB").bucket_for(81, 832, 480).knobs["precision"] == "bf16"  # no fp8 on sm80
@@ -494,6 +530,9 @@ def test_sampler_gpu_path_peaks_throttle_and_energy(monkeypatch) -> None:
     summary = s.summary([window])
     assert summary["fields"] == list(telemetry.HOST_FIELDS + telemetry.GPU_FIELDS)
     assert summary["nvml_used_peak_bytes"] == 10 * 2**30 and summary["temp_max_c"] == 71
+    assert summary["nvml_used_timed_peak_bytes"] == 10 * 2**30
+    assert 10 * 2**20 < summary["rss_timed_peak_bytes"] <= s.peak_rss
+    assert s.summary([(t0 + 5, t0 + 6)])["nvml_used_timed_peak_bytes"] is None  # no sample in the window
     assert summary["throttle_reasons"] == ["sw_power_cap"]  # idle is not a throttle
     (joules,) = summary["energy_j"]
     assert joules == pytest.approx(90.0, rel=0.1)  # 300 W for 0.3 s, from the counter
@@ -505,14 +544,17 @@ def test_sampler_gpu_path_peaks_throttle_and_energy(monkeypatch) -> None:
 def test_env_snapshot_and_fingerprint(monkeypatch) -> None:
     from wanrender.bench.env import fingerprint, snapshot
 
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     res = CliRunner().invoke(app, ["env"])
     assert res.exit_code == 0
     env = json.loads(res.stdout)
+    assert env["env_vars"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # the CLI's default, recorded
     for key in ("python", "torch", "cuda", "cudnn", "triton", "driver", "gpus", "cpu", "ram_gib", "os", "packages", "env_vars"):
         assert key in env, key
     assert env["packages"]["torch"] and env["cpu"]["logical_cores"] >= 1 and env["ram_gib"] > 0
     assert env["fingerprint"] == fingerprint(env)
-    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")
     changed = snapshot()
-    assert changed["env_vars"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    assert changed["env_vars"]["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:256"
     assert changed["fingerprint"] != env["fingerprint"]

@@ -209,3 +209,23 @@ def test_compiled_block_graph_has_no_complex_tensors() -> None:
         m(x, torch.tensor([500.0]), ctx, cond)
     torch._dynamo.reset()
     assert dtypes and not any(d.is_complex for d in dtypes), dtypes
+
+
+def test_bench_dit_bf16_variants_parse_and_compile_toggles() -> None:
+    from typer.testing import CliRunner
+
+    from wanrender.bench import dit as bd
+    from wanrender.cli import app
+
+    assert bd.parse_variants("auto:off, sage8:default,sdpa-cudnn") == [
+        ("auto", "off"), ("sage8", "default"), ("sdpa-cudnn", "off")]  # fmt: skip
+    for bad in ("sage8:fast", ":default", " , "):
+        with pytest.raises(WanrenderError, match="--bf16-variants"):
+            bd.parse_variants(bad)
+    res = CliRunner().invoke(app, ["bench", "dit", "--bf16-variants", "sage8:sometimes"])
+    assert res.exit_code == 2 and "ATTENTION:COMPILE" in res.output  # before the no-GPU error
+    m = tiny_dit(TINY_DIT)
+    bd._set_compiled(m, "default")  # lazy: nothing compiles until a call
+    assert all(b._compiled_call_impl is not None for b in m.blocks)
+    bd._set_compiled(m, "off")
+    assert all(b._compiled_call_impl is None for b in m.blocks)

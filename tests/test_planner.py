@@ -254,3 +254,14 @@ def test_plans_leave_room_for_the_allocator_holes_measured_under_a_cap() -> None
     # Chunking shrinks the holes with the tensors that leave them.
     chunked = predict(MemoryPlan("stream", resident_blocks=6, chunks=4), ctx, REF)
     assert chunked.holes_bytes == failed.holes_bytes // 4
+
+
+def test_allocator_config_defaults_to_expandable_segments_unless_the_user_chose() -> None:
+    from wanrender.runtime.memory import ALLOC_CONF, default_allocator_config
+
+    env: dict[str, str] = {}
+    assert default_allocator_config(env) == ALLOC_CONF == "expandable_segments:True"
+    assert env == {"PYTORCH_CUDA_ALLOC_CONF": ALLOC_CONF}
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        mine = {var: "max_split_size_mb:512"}
+        assert default_allocator_config(mine) is None and mine == {var: "max_split_size_mb:512"}

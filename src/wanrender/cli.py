@@ -21,8 +21,12 @@ console = Console(stderr=True)
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
     from wanrender.log import setup_logging
+    from wanrender.runtime.memory import default_allocator_config
 
     setup_logging(verbose)
+    # Before any command touches CUDA; bench children inherit it, and the bench's
+    # environment fingerprint records it.
+    default_allocator_config()
 
 
 def _fail(err: Exception) -> None:
@@ -319,7 +323,9 @@ def bench_dit(
     compile: str = typer.Option("default", "--compile", help="Compile mode of the fp8 path (off, default, max-autotune)."),
     attention: str = typer.Option("auto", "--attention"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="Time diffusers' WanTransformer3DModel too."),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Time our bf16 eager path too."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Time our bf16 path too."),
+    bf16_variants: str = typer.Option("auto:off", "--bf16-variants", help="bf16 path variants, ATTENTION:COMPILE list (auto = exact attention), e.g. sdpa-cudnn:default,sage8:default."),
+    fp8: bool = typer.Option(True, "--fp8/--no-fp8", help="Time our fp8 path."),
     record: Optional[Path] = typer.Option(None, "--record", help="Append the table to this markdown file."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers as JSON."),
     sage8_options: Optional[str] = typer.Option(None, "--sage8-options", help="JSON of sage8 kernel options to time, e.g. '{\"block_n\": 64}'."),
@@ -333,6 +339,7 @@ def bench_dit(
     from wanrender.bench.env import snapshot
 
     try:
+        variants = bd.parse_variants(bf16_variants)  # bad input is reported before the GPU check
         if not torch.cuda.is_available():
             raise WanrenderError("bench dit needs a CUDA GPU (it builds two full-size 14B experts) — run it on a GPU machine")
         names = [s.strip() for s in shapes.split(",") if s.strip()]
@@ -356,7 +363,8 @@ def bench_dit(
                 raise WanrenderError(f"--sage8-options: unknown option {unknown[0]!r} — known: {', '.join(sorted(known))}")
             attn.SAGE8_OPTIONS.update(opts)
         env = snapshot()
-        result = bd.run(names, repeats, compile, attention, peer, log=lambda m: console.print(m, highlight=False), bf16=bf16)
+        result = bd.run(names, repeats, compile, attention, peer, log=lambda m: console.print(m, highlight=False), bf16=bf16,
+                        bf16_variants=variants, fp8=fp8)  # fmt: skip
     except WanrenderError as e:
         _fail(e)
         return

@@ -250,6 +250,9 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from wanrender.runtime.memory import default_allocator_config
+
+    default_allocator_config()  # inherited from the sweep's CLI; set here too for a child run by hand
     args = sys.argv[1:] if argv is None else argv
     spec_path = Path(args[0])
     spec = json.loads(spec_path.read_text())

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from wanrender.errors import WanrenderError
+
 SHAPES = {"832x1216": (81, 832, 1216), "480x832": (81, 832, 480), "720x1280": (81, 1280, 720)}
 
 
@@ -182,21 +184,49 @@ def attention_rows(n: int, shape: str, repeats: int) -> list[dict]:
     return rows
 
 
+def parse_variants(text: str) -> list[tuple[str, str]]:
+    """'auto:off,sage8:default' -> [(attention, compile mode), ...] for the bf16 path."""
+    out = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        name, _, mode = part.partition(":")
+        mode = mode or "off"
+        if not name or mode not in ("off", "default", "max-autotune"):
+            raise WanrenderError(f"--bf16-variants {part!r} is invalid — use ATTENTION:COMPILE, e.g. sdpa-cudnn:default")
+        out.append((name, mode))
+    if not out:
+        raise WanrenderError("--bf16-variants is empty — e.g. auto:off")
+    return out
+
+
+def _set_compiled(model: torch.nn.Module, mode: str) -> None:
+    from wanrender.runtime.plan import compile_blocks
+
+    if mode == "off":
+        for block in model.blocks:
+            block._compiled_call_impl = None  # back to eager (what nn.Module.compile set)
+    else:
+        compile_blocks(model, mode)
+
+
 def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", attention: str = "auto",
-        peer: bool = True, log: Callable[[str], None] = print, bf16: bool = True) -> dict:  # fmt: skip
+        peer: bool = True, log: Callable[[str], None] = print, bf16: bool = True,
+        bf16_variants: list[tuple[str, str]] | None = None, fp8: bool = True) -> dict:  # fmt: skip
+    """Times the peer, our bf16 path (each of ``bf16_variants``: attention and compile
+    mode; default exact attention, eager) and our fp8 path (``attention``, ``compile_mode``)."""
     from wanrender.kernels import attention as attn
     from wanrender.kernels.linear import enable_fp8
-    from wanrender.runtime.plan import FP8_EXCLUDE, compile_blocks
+    from wanrender.runtime.plan import FP8_EXCLUDE
 
     torch.backends.cuda.matmul.allow_tf32 = True
+    target = attn.Target.of("cuda", torch.bfloat16, 128)
+    variants = [(attn.select(a, target), m) for a, m in (bf16_variants or [("auto", "off")])] if bf16 else []
+    fast = attn.select(attention, target, eight_bit=True)  # the fp8 path
     result: dict = {"ceilings": gemm_ceilings(), "dit": [], "attention": [], "accuracy": {}}
     log(f"GEMM ceilings: {result['ceilings']}")
     ref = build_peer() if peer else None
     ours = build_ours(ref)
-    target = attn.Target.of("cuda", torch.bfloat16, 128)
-    choice = attn.select("auto", target)  # the bf16 path: exact attention
-    fast = attn.select(attention, target, eight_bit=True)  # the fp8 path
-    log(f"bf16 path {choice.describe()}; fp8 path {fast.describe()}")
+    log(f"bf16 path {', '.join(f'{c.describe()} compile {m}' for c, m in variants) or 'not timed'}; "
+        f"fp8 path {fast.describe() if fp8 else 'not timed'}")  # fmt: skip
     outs: dict[str, torch.Tensor] = {}
     for shape in shapes:
         f, w, h = SHAPES[shape]
@@ -213,26 +243,38 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
                 log(f"{shape} peer: {sec:.3f} s")
                 if shape == shapes[0]:
                     outs["peer"] = ref(inp, t, ctx.bfloat16(), return_dict=False)[0].float()
-            ours.attention = choice.fn
-            if not bf16:
-                continue
-            sec, times = cuda_median(lambda: ours(x, t, ctx, cond), repeats)
-            result["dit"].append(DitRow(shape, f"ours bf16 ({choice.backend.name}, eager)", sec, times,
-                                        flops / sec / 1e12, sec / peer_s if peer_s else None).__dict__)  # fmt: skip
-            log(f"{shape} ours bf16 eager: {sec:.3f} s")
-            if shape == shapes[0]:
-                outs["bf16"] = ours(x, t, ctx, cond).float()
+            for i, (choice, mode) in enumerate(variants):
+                ours.attention = choice.fn
+                _set_compiled(ours, mode)
+                tc = time.perf_counter()
+                ours(x, t, ctx, cond)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - tc
+                sec, times = cuda_median(lambda: ours(x, t, ctx, cond), repeats, warmup=0)
+                how = "eager" if mode == "off" else f"compile {mode}"
+                result["dit"].append(DitRow(shape, f"ours bf16 ({choice.backend.name}, {how})", sec, times,
+                                            flops / sec / 1e12, sec / peer_s if peer_s else None,
+                                            {"first_call_s": first}).__dict__)  # fmt: skip
+                log(f"{shape} ours bf16 {choice.backend.name} {how}: {sec:.3f} s")
+                if shape == shapes[0]:
+                    y = ours(x, t, ctx, cond).float()
+                    if i == 0:
+                        outs["bf16"] = y
+                    elif "peer" in outs:
+                        result["accuracy"][f"bf16_{choice.backend.name}_{mode}_vs_peer_cosine"] = _cos(y, outs["peer"])
+                    del y
+    _set_compiled(ours, "off")
     if ref is not None:
         ref = None
         gc.collect()
         torch.cuda.empty_cache()
     # fp8 path: fp8 linears (per-token activations) + regional compile.
     t0 = time.perf_counter()
-    enable_fp8(ours, exclude=FP8_EXCLUDE)
-    ours.attention = fast.fn
-    if compile_mode != "off":
-        compile_blocks(ours, compile_mode)
-    for shape in shapes:
+    if fp8:
+        enable_fp8(ours, exclude=FP8_EXCLUDE)
+        ours.attention = fast.fn
+        _set_compiled(ours, compile_mode)
+    for shape in shapes if fp8 else []:
         f, w, h = SHAPES[shape]
         n = tokens(f, w, h)
         x, cond, ctx, t = inputs(f, w, h)
@@ -255,7 +297,7 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
     if "peer" in outs and "bf16" in outs:
         acc["bf16_vs_peer_cosine"] = _cos(outs["bf16"], outs["peer"])
     base = "bf16" if "bf16" in outs else "peer"
-    if base in outs:
+    if base in outs and "fp8" in outs:
         acc[f"fp8_vs_{base}_cosine"] = _cos(outs["fp8"], outs[base])
         acc[f"fp8_vs_{base}_rel_l2"] = ((outs["fp8"] - outs[base]).norm() / outs[base].norm()).item()
     outs.clear()

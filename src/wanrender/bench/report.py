@@ -46,6 +46,29 @@ def _gib(v: float | None) -> str:
     return "—" if v is None else f"{v / GIB:.2f}"
 
 
+def _timed_peak(row: dict, stored: str, column: str) -> float | None:
+    """A peak over the timed renders (bytes): as stored, or for rows written before it
+    was, from the row's own telemetry samples inside its timed phases."""
+    m = row.get("memory") or {}
+    if m.get(stored) is not None:
+        return m[stored]
+    tel = row.get("telemetry") or {}
+    fields = tel.get("fields") or []
+    if column not in fields:
+        return None
+    i, it = fields.index(column), fields.index("t")
+    wins = [(a, b) for name, a, b in tel.get("phases") or [] if name != "warmup"]
+    vals = [s[i] for s in tel.get("samples") or [] if s[i] is not None and any(a <= s[it] <= b for a, b in wins)]
+    return max(vals) * 2**20 if vals else None
+
+
+def _peak_cell(row: dict, stored: str, case_key: str, column: str) -> str:
+    """The timed peak, with the whole case's (loading included) on hover."""
+    whole = (row.get("memory") or {}).get(case_key)
+    timed = _timed_peak(row, stored, column)
+    return f'<span title="whole case, loading included: {_gib(whole)} GiB">{_gib(timed)}</span>'
+
+
 def _status(s: str) -> str:
     return f'<span class="st {escape(s)}">{escape(s)}</span>'
 
@@ -54,10 +77,18 @@ def _case(row: dict) -> dict:
     return row.get("case") or {}
 
 
+def _env_tags(rows: list[dict]) -> dict[str, str]:
+    """Short names (env 1, env 2, ...) for the environments, in order of appearance;
+    empty when every row comes from one environment (no column needed then)."""
+    fps = list(dict.fromkeys(r.get("env_fingerprint", "?") for r in rows))
+    return {fp: f"env {i + 1}" for i, fp in enumerate(fps)} if len(fps) > 1 else {}
+
+
 def _summary_table(rows: list[dict]) -> str:
+    tags = _env_tags(rows)
     head = ("case", "status", "frames", "size", "attention", "precision", "compile", "pass order", "total p50 s",
-            "total p90 s", "s/step p50", "pass1 p50", "pass2 p50", "memory plan", "VRAM alloc GiB", "predicted GiB", "reserved GiB", "NVML GiB",
-            "host RSS GiB", "energy J/video", "warm-up s")  # fmt: skip
+            "total p90 s", "s/step p50", "pass1 p50", "pass2 p50", "memory plan", "VRAM alloc GiB", "predicted GiB", "reserved GiB",
+            "NVML GiB (timed)", "host RSS GiB (timed)", "energy J/video", "warm-up s") + (("environment",) if tags else ())  # fmt: skip
     out = ['<table id="summary-table"><thead><tr>' + "".join(
         f'<th class="{"l" if i < 2 else ""}">{escape(h)}</th>' for i, h in enumerate(head)) + "</tr></thead><tbody>"]  # fmt: skip
     for r in rows:
@@ -68,8 +99,12 @@ def _summary_table(rows: list[dict]) -> str:
                  escape(str(c.get("precision"))), escape(str(c.get("compile"))), escape(str(c.get("pass_order"))),
                  _f(res.p50(r, "total")), _f((r.get("total") or {}).get("p90")), _f(res.p50(r, "s_per_step")),
                  _f(res.p50(r, "pass1")), _f(res.p50(r, "pass2")), escape(str(m.get("plan") or "")),
-                 _gib(m.get("torch_allocated_peak")), _f(m.get("predicted_peak_gib"), 1), _gib(m.get("torch_reserved_peak")), _gib(m.get("nvml_used_peak")), _gib(m.get("host_rss_peak")),
+                 _gib(m.get("torch_allocated_peak")), _f(m.get("predicted_peak_gib"), 1), _gib(m.get("torch_reserved_peak")),
+                 _peak_cell(r, "nvml_used_timed_peak", "nvml_used_peak", "gpu_mem_mib"),
+                 _peak_cell(r, "host_rss_timed_peak", "host_rss_peak", "rss_mib"),
                  _f(e.get("p50"), 1), _f(r.get("warmup_s"), 2)]  # fmt: skip
+        if tags:
+            cells.append(escape(tags[r.get("env_fingerprint", "?")]))
         out.append("<tr>" + "".join(f'<td class="{"l" if i < 2 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
     out.append("</tbody></table>")
     return "".join(out)
@@ -240,10 +275,26 @@ def _failures_section(rows: list[dict]) -> str:
     return "".join(out)
 
 
+ENV_COMPARED = ("driver", "cuda", "cudnn", "torch", "triton", "python", "wanrender", "git_commit")
+
+
+def _env_diff(env: dict, base: dict) -> str:
+    """What sets ``env`` apart from ``base``: versions, GPUs and environment variables."""
+    diffs = [f"{k} {base.get(k)} -> {env.get(k)}" for k in ENV_COMPARED if env.get(k) != base.get(k)]
+    gpus = [[g.get("name") for g in e.get("gpus") or []] for e in (base, env)]
+    if gpus[0] != gpus[1]:
+        diffs.append(f"GPUs {', '.join(map(str, gpus[0])) or 'none'} -> {', '.join(map(str, gpus[1])) or 'none'}")
+    ev, bv = env.get("env_vars") or {}, base.get("env_vars") or {}
+    diffs += [f"{k} {bv.get(k, 'unset')} -> {ev.get(k, 'unset')}" for k in sorted(set(ev) | set(bv)) if ev.get(k) != bv.get(k)]
+    return "; ".join(diffs) or "nothing recorded (another machine of the same kind)"
+
+
 def _env_section(rows: list[dict]) -> str:
     envs: dict[str, dict] = {}
     for r in rows:
         envs.setdefault(r.get("env_fingerprint", "?"), r.get("env") or {})
+    tags = _env_tags(rows)
+    first = next(iter(envs.values()), {})
     out = []
     for fp, env in envs.items():
         gpus = ", ".join(f"{g.get('name')} ({g.get('memory_gib')} GiB)" for g in env.get("gpus") or []) or "none"
@@ -256,6 +307,10 @@ def _env_section(rows: list[dict]) -> str:
                  ("packages", ", ".join(f"{k} {v}" for k, v in (env.get("packages") or {}).items())),
                  ("env vars", ", ".join(f"{k}={v}" for k, v in (env.get("env_vars") or {}).items()) or "none"),
                  ("taken", env.get("taken"))]  # fmt: skip
+        if tags:
+            items.insert(0, ("name", tags[fp]))
+            if env is not first:
+                items.insert(1, ("differs from env 1", _env_diff(env, first)))
         body = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l wrap">{escape(str(v))}</td></tr>' for k, v in items)
         out.append(f'<table class="env">{body}</table>')
     return "".join(out)

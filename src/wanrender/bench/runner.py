@@ -211,8 +211,10 @@ def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep
         "memory": {
             "torch_allocated_peak": _peak([r.get("torch_allocated_peak") for r in reps]),
             "torch_reserved_peak": _peak([r.get("torch_reserved_peak") for r in reps]),
-            "nvml_used_peak": tel.pop("nvml_used_peak_bytes", None),
+            "nvml_used_peak": tel.pop("nvml_used_peak_bytes", None),  # the whole case, loading included
+            "nvml_used_timed_peak": tel.pop("nvml_used_timed_peak_bytes", None),  # the timed renders only
             "host_rss_peak": (result or {}).get("host_rss_peak_bytes") or sampler.peak_rss,
+            "host_rss_timed_peak": tel.pop("rss_timed_peak_bytes", None),
             "device_total": (result or {}).get("device_total_bytes") or sampler.gpu_total_bytes,
             "cap": case.vram_cap_bytes,
             "plan": (result or {}).get("memory_plan"),

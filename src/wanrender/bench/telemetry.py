@@ -167,16 +167,22 @@ class Sampler:
         return [s[i] for s in self.samples]
 
     def summary(self, windows: list[tuple[float, float]]) -> dict:
-        """Peaks over the case; energy (J) and mean power (W) per timed window (absolute times)."""
+        """Peaks over the case and over the timed windows (the case's peaks include model
+        loading, which for random weights builds bf16 first); energy (J) per timed window
+        (absolute times)."""
         out: dict = {"fields": list(self.fields), "interval_s": self.interval, "note": self.note,
                      "samples_taken": len(self.samples)}  # fmt: skip
-        if self._nvml is None or not self.samples:
+        if not self.samples:
             return out
-        used = [v for v in self.column("gpu_mem_mib") if v is not None]
-        out["nvml_used_peak_bytes"] = int(max(used) * 2**20) if used else None
-        reasons: set[str] = set()
         ts = self.column("t")
         in_window = [any(a - self.t0 <= t <= b - self.t0 for a, b in windows) for t in ts]
+        out["rss_timed_peak_bytes"] = _peak_mib(self.column("rss_mib"), in_window)
+        if self._nvml is None:
+            return out
+        used = self.column("gpu_mem_mib")
+        out["nvml_used_peak_bytes"] = _peak_mib(used, [True] * len(used))
+        out["nvml_used_timed_peak_bytes"] = _peak_mib(used, in_window)
+        reasons: set[str] = set()
         for m, inside in zip(self.column("throttle"), in_window):
             if inside:
                 reasons |= set(throttle_names(m)) - {"gpu_idle"}
@@ -190,6 +196,12 @@ class Sampler:
     def thinned(self) -> list[list]:
         step = max(1, -(-len(self.samples) // MAX_POINTS))
         return self.samples[::step]
+
+
+def _peak_mib(values: list, keep: list[bool]) -> int | None:
+    """The largest of the kept MiB readings, in bytes (None: no reading kept)."""
+    vals = [v for v, k in zip(values, keep) if k and v is not None]
+    return int(max(vals) * 2**20) if vals else None
 
 
 def _interp(ts: list[float], ys: list, t: float) -> float | None:

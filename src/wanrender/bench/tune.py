@@ -170,7 +170,8 @@ def tune(
             measured = {"total_p50_s": res.p50(best_row, "total"), "s_per_step_p50": res.p50(best_row, "s_per_step"),
                         "pass1_p50_s": res.p50(best_row, "pass1"), "pass2_p50_s": res.p50(best_row, "pass2"),
                         "torch_allocated_peak_gib": _gib(mem.get("torch_allocated_peak")),
-                        "host_rss_peak_gib": _gib(mem.get("host_rss_peak")),
+                        "host_rss_peak_gib": _gib(mem.get("host_rss_peak")),  # loading included
+                        "host_rss_timed_peak_gib": _gib(mem.get("host_rss_timed_peak")),
                         "warmup_s": best_row.get("warmup_s"), "repeats": (best_row.get("total") or {}).get("n")}  # fmt: skip
             out_buckets.append({**bucket, "knobs": dict(current), "measured": measured,
                                 "tried": [_public(t) for t in tried]})  # fmt: skip

@@ -44,7 +44,7 @@ token at its worst moment; ``ACT_CALIBRATION`` = 10.77 GiB / (26 D L) = 1.047 is
 the allocator's overhead over the live-tensor count, applied to every path.
 
 Measured: the 44.1 GiB datapoint (hence ``ACT_CALIBRATION``). Counted: weights,
-live-tensor units, VAE caches. Estimates: ``VAE_WORK``, ``CUDA_CONTEXT_GIB``,
+live-tensor units, VAE caches. Measured on an H200: ``CUDA_CONTEXT_GIB``. Estimates: ``VAE_WORK``,
 ``FRAGMENTATION``, the fp8-eager and compiled units, text-encoder working memory.
 The capped H100/H200 validation runs recalibrate these.
 """
@@ -53,7 +53,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +82,10 @@ ACT_CALIBRATION = 1.047
 # --- estimates (validated later on capped GPUs)
 VAE_WORK = 4.5  # decode/encode working set, in units of one 4-frame full-resolution activation
 TE_WORK_BYTES = 400 << 20  # UMT5 at <= 512 tokens: fp32 dequantised weight of the largest layer, twice
-CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS/cuDNN workspaces, outside torch's allocator
+# Memory outside torch's allocator (CUDA context, cuBLAS/cuDNN/Triton kernel images):
+# NVML used minus torch reserved while rendering measured 1.28-1.35 GiB on an H200
+# in every sweep case (2026-11-22, docs/bench/h200-random); 0.75 GiB had been assumed.
+CUDA_CONTEXT_GIB = 1.35
 FRAGMENTATION = 0.03  # caching-allocator slack over the allocated peak
 # Free but unusable holes the caching allocator holds while the DiT samples, in token
 # activations ([L, D] bf16, divided by the chunk count). Measured on an H200 capped
@@ -90,6 +95,26 @@ FRAGMENTATION = 0.03  # caching-allocator slack over the allocated peak
 # the worst case seen with a margin at 81 frames; at 161 frames it is generous
 # (4.6 GiB kept for 2.7 seen), which costs a few resident blocks, not a failure.
 HOLE_UNITS = 3.0
+# PyTorch's allocator setting for our processes unless the user chose one. Without
+# expandable segments, swapping experts left 1.57 GiB reserved in holes too small for
+# a 138 MiB activation, and an emulated 32 GB card ran out of memory at 33 frames
+# with its planned peak 2 GiB under the cap (docs/benchmarks.md, 2026-11-22).
+# Expandable segments map memory in 2 MiB pages, so a hole costs at most a page.
+ALLOC_CONF = "expandable_segments:True"
+ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def default_allocator_config(environ: MutableMapping[str, str] | None = None) -> str | None:
+    """Set ``PYTORCH_CUDA_ALLOC_CONF`` to ``ALLOC_CONF`` unless the user set an allocator
+    config; returns what was set (None: left alone). Only takes effect when called
+    before the process first touches CUDA, so the CLI calls it first thing."""
+    env = os.environ if environ is None else environ
+    if any(v in env for v in ALLOC_CONF_VARS):
+        return None
+    env["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
+    return ALLOC_CONF
+
+
 ADAPTER_BYTES_STANDARD = 600_000_000  # one 4-step LoRA file (approx., fetch.STANDARD_SET)
 
 
