@@ -229,6 +229,10 @@ def test_compare_rules_on_rows() -> None:
     assert any(p.startswith("pass1 90.000s over the limit") for p in problems["d"])
     assert all(any("over the limit vram=29GiB" in p for p in ps) for ps in problems.values())
     assert "NEW: 1 unreadable line" in cmp.notes[0]
+    # memory over the timed renders only, beside the whole case's (loading included)
+    timed = Rows((row("a", "ok", 10.0) | {"memory": {"nvml_used_peak": 60 * 2**30, "nvml_used_timed_peak": 30 * 2**30}},), 0)
+    assert compare(timed, timed, 0.05, parse_limit("nvml_timed=32GiB")).regressions == []
+    assert compare(timed, timed, 0.05, parse_limit("nvml=32GiB")).regressions
     with pytest.raises(WanrenderError, match="unknown metric 'speed'"):
         parse_limit("speed=3s")
     with pytest.raises(WanrenderError, match="use a percentage"):

@@ -90,7 +90,7 @@ def bench_compare(
     new: Path = typer.Argument(..., help="New results (JSONL)."),
     base: Path = typer.Argument(..., help="Baseline results (JSONL)."),
     max_slowdown: str = typer.Option("5%", "--max-slowdown", help="Largest accepted p50 slowdown per case."),
-    limit: Optional[list[str]] = typer.Option(None, "--limit", help="Absolute limit on NEW, e.g. pass=85s, total=180s, vram=40GiB (repeatable)."),
+    limit: Optional[list[str]] = typer.Option(None, "--limit", help="Absolute limit on NEW, e.g. pass=85s, total=180s, vram=40GiB, nvml_timed=31GiB (repeatable)."),
     metric: str = typer.Option("total", "--metric", help="Metrics held to --max-slowdown: total, pass, pass1, s_per_step, a stage..."),
 ) -> None:
     """Per case: p50 ratio NEW/BASE and absolute limits; exits 1 when anything regresses."""

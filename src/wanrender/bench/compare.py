@@ -20,8 +20,10 @@ from wanrender.errors import WanrenderError
 
 # Limit names that expand to several metrics, and memory metrics (bytes, not seconds).
 ALIASES = {"pass": ("pass1", "pass2")}
+# nvml/rss: over the whole case (model loading included); *_timed: over the timed renders.
 MEMORY = {"vram": ("memory", "torch_allocated_peak"), "reserved": ("memory", "torch_reserved_peak"),
-          "nvml": ("memory", "nvml_used_peak"), "rss": ("memory", "host_rss_peak")}  # fmt: skip
+          "nvml": ("memory", "nvml_used_peak"), "rss": ("memory", "host_rss_peak"),
+          "nvml_timed": ("memory", "nvml_used_timed_peak"), "rss_timed": ("memory", "host_rss_timed_peak")}  # fmt: skip
 TIME_METRICS = ("total", "s_per_step") + STAGES
 
 
