@@ -310,6 +310,7 @@ def test_report_is_one_offline_file_with_plots_tables_and_failures(sweep, lab) -
     _check_report_dom(html)
     assert "card" not in html.split('data-plot="vram-vs-frames"')[1].split("</svg>")[0]  # no card on a CPU run
     assert "host RAM" in html  # the host's limit is named (off the scale of a tiny demo)
+    assert " (case)</span>" in html  # a failed case shows its whole-case memory peak
 
 
 def test_report_names_environments_and_what_sets_them_apart(sweep, tmp_path) -> None:

@@ -66,6 +66,9 @@ def _peak_cell(row: dict, stored: str, case_key: str, column: str) -> str:
     """The timed peak, with the whole case's (loading included) on hover."""
     whole = (row.get("memory") or {}).get(case_key)
     timed = _timed_peak(row, stored, column)
+    if timed is None and whole is not None and row.get("status") != "ok":
+        # a failed case has no timed render: its whole-case peak is the number to see
+        return f'<span title="whole case, loading included (no timed render)">{_gib(whole)} (case)</span>'
     return f'<span title="whole case, loading included: {_gib(whole)} GiB">{_gib(timed)}</span>'
 
 
@@ -281,9 +284,14 @@ ENV_COMPARED = ("driver", "cuda", "cudnn", "torch", "triton", "python", "wanrend
 def _env_diff(env: dict, base: dict) -> str:
     """What sets ``env`` apart from ``base``: versions, GPUs and environment variables."""
     diffs = [f"{k} {base.get(k)} -> {env.get(k)}" for k in ENV_COMPARED if env.get(k) != base.get(k)]
-    gpus = [[g.get("name") for g in e.get("gpus") or []] for e in (base, env)]
+    gpus = [[f"{g.get('name')} ({g.get('memory_gib')} GiB)" for g in e.get("gpus") or []] for e in (base, env)]
     if gpus[0] != gpus[1]:
-        diffs.append(f"GPUs {', '.join(map(str, gpus[0])) or 'none'} -> {', '.join(map(str, gpus[1])) or 'none'}")
+        diffs.append(f"GPUs {', '.join(gpus[0]) or 'none'} -> {', '.join(gpus[1]) or 'none'}")
+    cpus = [(e.get("cpu") or {}).get("model") for e in (base, env)]
+    if cpus[0] != cpus[1]:
+        diffs.append(f"CPU {cpus[0]} -> {cpus[1]}")
+    ep, bp = env.get("packages") or {}, base.get("packages") or {}
+    diffs += [f"{k} {bp.get(k, 'absent')} -> {ep.get(k, 'absent')}" for k in sorted(set(ep) | set(bp)) if ep.get(k) != bp.get(k)]
     ev, bv = env.get("env_vars") or {}, base.get("env_vars") or {}
     diffs += [f"{k} {bv.get(k, 'unset')} -> {ev.get(k, 'unset')}" for k in sorted(set(ev) | set(bv)) if ev.get(k) != bv.get(k)]
     return "; ".join(diffs) or "nothing recorded (another machine of the same kind)"

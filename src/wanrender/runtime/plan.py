@@ -103,10 +103,20 @@ def apply_plan(experts: list[nn.Module], plan: RenderPlan, choice: attn.Choice) 
     return t
 
 
+RECOMPILE_LIMIT = 64
+
+
 def compile_blocks(model: nn.Module, mode: str) -> None:
     """Regional compilation: each repeated block is compiled from one shared code
     object, so 40 blocks x 2 experts cost one compile per input shape, and a LoRA
     strength or expert switch (new weight values, same structure) recompiles nothing."""
+    import torch._dynamo
+
+    # The 40 blocks share one code object, so every (shape, attention, precision) a
+    # process renders adds an entry to one cache; at Dynamo's default limit (8) a
+    # worker rendering many sizes would silently fall back to eager blocks.
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     opts = {"mode": None if mode == "default" else mode, "dynamic": False}
     for block in model.blocks:
         block.compile(**opts)
