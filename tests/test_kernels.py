@@ -226,10 +226,12 @@ def test_bench_dit_bf16_variants_parse_and_compile_toggles() -> None:
     assert res.exit_code == 2 and "ATTENTION:COMPILE" in res.output  # before the no-GPU error
     import torch._dynamo
 
+    from wanrender.runtime.plan import compile_blocks
+
     m = tiny_dit(TINY_DIT)
     torch._dynamo.config.recompile_limit = 8
-    bd._set_compiled(m, "default")  # lazy: nothing compiles until a call
+    compile_blocks(m, "default")  # lazy: nothing compiles until a call
     assert torch._dynamo.config.recompile_limit >= 64  # shapes x backends x precisions share one cache
     assert all(b._compiled_call_impl is not None for b in m.blocks)
-    bd._set_compiled(m, "off")
+    compile_blocks(m, "off")
     assert all(b._compiled_call_impl is None for b in m.blocks)

@@ -198,16 +198,6 @@ def parse_variants(text: str) -> list[tuple[str, str]]:
     return out
 
 
-def _set_compiled(model: torch.nn.Module, mode: str) -> None:
-    from wanrender.runtime.plan import compile_blocks
-
-    if mode == "off":
-        for block in model.blocks:
-            block._compiled_call_impl = None  # back to eager (what nn.Module.compile set)
-    else:
-        compile_blocks(model, mode)
-
-
 def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", attention: str = "auto",
         peer: bool = True, log: Callable[[str], None] = print, bf16: bool = True,
         bf16_variants: list[tuple[str, str]] | None = None, fp8: bool = True) -> dict:  # fmt: skip
@@ -215,7 +205,7 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
     mode; default exact attention, eager) and our fp8 path (``attention``, ``compile_mode``)."""
     from wanrender.kernels import attention as attn
     from wanrender.kernels.linear import enable_fp8
-    from wanrender.runtime.plan import FP8_EXCLUDE
+    from wanrender.runtime.plan import FP8_EXCLUDE, compile_blocks
 
     torch.backends.cuda.matmul.allow_tf32 = True
     target = attn.Target.of("cuda", torch.bfloat16, 128)
@@ -245,7 +235,7 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
                     outs["peer"] = ref(inp, t, ctx.bfloat16(), return_dict=False)[0].float()
             for i, (choice, mode) in enumerate(variants):
                 ours.attention = choice.fn
-                _set_compiled(ours, mode)
+                compile_blocks(ours, mode)
                 tc = time.perf_counter()
                 ours(x, t, ctx, cond)
                 torch.cuda.synchronize()
@@ -263,7 +253,7 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
                     if i == 0:  # the first variant is the bf16 reference of the fp8 comparison
                         outs["bf16"] = y
                     del y
-    _set_compiled(ours, "off")
+    compile_blocks(ours, "off")
     if ref is not None:
         ref = None
         gc.collect()
@@ -273,7 +263,7 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
     if fp8:
         enable_fp8(ours, exclude=FP8_EXCLUDE)
         ours.attention = fast.fn
-        _set_compiled(ours, compile_mode)
+        compile_blocks(ours, compile_mode)
     for shape in shapes if fp8 else []:
         f, w, h = SHAPES[shape]
         n = tokens(f, w, h)

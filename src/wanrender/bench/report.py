@@ -15,6 +15,7 @@ from pathlib import Path
 
 from wanrender.bench import results as res
 from wanrender.bench.runner import STAGES
+from wanrender.bench.telemetry import peak_mib
 from wanrender.bench.svg import PALETTE, Band, HLine, Series, stacked_bars, xy_chart
 from wanrender.media.atomic import atomic_write_text
 
@@ -58,8 +59,8 @@ def _timed_peak(row: dict, stored: str, column: str) -> float | None:
         return None
     i, it = fields.index(column), fields.index("t")
     wins = [(a, b) for name, a, b in tel.get("phases") or [] if name != "warmup"]
-    vals = [s[i] for s in tel.get("samples") or [] if s[i] is not None and any(a <= s[it] <= b for a, b in wins)]
-    return max(vals) * 2**20 if vals else None
+    samples = tel.get("samples") or []
+    return peak_mib([s[i] for s in samples], [any(a <= s[it] <= b for a, b in wins) for s in samples])
 
 
 def _peak_cell(row: dict, stored: str, case_key: str, column: str) -> str:

@@ -176,12 +176,12 @@ class Sampler:
             return out
         ts = self.column("t")
         in_window = [any(a - self.t0 <= t <= b - self.t0 for a, b in windows) for t in ts]
-        out["rss_timed_peak_bytes"] = _peak_mib(self.column("rss_mib"), in_window)
+        out["rss_timed_peak_bytes"] = peak_mib(self.column("rss_mib"), in_window)
         if self._nvml is None:
             return out
         used = self.column("gpu_mem_mib")
-        out["nvml_used_peak_bytes"] = _peak_mib(used, [True] * len(used))
-        out["nvml_used_timed_peak_bytes"] = _peak_mib(used, in_window)
+        out["nvml_used_peak_bytes"] = peak_mib(used, [True] * len(used))
+        out["nvml_used_timed_peak_bytes"] = peak_mib(used, in_window)
         reasons: set[str] = set()
         for m, inside in zip(self.column("throttle"), in_window):
             if inside:
@@ -198,7 +198,7 @@ class Sampler:
         return self.samples[::step]
 
 
-def _peak_mib(values: list, keep: list[bool]) -> int | None:
+def peak_mib(values: list, keep: list[bool]) -> int | None:
     """The largest of the kept MiB readings, in bytes (None: no reading kept)."""
     vals = [v for v, k in zip(values, keep) if k and v is not None]
     return int(max(vals) * 2**20) if vals else None

@@ -109,7 +109,12 @@ RECOMPILE_LIMIT = 64
 def compile_blocks(model: nn.Module, mode: str) -> None:
     """Regional compilation: each repeated block is compiled from one shared code
     object, so 40 blocks x 2 experts cost one compile per input shape, and a LoRA
-    strength or expert switch (new weight values, same structure) recompiles nothing."""
+    strength or expert switch (new weight values, same structure) recompiles nothing.
+    ``mode`` "off" puts compiled blocks back to eager."""
+    if mode == "off":
+        for block in model.blocks:
+            block._compiled_call_impl = None  # what nn.Module.compile set
+        return
     import torch._dynamo
 
     # The 40 blocks share one code object, so every (shape, attention, precision) a
