@@ -41,10 +41,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     from wanrender.bench.env import snapshot
-    from wanrender.bench.synthetic import FULL, TINY, apply_knobs, random_engine
+    from wanrender.bench.synthetic import FULL, TINY, random_engine
     from wanrender.demo import demo_image
-    from wanrender.generate import run_generate
-    from wanrender.request import from_preset
+    from wanrender.request import from_preset, with_fields
+    from wanrender.runner import Runner
+    from wanrender.runtime.memory import Weights
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
@@ -64,6 +65,7 @@ def main() -> None:
     res: dict = {"env": snapshot(), "shape": [args.frames, width, height], "tiny": args.tiny}
     t0 = time.perf_counter()
     engine = random_engine(args.device, presets=TINY if args.tiny else FULL)
+    runner = Runner(args.device, engine=engine, weights=Weights.standard(lora=False))  # one engine, reconfigured
     res["build_s"] = time.perf_counter() - t0
     prompt = "cinematic winter scene, gentle camera motion, soft natural lighting, slow dolly-in"
     req = from_preset("turbo", demo_image(), prompt, frames=args.frames, width=width, height=height, seed=7,
@@ -73,36 +75,27 @@ def main() -> None:
         if args.device != "cpu":
             torch.cuda.synchronize()
 
-    def render(label: str):
+    def render(label: str, req):
         sync()
         t = time.perf_counter()
-        r = run_generate(req, engine.files, args.device, None, engine)
+        r = runner.render(req)
         wall = time.perf_counter() - t
         res[label] = {"wall_s": wall, "timings_s": r.timings, "peak_vram_gib": (r.peak_vram_bytes or 0) / 2**30,
                       "plan": engine.plan.to_json()}  # fmt: skip
         print(f"{label}: {wall:.2f} s  " + "  ".join(f"{k} {v:.2f}" for k, v in r.timings.items()), flush=True)
         return r
 
-    apply_knobs(engine, "bf16", "sdpa-cudnn" if args.device != "cpu" else "auto", "off")
-    ref = render("reference_bf16_eager")
+    ref_req = with_fields(req, precision="bf16", attention="sdpa-cudnn" if args.device != "cpu" else "auto", compile="off")
+    ref = render("reference_bf16_eager", ref_req)
     ref_latent, ref_frames = ref.latent.float().cpu(), ref.frames
     t0 = time.perf_counter()
-    apply_knobs(engine, args.precision, args.attention, args.compile)
+    fast_req = with_fields(req, precision=args.precision, attention=args.attention, compile=args.compile)
+    runner.ensure_engine(runner.prepare(fast_req, None).config, None)
     if args.compile != "off":  # compile outside the timed render: one forward per expert at the shape
-        t = (args.frames - 1) // 4 + 1
-        dev = args.device
-        g = torch.Generator(device=dev).manual_seed(1)
-        x = torch.randn(1, 16, t, height // 8, width // 8, generator=g, device=dev)
-        cond = torch.randn(1, 20, t, height // 8, width // 8, generator=g, device=dev)
-        ctx = torch.randn(1, 512, engine.high.cfg.text_dim, generator=g, device=dev) * 0.1
-        with torch.no_grad():
-            for m in (engine.high, engine.low):
-                m(x, torch.tensor([900.0], device=dev), ctx, cond)
-        sync()
-        del x, cond, ctx
+        engine.warm_up(args.frames, width, height)
     res["fast_setup_s"] = time.perf_counter() - t0
     print(f"fast path set-up incl. compile: {res['fast_setup_s']:.1f} s", flush=True)
-    fast = render("fast")
+    fast = render("fast", fast_req)
     lat = fast.latent.float().cpu()
     res["latent_cosine"] = torch.nn.functional.cosine_similarity(lat.flatten(), ref_latent.flatten(), 0).item()
     res["latent_rel_l2"] = ((lat - ref_latent).norm() / ref_latent.norm()).item()
@@ -111,7 +104,7 @@ def main() -> None:
     # cosine: the difference is also given relative to the reference's own update.
     from wanrender.pipeline import i2v
 
-    noise = i2v.initial_noise(req.seed, tuple(ref_latent.shape))
+    noise = i2v.initial_noise(req.render.seed, tuple(ref_latent.shape))
     res["latent_rel_to_update"] = ((lat - ref_latent).norm() / (ref_latent - noise).norm()).item()
     res["ratio_fast_to_reference"] = res["fast"]["wall_s"] / res["reference_bf16_eager"]["wall_s"]
     for p in (fast.video, fast.sidecar, ref.video, ref.sidecar):

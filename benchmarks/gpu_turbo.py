@@ -170,25 +170,14 @@ def main() -> None:
         return
 
     # 3. The whole turbo pipeline, weights resident (full-size random weights, fp8-stored).
-    from wanrender.bench.synthetic import apply_knobs, random_engine
-    from wanrender.generate import run_generate
+    from wanrender.bench.synthetic import random_engine
     from wanrender.request import from_preset
+    from wanrender.runner import Runner
+    from wanrender.runtime.memory import Weights
 
     torch.cuda.empty_cache()
     engine = random_engine("cuda")
-    high, low = engine.high, engine.low
-    t0 = time.perf_counter()
-    apply_knobs(engine, args.precision, args.attention, args.compile)
-    plan = engine.plan
-    if args.compile != "off":  # compile outside the timed render: one forward per expert at the shape
-        xw, cw, ctxw, tw = dit_inputs(args.frames, width, height)
-        with torch.no_grad():
-            high(xw, tw, ctxw, cw)
-            low(xw, tw, ctxw, cw)
-        torch.cuda.synchronize()
-        del xw, cw, ctxw
-    res["plan"] = {**plan.to_json(), "setup_and_compile_s": time.perf_counter() - t0}
-    print(f"plan {plan}; set-up incl. compile {res['plan']['setup_and_compile_s']:.1f} s", flush=True)
+    runner = Runner("cuda", engine=engine, weights=Weights.standard(lora=False))
     from skimage import data
     from PIL import Image
 
@@ -197,9 +186,17 @@ def main() -> None:
     prompt = ("cinematic winter scene, gentle camera motion, soft natural lighting, crisp snow highlights, "
               "realistic fur texture, calm atmosphere, subtle breathing and micro-movements, slow dolly-in")  # fmt: skip
     req = from_preset("turbo", img, prompt, frames=args.frames, width=width, height=height, seed=7,
-                      lora_strength_high=0.0, lora_strength_low=0.0, out=OUT / "turbo.mp4")  # fmt: skip
+                      lora_strength_high=0.0, lora_strength_low=0.0, out=OUT / "turbo.mp4",
+                      precision=args.precision, attention=args.attention, compile=args.compile)  # fmt: skip
     t0 = time.perf_counter()
-    result = run_generate(req, engine.files, "cuda", None, engine)
+    runner.ensure_engine(runner.prepare(req, None).config, None)
+    if args.compile != "off":  # compile outside the timed render: one forward per expert at the shape
+        engine.warm_up(args.frames, width, height)
+    plan = engine.plan
+    res["plan"] = {**plan.to_json(), "setup_and_compile_s": time.perf_counter() - t0}
+    print(f"plan {plan}; set-up incl. compile {res['plan']['setup_and_compile_s']:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    result = runner.render(req)
     wall = time.perf_counter() - t0
     res["pipeline"] = {
         "timings_s": result.timings, "wall_s": wall, "peak_vram_gib": result.peak_vram_bytes / 2**30,

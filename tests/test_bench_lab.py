@@ -440,11 +440,11 @@ def test_shipped_profiles_match_their_gpus_with_provenance(lab) -> None:
     assert len(all_profiles()) >= 5
     req = from_preset("demo", lab["image"], "x", frames=5, width=80, height=64)
     h200_file = Path(h200.path)
-    with pytest.raises(WanrenderError, match="does not fit this device: --precision fp8 cannot run here"):
+    with pytest.raises(WanrenderError, match="does not fit this device: precision fp8 cannot run here"):
         apply_profile(req, str(h200_file), "cpu", set())
     # the same profile with only the knobs a CPU can run is applied; explicit knobs stay
     same, line = apply_profile(req, str(h200_file), "cpu", {"precision", "attention", "compile"})
-    assert same.attention == req.attention and "nothing (all set explicitly)" in line
+    assert same.knobs.attention == req.knobs.attention and "nothing (all set explicitly)" in line
 
 
 # --- matrix, results, env: the parts without a render ---------------------------------------------

@@ -25,18 +25,16 @@ def test_random_models_expand_and_refuse_cleanly_without_a_gpu(tmp_path: Path) -
 def test_random_engine_renders_on_gpu(tmp_path: Path) -> None:
     import torch
 
-    from wanrender.bench.synthetic import apply_knobs, random_engine
-    from wanrender.generate import run_generate
+    from wanrender.bench.synthetic import random_engine
+    from wanrender.demo import demo_image
     from wanrender.request import from_preset
+    from wanrender.runner import Runner
+    from wanrender.runtime.memory import Weights
 
     engine = random_engine("cuda")
-    apply_knobs(engine, "bf16", "auto", "off")
-    req = from_preset("turbo", Path(__file__), "slow pan", frames=5, width=832, height=480,
+    req = from_preset("turbo", demo_image(), "slow pan", frames=5, width=832, height=480, precision="bf16",
                       lora_strength_high=0, lora_strength_low=0, out=tmp_path / "r.mp4")  # fmt: skip
-    from wanrender.demo import demo_image
-
-    req = req.__class__(**{**req.__dict__, "image": demo_image()})
-    res = run_generate(req, engine.files, "cuda", None, engine)
+    res = Runner("cuda", engine=engine, weights=Weights.standard(lora=False)).render(req)
     assert res.video.is_file() and torch.isfinite(res.latent).all()
 
 
@@ -46,22 +44,21 @@ def test_random_engine_memory_plans_match_resident(tmp_path: Path, mode: str) ->
     # experts kept on the host and installed per pass give the resident result.
     import torch
 
-    from wanrender.bench.synthetic import TINY, apply_knobs, random_engine
+    from wanrender.bench.synthetic import TINY, random_engine
     from wanrender.demo import demo_image
-    from wanrender.generate import run_generate
     from wanrender.request import from_preset
+    from wanrender.runner import Runner
     from wanrender.runtime.planner import cpu_plan
 
     latents = []
-    for plan in (None, cpu_plan(mode)):
-        engine = random_engine("cpu", plan, presets=TINY)
-        apply_knobs(engine, "bf16", "auto", "off", plan)
-        assert (engine.memory is not None) == (plan is not None)
-        req = from_preset("demo", demo_image(), "slow pan", frames=5, width=80, height=64, seed=3,
+    for memory in ("resident", mode):
+        engine = random_engine("cpu", cpu_plan(memory), presets=TINY)
+        req = from_preset("demo", demo_image(), "slow pan", frames=5, width=80, height=64, seed=3, memory=memory,
                           lora_strength_high=0, lora_strength_low=0, out=tmp_path / f"{mode}.mp4")  # fmt: skip
-        res = run_generate(req, engine.files, "cpu", None, engine)
+        res = Runner("cpu", engine=engine).render(req)
+        assert engine.memory.plan == cpu_plan(memory)
         latents.append(res.latent)
-        if plan is not None:
+        if memory != "resident":
             assert res.meta["memory"]["expert_installs"] >= 2  # high, then low
     torch.testing.assert_close(latents[1], latents[0], rtol=1e-5, atol=1e-5)
 

@@ -164,7 +164,7 @@ def test_models_check_cli(tmp_path: Path) -> None:
 
 
 def test_half_folder_refused_before_loading(tmp_path: Path) -> None:
-    from wanrender.generate import resolve_files
+    from wanrender.models.inventory import resolve_files
 
     root = _complete_folder(tmp_path / "models")
     for f in root.glob("umt5*"):

@@ -29,9 +29,10 @@ def demo_files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(demo_files):
-    from wanrender.engine import Engine
+    """One long-lived runner for the module: its engine is loaded by the first render."""
+    from wanrender.runner import Runner
 
-    return Engine.load(demo_files[0], "cpu")
+    return Runner("cpu")
 
 
 def _req(image: Path, out: Path, **kw):
@@ -39,12 +40,11 @@ def _req(image: Path, out: Path, **kw):
 
 
 def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, tmp_path: Path) -> None:
-    from wanrender.generate import run_generate
     from wanrender.media.video import read_video
 
     files, image = demo_files
     events = []
-    res = run_generate(_req(image, tmp_path / "v.mp4"), files, "cpu", lambda *e: events.append(e), engine)
+    res = engine.render(_req(image, tmp_path / "v.mp4"), files, lambda *e: events.append(e))
     frames, fps = read_video(res.video)
     assert frames.shape == (5, 64, 80, 3) and fps == 16
     side = json.loads(res.sidecar.read_text())
@@ -59,18 +59,15 @@ def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, t
 
 
 def test_same_seed_same_frames_other_seed_differs(demo_files, engine, tmp_path: Path) -> None:
-    from wanrender.generate import run_generate
-
     files, image = demo_files
-    a = run_generate(_req(image, tmp_path / "a.mp4", seed=3), files, "cpu", None, engine)
-    b = run_generate(_req(image, tmp_path / "b.mp4", seed=3), files, "cpu", None, engine)
-    c = run_generate(_req(image, tmp_path / "c.mp4", seed=4), files, "cpu", None, engine)
+    a = engine.render(_req(image, tmp_path / "a.mp4", seed=3), files)
+    b = engine.render(_req(image, tmp_path / "b.mp4", seed=3), files)
+    c = engine.render(_req(image, tmp_path / "c.mp4", seed=4), files)
     assert np.array_equal(a.frames, b.frames)
     assert not np.array_equal(a.frames, c.frames)
 
 
 def test_failing_stage_leaves_no_output(demo_files, engine, tmp_path: Path, monkeypatch) -> None:
-    from wanrender import generate
     from wanrender.pipeline import i2v
 
     files, image = demo_files
@@ -80,27 +77,32 @@ def test_failing_stage_leaves_no_output(demo_files, engine, tmp_path: Path, monk
 
     monkeypatch.setattr(i2v, "decode", boom)
     with pytest.raises(RuntimeError):
-        generate.run_generate(_req(image, tmp_path / "x.mp4"), files, "cpu", None, engine)
+        engine.render(_req(image, tmp_path / "x.mp4"), files)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_failing_sidecar_removes_video(demo_files, engine, tmp_path: Path, monkeypatch) -> None:
-    from wanrender import generate
+    from wanrender.media import sidecar
+    from wanrender.request import with_fields
 
     files, image = demo_files
-    monkeypatch.setattr(generate, "write_sidecar", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    # Files from an earlier render to the same name: a failed render must not lose them.
+    (tmp_path / "y.mp4").write_bytes(b"earlier video")
+    (tmp_path / "y.json").write_text("{}")
+    monkeypatch.setattr(sidecar, "write_sidecar", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        generate.run_generate(replace(_req(image, tmp_path / "y.mp4"), save_frames=True), files, "cpu", None, engine)
-    assert list(tmp_path.iterdir()) == []
+        engine.render(with_fields(_req(image, tmp_path / "y.mp4"), save_frames=True), files)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["y.json", "y.mp4"]
+    assert (tmp_path / "y.mp4").read_bytes() == b"earlier video"
 
 
 def test_turbo_without_loras_is_refused(demo_files, tmp_path: Path) -> None:
-    from wanrender.generate import run_generate
+    from wanrender.runner import Runner
 
     files, image = demo_files
     req = from_preset("turbo", image, "a bear", out=tmp_path / "t.mp4")
     with pytest.raises(WanrenderError, match="4-step LoRAs"):
-        run_generate(req, replace(files, lora_high=None), "cpu")
+        Runner("cpu").render(req, replace(files, lora_high=None))
 
 
 def test_cli_generate_and_errors(demo_files, tmp_path: Path) -> None:
@@ -122,13 +124,12 @@ def test_cli_generate_and_errors(demo_files, tmp_path: Path) -> None:
 
 
 def test_generate_with_dis_interpolation(demo_files, engine, tmp_path: Path) -> None:
-    from wanrender.generate import run_generate
     from wanrender.media.video import read_video
 
     files, image = demo_files
     req = _req(image, tmp_path / "i.mp4", interpolate="dis")
-    assert (req.fps, req.interp_multiplier) == (32, 2)
-    res = run_generate(req, files, "cpu", None, engine)
+    assert (req.output.fps, req.output.multiplier) == (32, 2)
+    res = engine.render(req, files)
     frames, fps = read_video(res.video)
     assert frames.shape[0] == 9 and fps == 32  # (5 - 1) * 2 + 1
     side = json.loads(res.sidecar.read_text())
@@ -139,7 +140,7 @@ def test_generate_with_dis_interpolation(demo_files, engine, tmp_path: Path) -> 
 def test_interpolation_fps_validation() -> None:
     with pytest.raises(WanrenderError, match="try 32"):
         from_preset("turbo", Path("x.png"), "a bear", interpolate="rife", fps=40)
-    with pytest.raises(WanrenderError, match="--interpolate 'film'"):
+    with pytest.raises(WanrenderError, match="interpolate 'film'"):
         from_preset("turbo", Path("x.png"), "a bear", interpolate="film")
 
 

@@ -119,10 +119,13 @@ def test_empty_prompt_and_presets() -> None:
     with pytest.raises(WanrenderError, match="prompt is empty"):
         from_preset("turbo", Path("x.png"), "   ")
     r = from_preset("quality", Path("x.png"), "a bear", steps=40)
-    assert (r.steps, r.switch, r.cfg) == (40, 20, 3.5)  # the preset's switch ratio is kept
-    assert r.negative_prompt  # the official default negative prompt
+    assert (r.sampling.steps, r.sampling.switch, r.sampling.cfg) == (40, 20, 3.5)  # the preset's switch ratio is kept
+    from wanrender.request import DEFAULT_NEGATIVE, negative_prompt
+
+    assert negative_prompt(r) == DEFAULT_NEGATIVE  # the official default negative prompt
     t = from_preset("turbo", Path("x.png"), "a bear")
-    assert (t.steps, t.switch, t.cfg, t.shift_high, t.sampler, t.frames, t.width, t.height) == (
+    s, v = t.sampling, t.render
+    assert (s.steps, s.switch, s.cfg, s.shift_high, s.sampler, v.frames, v.width, v.height) == (
         4, 2, 1.0, 5.0, "euler", 81, 832, 1216)
     with pytest.raises(WanrenderError, match="unknown preset"):
         from_preset("fast", Path("x.png"), "a bear")
@@ -146,9 +149,10 @@ def test_boundary_rule_sets_the_switch() -> None:
     from wanrender.pipeline.schedules import simple_sigmas
 
     sig = simple_sigmas(40, 5.0)
-    assert all(float(s) >= 0.9 for s in sig[: r.switch]) and float(sig[r.switch]) < 0.9
-    assert from_preset("turbo", Path("x.png"), "a bear", boundary=0.9).switch == 2
+    switch = r.sampling.switch
+    assert all(float(s) >= 0.9 for s in sig[:switch]) and float(sig[switch]) < 0.9
+    assert from_preset("turbo", Path("x.png"), "a bear", boundary=0.9).sampling.switch == 2
     with pytest.raises(WanrenderError, match="give only one"):
         from_preset("turbo", Path("x.png"), "a bear", boundary=0.9, switch=2)
-    with pytest.raises(WanrenderError, match="--boundary 1.5 is invalid"):
+    with pytest.raises(WanrenderError, match="boundary 1.5 is invalid"):
         from_preset("turbo", Path("x.png"), "a bear", boundary=1.5)

@@ -101,9 +101,9 @@ def test_plan_resolves_auto_and_refuses_impossible_knobs() -> None:
     plan, choice = make_plan("cpu")
     assert (plan.precision, plan.attention, plan.compile) == ("bf16", "sdpa", "off")
     assert any("fp8 matmuls need a CUDA GPU" in n for n in plan.notes)
-    with pytest.raises(WanrenderError, match="--precision fp8 cannot run here"):
+    with pytest.raises(WanrenderError, match="precision fp8 cannot run here"):
         make_plan("cpu", precision="fp8")
-    with pytest.raises(WanrenderError, match="--compile 'fast' is invalid"):
+    with pytest.raises(WanrenderError, match="compile 'fast' is invalid"):
         make_plan("cpu", compile="fast")
 
 
@@ -226,12 +226,15 @@ def test_bench_dit_bf16_variants_parse_and_compile_toggles() -> None:
     assert res.exit_code == 2 and "ATTENTION:COMPILE" in res.output  # before the no-GPU error
     import torch._dynamo
 
-    from wanrender.runtime.plan import compile_blocks
+    from wanrender.runtime.plan import compile_blocks, compiled_scope
 
     m = tiny_dit(TINY_DIT)
     torch._dynamo.config.recompile_limit = 8
     compile_blocks(m, "default")  # lazy: nothing compiles until a call
-    assert torch._dynamo.config.recompile_limit >= 64  # shapes x backends x precisions share one cache
+    assert torch._dynamo.config.recompile_limit == 8  # compiling changes no process-wide setting
+    with compiled_scope():
+        assert torch._dynamo.config.recompile_limit >= 64  # shapes x backends x precisions share one cache
+    assert torch._dynamo.config.recompile_limit == 8
     assert all(b._compiled_call_impl is not None for b in m.blocks)
     compile_blocks(m, "off")
     assert all(b._compiled_call_impl is None for b in m.blocks)

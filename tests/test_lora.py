@@ -16,7 +16,7 @@ from wanrender.errors import ModelFileError
 from wanrender.models.common import Linear, quantize_fp8
 from wanrender.models.dit import WanDiT, official_key_from_diffusers
 from wanrender.models.loading import load_dit
-from wanrender.models.lora import apply_lora, parse_lora, remove_lora
+from wanrender.models.lora import LoraUndo, apply_lora, parse_lora, remove_lora
 
 # Targets spread over every kind of Linear: attention, FFN, embeddings, head.
 LOWRANK_TARGETS = (
@@ -245,10 +245,11 @@ def test_remove_lora_restores_the_model() -> None:
     model = tiny_dit()
     base = _run(model)
     lora = parse_lora(sd, model)
-    apply_lora(model, lora, 1.0, mode="unmerged")
-    apply_lora(model, lora, 0.5, mode="unmerged")  # stacked: both are undone
+    undo = LoraUndo()
+    apply_lora(model, lora, 1.0, mode="unmerged", undo=undo)
+    apply_lora(model, lora, 0.5, mode="unmerged", undo=undo)  # stacked: both are undone
     assert not torch.allclose(_run(model), base, atol=1e-3)
-    assert remove_lora(model) > 0
+    assert remove_lora(model, undo) > 0
     assert torch.equal(_run(model), base)
     assert not any(isinstance(m, Linear) and m.adapters for m in model.modules())
 

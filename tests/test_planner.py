@@ -210,8 +210,8 @@ def test_cli_plan_for_named_gpus() -> None:
 
 def test_generate_refuses_before_loading(tmp_path, monkeypatch) -> None:
     from wanrender.engine import Engine
-    from wanrender.generate import run_generate
     from wanrender.request import from_preset
+    from wanrender.runner import Runner
 
     monkeypatch.setenv("WANRENDER_HOME", str(tmp_path / "home"))
     from wanrender.demo import demo_image, ensure_demo_models
@@ -224,7 +224,7 @@ def test_generate_refuses_before_loading(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(gpus, "probe", lambda *a, **k: tiny)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(WanrenderError, match=r"81 frames at 832x1216 does not fit RTX 4090 @ 4 GiB.* — use --size"):
-        run_generate(req, files, "cuda")
+        Runner("cuda").render(req, files)
     assert not (tmp_path / "x.mp4").exists()
 
 
@@ -232,11 +232,11 @@ def test_request_validates_memory_knobs(tmp_path) -> None:
     from wanrender.request import MEMORY_MODES, from_preset
 
     assert MEMORY_MODES == planner.MODES
-    with pytest.raises(WanrenderError, match="--memory 'lowvram' is invalid — choose one of auto"):
+    with pytest.raises(WanrenderError, match="memory 'lowvram' is invalid — choose one of auto"):
         from_preset("turbo", tmp_path / "i.png", "a bear", memory="lowvram")
-    with pytest.raises(WanrenderError, match="--reserve-vram -1 is invalid"):
+    with pytest.raises(WanrenderError, match="reserve_vram -1 is invalid"):
         from_preset("turbo", tmp_path / "i.png", "a bear", reserve_vram=-1.0)
-    assert from_preset("turbo", tmp_path / "i.png", "a bear", memory="stream", reserve_vram=4.0).memory == "stream"
+    assert from_preset("turbo", tmp_path / "i.png", "a bear", memory="stream", reserve_vram=4.0).knobs.memory == "stream"
 
 
 def test_plans_leave_room_for_the_allocator_holes_measured_under_a_cap() -> None:

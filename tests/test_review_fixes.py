@@ -15,7 +15,7 @@ from wanrender.request import from_preset
 
 
 def test_frames_folder_never_replaces_a_foreign_folder(tmp_path: Path) -> None:
-    from wanrender.generate import check_frames_folder, frames_folder
+    from wanrender.outputs import check_frames_folder, frames_folder
 
     out = tmp_path / "outputs.mp4"
     assert frames_folder(out) == tmp_path / "outputs_frames"
@@ -52,16 +52,16 @@ def test_lora_strength_validation_and_needs() -> None:
     with pytest.raises(WanrenderError, match="finite value"):
         from_preset("turbo", Path("x.png"), "a bear", lora_strength_high=float("nan"))
     from wanrender.engine import ModelFiles
-    from wanrender.generate import check_lora_needs
+    from wanrender.runner import check_lora_needs
 
     req = from_preset("quality", Path("x.png"), "a bear", lora_strength_high=1.0, lora_strength_low=0.0)
     files = ModelFiles(Path("h"), Path("l"), Path("v"), Path("t"), Path("t"))
-    with pytest.raises(WanrenderError, match="high-noise LoRA but none was given"):
+    with pytest.raises(WanrenderError, match="no high-noise LoRA file was given"):
         check_lora_needs(req, files)
 
 
 def test_missing_files_message_without_models_dir() -> None:
-    from wanrender.generate import resolve_files
+    from wanrender.models.inventory import resolve_files
 
     with pytest.raises(WanrenderError, match="pass --models DIR") as e:
         resolve_files(None, high=Path("h.safetensors"))

@@ -116,10 +116,10 @@ def _req(image, out, memory: str, **kw):
 
 
 def test_swap_and_stream_render_what_resident_renders(demo, tmp_path) -> None:
-    from wanrender.generate import run_generate
+    from wanrender.runner import Runner
 
     files, image = demo
-    res = {m: run_generate(_req(image, tmp_path / f"{m}.mp4", m), files, "cpu") for m in ("resident", "swap", "stream")}
+    res = {m: Runner("cpu").render(_req(image, tmp_path / f"{m}.mp4", m), files) for m in ("resident", "swap", "stream")}
     # Swap and stream both keep the LoRA unmerged (stream on the CPU also chunks, which
     # may reorder GEMM sums). Resident merges it into the fp8 weights (requantised), so
     # it agrees closely rather than exactly.
@@ -139,7 +139,7 @@ def test_swap_and_stream_render_what_resident_renders(demo, tmp_path) -> None:
 
 def test_out_of_memory_steps_down_once_and_says_so(demo, tmp_path, monkeypatch) -> None:
     from wanrender import engine as engine_mod
-    from wanrender.generate import run_generate
+    from wanrender.runner import Runner
     from wanrender.runtime import gpus, planner
     from wanrender.runtime.memory import Weights, Workload
 
@@ -163,7 +163,7 @@ def test_out_of_memory_steps_down_once_and_says_so(demo, tmp_path, monkeypatch) 
 
     monkeypatch.setattr(engine_mod.Engine, "render", flaky)
     events = []
-    res = run_generate(_req(image, tmp_path / "f.mp4", "auto"), files, "cpu", lambda *e: events.append(e))
+    res = Runner("cpu").render(_req(image, tmp_path / "f.mp4", "auto"), files, lambda *e: events.append(e))
     assert calls[0] == "resident" and calls[1] != "resident" and len(calls) == 2
     side = json.loads(res.sidecar.read_text())
     fb = side["plan"]["runtime"]["memory"]["fallback"]
@@ -175,7 +175,7 @@ def test_out_of_memory_steps_down_once_and_says_so(demo, tmp_path, monkeypatch) 
     from wanrender.errors import WanrenderError
 
     with pytest.raises(WanrenderError, match="ran out of memory again after stepping down"):
-        run_generate(_req(image, tmp_path / "g.mp4", "auto"), files, "cpu")
+        Runner("cpu").render(_req(image, tmp_path / "g.mp4", "auto"), files)
     assert not (tmp_path / "g.mp4").exists()
 
 

@@ -27,6 +27,17 @@ def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     # Before any command touches CUDA; bench children inherit it, and the bench's
     # environment fingerprint records it.
     default_allocator_config()
+    _default_compile_cache()
+
+
+def _default_compile_cache() -> None:
+    """Keep Inductor's cache between runs (the first compile of a shape is the slow one),
+    unless the user chose a folder: process set-up, done here once, not by the library."""
+    import os
+
+    from wanrender.runtime.plan import compile_cache_dir
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
 
 
 def _fail(err: Exception) -> None:
@@ -89,11 +100,11 @@ def _summary(result, req) -> None:
 
 
 def _run_render(req, files, device) -> None:
-    from wanrender.generate import run_generate
+    from wanrender.runner import Runner
 
     bar, on_event = _progress_printer()
     with bar:
-        result = run_generate(req, files, device=device, progress=on_event)
+        result = Runner(device).render(req, files, progress=on_event)
     _summary(result, req)
 
 
@@ -137,16 +148,13 @@ def generate(
     reserve_vram: Optional[float] = typer.Option(None, "--reserve-vram", help="GiB of GPU memory to leave free (default 0.5)."),
 ) -> None:
     """Render a video from IMAGE and a prompt."""
-    from wanrender.generate import resolve_files
+    from wanrender.models.inventory import resolve_files
     from wanrender.request import from_preset
 
     try:
-        width = height = None
-        if size:
-            try:
-                width, height = (int(v) for v in size.lower().split("x"))
-            except ValueError:
-                raise WanrenderError(f"--size {size!r} is invalid — use WIDTHxHEIGHT, e.g. 832x1216") from None
+        from wanrender.spec import parse_size
+
+        width, height = parse_size(size, "--size") if size else (None, None)
         sh, sl = _pair(shift, "--shift")
         lh, ll = _pair(lora_strength, "--lora-strength")
         req = from_preset(

@@ -1,8 +1,22 @@
-"""The Engine owns the loaded models on one device and renders requests.
+"""The Engine owns the loaded models on one device and renders any number of specs.
 
-``Engine.load(files, ...)`` reads the checkpoints (the real loading code, also for
-the demo); ``engine.render(request)`` runs the numbered pipeline steps, times each
-stage and writes the video and its sidecar.
+It is long-lived: ``Engine.load(files, device, config)`` reads the checkpoints once;
+``engine.configure(config)`` changes precision, attention backend, compile mode,
+memory plan or LoRA strengths between renders; ``engine.render(req, image)`` runs
+the numbered pipeline steps and times each stage. The engine is the only writer of
+its models' run-time settings, and ``config`` records all of them, so a change is
+applied against a known state and undone exactly:
+
+- attention, compile, fp8 kernels on fp8-stored weights, the memory runtime: swapped
+  in place;
+- LoRA strengths on unmerged adapters (swap/stream plans): adapters removed and
+  applied again;
+- anything that changed weight values (a merged LoRA, fp8 conversion of wider
+  weights) or where models load (a memory plan with other load devices): the models
+  concerned are loaded again from their files (the page cache keeps that cheap), so a
+  reconfigured engine holds the same weights as a freshly loaded one, bit for bit.
+
+Writing outputs is the runner's job (``runner.py``), not the engine's.
 """
 
 from __future__ import annotations
@@ -19,8 +33,9 @@ import torch
 
 from wanrender.errors import WanrenderError
 from wanrender.models import loading
+from wanrender.models.inventory import ModelFiles
 from wanrender.pipeline import i2v
-from wanrender.request import RenderRequest
+from wanrender.spec import RenderRequest, Stage
 
 log = logging.getLogger(__name__)
 
@@ -29,17 +44,13 @@ Progress = Callable[[str, int | None, int | None, str], None]
 
 
 @dataclass(frozen=True)
-class ModelFiles:
-    high: Path
-    low: Path
-    vae: Path
-    text_encoder: Path
-    tokenizer: Path
-    lora_high: Path | None = None
-    lora_low: Path | None = None
+class EngineConfig:
+    """Everything the engine has applied to its models: the one record of their state."""
 
-    def as_dict(self) -> dict[str, Path | None]:
-        return dict(self.__dict__)
+    plan: object  # runtime.plan.RenderPlan: resolved precision, attention, compile
+    memory: object | None = None  # runtime.planner.MemoryPlan (None: models stay where loaded)
+    lora_high: float = 0.0
+    lora_low: float = 0.0
 
 
 @dataclass
@@ -54,82 +65,191 @@ class RenderResult:
 
 
 class Engine:
-    def __init__(self, high, low, vae, text_encoder, tokenizer, device: torch.device, files: ModelFiles,
-                 lora_report: dict | None = None, load_seconds: float = 0.0) -> None:  # fmt: skip
+    def __init__(self, high, low, vae, text_encoder, tokenizer, device: torch.device, files: ModelFiles | None,
+                 config: EngineConfig | None = None, load_seconds: float = 0.0) -> None:  # fmt: skip
+        """Models already loaded (and configured as ``config`` says, if given)."""
         self.high, self.low, self.vae = high, low, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
-        self.device = device
+        self.device = torch.device(device)
         self.files = files
-        self.lora_report = lora_report or {}
+        self.config = config
         self.load_seconds = load_seconds
-        self.plan = None  # the RenderPlan applied by Engine.load (None: models used as given)
-        self.memory = None  # runtime.offload.MemoryRuntime: where models sit per stage (None: where loaded)
+        self.lora_report: dict[str, str] = {}
+        self.memory = None  # runtime.offload.MemoryRuntime of config.memory
+        self.loads = 0  # times the experts were read from their files, for tests and the sidecar
+        self._undo: dict[str, object] = {}
+        self._converted = False  # fp8 conversion replaced wider weights: bf16 needs a reload
 
+    @property
+    def plan(self):
+        return self.config.plan if self.config is not None else None
+
+    # --- loading ----------------------------------------------------------------------
     @classmethod
-    def load(
-        cls,
-        files: ModelFiles,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | None = None,
-        lora_strength_high: float = 1.0,
-        lora_strength_low: float = 1.0,
-        precision: str = "auto",
-        attention: str = "auto",
-        compile: str = "off",
-        memory=None,
-    ) -> Engine:
-        """Load every model onto ``device``. ``dtype`` casts non-fp8 weights (None keeps
-        the file's); activations run in bf16 on CUDA and fp32 on the CPU. ``memory``, a
-        runtime.planner.MemoryPlan, keeps what it offloads on the host (mmap views)."""
-        from wanrender.runtime.offload import MemoryRuntime, load_devices
-        from wanrender.runtime.plan import apply_plan, make_plan
+    def load(cls, files: ModelFiles, device: str | torch.device, config: EngineConfig,
+             dtype: torch.dtype | None = None) -> Engine:  # fmt: skip
+        """Load every model onto ``device`` and apply ``config``. ``dtype`` casts non-fp8
+        weights (None keeps the file's); activations run in bf16 on CUDA, fp32 on the CPU."""
+        t0 = time.perf_counter()
+        from wanrender.runtime.offload import load_devices
 
         dev = torch.device(device)
-        plan, choice = make_plan(dev, precision, attention, compile)  # refuses bad knobs before loading
-        t0 = time.perf_counter()
+        _, te_dev, _ = load_devices(config.memory, dev)
+        vae = loading.load_vae(files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None))
+        te = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
+        tok = loading.load_tokenizer(files.tokenizer)
+        engine = cls(None, None, vae, te, tok, dev, files)
+        engine._dtype = dtype  # kept for reloads
+        engine._load_experts(config)
+        if te.config.dim != engine.high.cfg.text_dim:
+            raise WanrenderError(
+                f"{files.text_encoder}: text encoder width {te.config.dim} does not fit the DiT ({engine.high.cfg.text_dim}) — use umt5-xxl"
+            )
+        engine._apply(config, reloaded=True)
+        engine.load_seconds = time.perf_counter() - t0
+        return engine
+
+    def _load_experts(self, config: EngineConfig) -> None:
+        """Read both experts from their files and apply the LoRAs at the config's strengths."""
+        files, dev = self.files, self.device
+        if files is None:
+            raise WanrenderError("this engine's models were built in memory: a change that needs a reload cannot be made")
+        self.high = self.low = None  # the old experts' memory goes before the new ones arrive
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        from wanrender.runtime.offload import load_devices
+
+        expert_dev, _, _ = load_devices(config.memory, dev)
         act = torch.bfloat16 if dev.type == "cuda" else torch.float32
-        expert_dev, te_dev, lora_mode = load_devices(memory, dev)
+        dtype = getattr(self, "_dtype", None)
         high = loading.load_dit(files.high, device=expert_dev, dtype=dtype, compute_dtype=act)
         low = loading.load_dit(files.low, device=expert_dev, dtype=dtype, compute_dtype=act)
         if high.cfg != low.cfg:
             raise WanrenderError(f"{files.low}: the low-noise expert's architecture differs from the high-noise one — use a matching pair")
-        report: dict[str, str] = {}
-        for name, model, lora_path, strength in (
-            ("high", high, files.lora_high, lora_strength_high),
-            ("low", low, files.lora_low, lora_strength_low),
-        ):
-            if lora_path is not None and strength != 0.0:
-                from wanrender.models.lora import apply_lora, parse_lora
+        self.high, self.low = high, low
+        self.lora_report, self._undo, self._converted = {}, {}, False
+        self._apply_loras(config)
+        self.loads += 1
 
-                rep = apply_lora(model, parse_lora(lora_path, model), strength, mode=lora_mode)
-                report[name] = rep.summary()
-                log.info("LoRA %s (strength %g): %s", lora_path.name, strength, rep.summary())
-        vae = loading.load_vae(files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None))
-        te = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
-        tok = loading.load_tokenizer(files.tokenizer)
-        if te.config.dim != high.cfg.text_dim:
-            raise WanrenderError(
-                f"{files.text_encoder}: text encoder width {te.config.dim} does not fit the DiT ({high.cfg.text_dim}) — use umt5-xxl"
-            )
-        apply_plan([high, low], plan, choice)
-        engine = cls(high, low, vae, te, tok, dev, files, report, time.perf_counter() - t0)
-        engine.plan = plan
-        if memory is not None:
-            engine.memory = MemoryRuntime(high, low, te, dev, memory)
-        return engine
+    def _apply_loras(self, config: EngineConfig) -> None:
+        from wanrender.models.lora import LoraUndo, apply_lora, parse_lora
+        from wanrender.runtime.offload import load_devices
 
+        mode = load_devices(config.memory, self.device)[2]
+        for name, model, path, strength in (("high", self.high, self.files and self.files.lora_high, config.lora_high),
+                                            ("low", self.low, self.files and self.files.lora_low, config.lora_low)):  # fmt: skip
+            if path is None or strength == 0.0:
+                continue
+            undo = self._undo.setdefault(name, LoraUndo())
+            rep = apply_lora(model, parse_lora(path, model), strength, mode=mode, undo=undo)
+            self.lora_report[name] = rep.summary()
+            log.info("LoRA %s (strength %g): %s", path.name, strength, rep.summary())
+
+    def _remove_loras(self) -> None:
+        from wanrender.models.lora import remove_lora
+
+        for name, model in (("high", self.high), ("low", self.low)):
+            remove_lora(model, self._undo.pop(name, None))
+        self.lora_report = {}
+
+    # --- configuring ------------------------------------------------------------------
+    def configure(self, config: EngineConfig) -> dict[str, float]:
+        """Bring the models to ``config`` from the recorded one; returns what it cost
+        (``load_models`` seconds when experts had to be read again)."""
+        from wanrender.runtime.offload import load_devices
+
+        old = self.config
+        if old is None:  # models as built (in memory, or loaded without a configuration)
+            self._apply(config, reloaded=True)
+            return {}
+        if old == config:
+            return {}
+        t0 = time.perf_counter()
+        self._release_memory()
+        was, now = load_devices(old.memory, self.device), load_devices(config.memory, self.device)
+        loras_changed = (old.lora_high, old.lora_low) != (config.lora_high, config.lora_low)
+        merged = was[2] == "merge" and bool(old.lora_high or old.lora_low)
+        reload = was != now or (loras_changed and merged) or (self._converted and config.plan.precision != "fp8")
+        if reload:
+            self._unapply()
+            if was[1] != now[1]:
+                self.text_encoder = loading.load_text_encoder(self.files.text_encoder, device=now[1],
+                                                              dtype=getattr(self, "_dtype", None))  # fmt: skip
+            self._load_experts(config)
+        elif loras_changed:
+            self._remove_loras()
+            self._apply_loras(config)
+        self._apply(config, reloaded=reload)
+        return {Stage.LOAD_MODELS.value: time.perf_counter() - t0} if reload else {}
+
+    def _apply(self, config: EngineConfig, reloaded: bool) -> None:
+        """Attention, precision, compile and the memory runtime, as ``config`` says."""
+        from wanrender.kernels import attention as attn
+        from wanrender.runtime.offload import MemoryRuntime
+        from wanrender.runtime.plan import apply_precision, compile_blocks
+
+        plan, old = config.plan, (None if reloaded else self.config)
+        experts = [self.high, self.low]
+        choice = attn.select(plan.attention, attn.Target.of(self.device, self.high.compute_dtype, self.high.cfg.head_dim),
+                             eight_bit=plan.precision == "fp8")  # fmt: skip
+        for m in experts:
+            m.attention = choice.fn
+        if old is None or old.plan.precision != plan.precision:
+            self._converted |= apply_precision(experts, plan.precision)
+        if old is None or old.plan.compile != plan.compile:
+            for m in experts:
+                if plan.compile != "off" or old is not None:
+                    compile_blocks(m, plan.compile)
+        if config.memory is not None:
+            self.memory = MemoryRuntime(self.high, self.low, self.text_encoder, self.device, config.memory)
+        self.config = config
+        log.info("engine: %s; memory %s", plan, config.memory.short() if config.memory is not None else "as loaded")
+
+    def _unapply(self) -> None:
+        from wanrender.kernels.linear import disable_fp8
+
+        for m in (self.high, self.low):
+            disable_fp8(m)
+
+    def _release_memory(self) -> None:
+        if self.memory is not None:
+            self.memory.release()
+            self.memory = None
+
+    def release(self) -> None:
+        """Drop what the memory runtime placed on the device (before a step-down)."""
+        self._release_memory()
+
+    def warm_up(self, frames: int, width: int, height: int, batch: int = 1) -> float:
+        """One forward per expert at this shape on seeded random inputs: compiled blocks
+        compile here, not inside a timed or user-facing render. Returns the seconds."""
+        from wanrender.runtime.plan import compiled_scope
+
+        t0 = time.perf_counter()
+        shape = i2v.latent_shape(frames, width, height)
+        g = torch.Generator(device=self.device).manual_seed(1)
+        x = torch.randn(batch, *shape[1:], generator=g, device=self.device)
+        cond = torch.randn(batch, 20, *shape[2:], generator=g, device=self.device)
+        ctx = torch.randn(batch, self.high.cfg.text_len, self.high.cfg.text_dim, generator=g, device=self.device) * 0.1
+        with torch.no_grad(), compiled_scope() if self.plan is not None and self.plan.compile != "off" else nullcontext():
+            for m in (self.high, self.low):
+                m(x, torch.tensor([900.0], device=self.device), ctx, cond)
+        self._sync()
+        return time.perf_counter() - t0
+
+    # --- rendering --------------------------------------------------------------------
     @contextmanager
-    def _stage(self, timings: dict[str, float], name: str, progress: Progress | None) -> Iterator[None]:
+    def _stage(self, timings: dict[str, float], name: Stage, progress: Progress | None) -> Iterator[None]:
         if progress:
-            progress(name, None, None, "start")
+            progress(name.value, None, None, "start")
         self._sync()
         t0 = time.perf_counter()
-        with self.memory.stage(name) if self.memory is not None else nullcontext():
+        with self.memory.stage(name.value) if self.memory is not None else nullcontext():
             yield
         self._sync()
-        timings[name] = time.perf_counter() - t0
+        timings[name.value] = time.perf_counter() - t0
         if progress:
-            progress(name, None, None, f"{timings[name]:.2f}s")
+            progress(name.value, None, None, f"{timings[name.value]:.2f}s")
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -145,22 +265,28 @@ class Engine:
         return (ctx[:1], None) if negative is None else (ctx[:1], ctx[1:])
 
     def render(self, req: RenderRequest, image: torch.Tensor, progress: Progress | None = None,
-               write: Callable[[RenderResult], None] | None = None) -> RenderResult:  # fmt: skip
-        """Run the pipeline on an already fitted image [3, H, W] in [0, 1]."""
+               swap_experts: bool = False) -> RenderResult:  # fmt: skip
+        """Run the pipeline on an already fitted image [3, H, W] in [0, 1]. ``swap_experts``
+        (a benchmark experiment): the low-noise expert takes the high-noise steps."""
+        from wanrender.request import negative_prompt
+        from wanrender.runtime.plan import compiled_scope
+
+        if self.config is None:
+            raise WanrenderError("the engine has no configuration yet — load it with Engine.load or call configure")
+        r, s = req.render, req.sampling
         timings: dict[str, float] = {}
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        with self._stage(timings, "text_encode", progress):
-            ctx, neg = self.encode_prompts(req.prompt, req.negative_prompt if req.cfg != 1.0 else None)
-        with self._stage(timings, "vae_encode", progress):
-            cond = i2v.image_condition(self.vae, image, req.frames).to(self.device)
-        noise = i2v.initial_noise(req.seed, i2v.latent_shape(req.frames, req.width, req.height)).to(self.device)
-        settings = i2v.Sampling(req.steps, req.switch, req.cfg, req.shift_high, req.shift_low, req.sampler)
+        with self._stage(timings, Stage.TEXT_ENCODE, progress):
+            ctx, neg = self.encode_prompts(r.prompt, negative_prompt(req) if s.cfg != 1.0 else None)
+        with self._stage(timings, Stage.VAE_ENCODE, progress):
+            cond = i2v.image_condition(self.vae, image, r.frames).to(self.device)
+        noise = i2v.initial_noise(r.seed, i2v.latent_shape(r.frames, r.width, r.height)).to(self.device)
         if self.memory is not None:
-            timings["expert_install"] = self.memory.begin_sampling()  # swap/stream: the high expert in
+            timings[Stage.EXPERT_INSTALL.value] = self.memory.begin_sampling()  # swap/stream: the high expert in
         step_times: list[float] = []
         t_pass = [time.perf_counter()]
-        current = ["pass1_high"]
+        current = [Stage.PASS1_HIGH]
 
         def on_step(i: int, n: int, sigma: float) -> None:
             self._sync()
@@ -168,27 +294,30 @@ class Engine:
             step_times.append(now - t_pass[-1])
             t_pass.append(now)
             if progress:
-                progress(current[0], i + 1, n, f"sigma {sigma:.4f}")
+                progress(current[0].value, i + 1, n, f"sigma {sigma:.4f}")
             if self.memory is not None:
-                self.memory.after_step(current[0], i, n)
+                self.memory.after_step(current[0].value, i, n)
 
         def on_switch() -> None:
             self._sync()
-            timings["pass1_high"] = time.perf_counter() - t_pass[0]
-            if self.memory is not None and req.switch < req.steps:  # no low pass: nothing to install
-                timings["expert_install"] += self.memory.switch()
-            current[0] = "pass2_low"
+            timings[Stage.PASS1_HIGH.value] = time.perf_counter() - t_pass[0]
+            if self.memory is not None and s.switch < s.steps:  # no low pass: nothing to install
+                timings[Stage.EXPERT_INSTALL.value] += self.memory.switch()
+            current[0] = Stage.PASS2_LOW
             t_pass.append(time.perf_counter())
             t_pass[0] = t_pass[-1]
 
+        first, second = (self.low, self.high) if swap_experts else (self.high, self.low)
         t_start = time.perf_counter()
         if progress:
-            progress("pass1_high", 0, req.switch, "start")
-        latent = i2v.sample(self.high, self.low, noise, cond, ctx, settings, neg, on_step, on_switch)
+            progress(Stage.PASS1_HIGH.value, 0, s.switch, "start")
+        with compiled_scope() if self.config.plan.compile != "off" else nullcontext():
+            latent = i2v.sample(first, second, noise, cond, ctx, s, neg, on_step, on_switch)
         self._sync()
-        timings["pass2_low"] = time.perf_counter() - t_pass[0]
-        timings["sampling"] = time.perf_counter() - t_start
-        with self._stage(timings, "vae_decode", progress):
+        timings[Stage.PASS2_LOW.value] = time.perf_counter() - t_pass[0]
+        timings[Stage.SAMPLING.value] = time.perf_counter() - t_start
+        del cond, noise, ctx, neg
+        with self._stage(timings, Stage.VAE_DECODE, progress):
             frames = i2v.decode(self.vae, latent, tiled=self.memory is not None and self.memory.plan.tiled_decode)
         result = RenderResult(None, None, frames, latent.cpu(), timings)
         result.meta["step_seconds"] = step_times
@@ -196,6 +325,4 @@ class Engine:
             result.meta["memory"] = self.memory.report()
         if self.device.type == "cuda":
             result.peak_vram_bytes = int(torch.cuda.max_memory_allocated(self.device))
-        if write is not None:
-            write(result)
         return result

@@ -1,15 +1,27 @@
-"""What the user asks for (``RenderRequest``), its presets, and validation at the edge.
+"""Presets, and building a validated ``RenderRequest`` at the edge.
 
-Every error names the nearest valid value so the user can fix the flag at once.
+Every error names the nearest valid value so the user can fix the input at once.
+Errors name the spec's field (``frames``), a ``SpecError``; the CLI shows its flag.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+import dataclasses
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from wanrender.errors import WanrenderError
-from wanrender.pipeline.sampling import SAMPLERS
+from wanrender.spec import (
+    INTERPOLATE,
+    MEMORY_MODES,
+    RENDER_FPS,
+    SAMPLERS,
+    OutputSpec,
+    RenderRequest,
+    RenderSpec,
+    RuntimeKnobs,
+    Sampling,
+    SpecError,
+)
 
 # The official Wan 2.2 negative prompt (used when cfg != 1 and none is given).
 DEFAULT_NEGATIVE = (
@@ -18,20 +30,12 @@ DEFAULT_NEGATIVE = (
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
 MAX_FRAMES = 321
-RENDER_FPS = 16  # Wan renders 16 frames per second; interpolation multiplies it
-INTERPOLATE = ("off", "rife", "dis")
 MIN_SIDE, MAX_SIDE = 64, 2048
-MEMORY_MODES = ("auto", "resident", "swap", "stream")
 
 
 @dataclass(frozen=True)
 class Preset:
-    steps: int
-    switch: int
-    cfg: float
-    shift_high: float
-    shift_low: float
-    sampler: str
+    sampling: Sampling
     lora_strength: float  # strength of the 4-step LoRAs (0: none)
     frames: int = 81
     width: int = 832
@@ -40,68 +44,42 @@ class Preset:
 
 
 PRESETS: dict[str, Preset] = {
-    "turbo": Preset(4, 2, 1.0, 5.0, 5.0, "euler", 1.0, description="the production workflow: 4 steps with the 4-step LoRAs"),
-    "quality": Preset(20, 10, 3.5, 5.0, 5.0, "euler", 0.0, description="20 steps, CFG 3.5 with a negative prompt, no LoRA"),
-    "demo": Preset(4, 2, 1.0, 5.0, 5.0, "euler", 1.0, frames=17, width=320, height=192,
+    "turbo": Preset(Sampling(4, 2, 1.0, 5.0, 5.0, "euler"), 1.0,
+                    description="the production workflow: 4 steps with the 4-step LoRAs"),
+    "quality": Preset(Sampling(20, 10, 3.5, 5.0, 5.0, "euler"), 0.0,
+                      description="20 steps, CFG 3.5 with a negative prompt, no LoRA"),
+    "demo": Preset(Sampling(4, 2, 1.0, 5.0, 5.0, "euler"), 1.0, frames=17, width=320, height=192,
                    description="tiny random-weight models, for trying the pipeline without downloads"),
-}
+}  # fmt: skip
+
+_PARTS = {"render": RenderSpec, "sampling": Sampling, "knobs": RuntimeKnobs, "output": OutputSpec}
+_FIELD_PART = {f.name: part for part, cls in _PARTS.items() for f in dataclasses.fields(cls)}
 
 
-@dataclass(frozen=True)
-class RenderRequest:
-    image: Path
-    prompt: str
-    negative: str | None = None
-    preset: str = "turbo"
-    frames: int = 81
-    width: int = 832
-    height: int = 1216
-    steps: int = 4
-    switch: int = 2
-    cfg: float = 1.0
-    shift_high: float = 5.0
-    shift_low: float = 5.0
-    sampler: str = "euler"
-    seed: int = 0
-    lora_strength_high: float = 1.0
-    lora_strength_low: float = 1.0
-    fit: str = "crop"
-    interpolate: str = "off"
-    fps: int = 16  # output frame rate: 16, or 16 x N with --interpolate
-    crf: int = 18
-    save_frames: bool = False
-    precision: str = "auto"
-    attention: str = "auto"
-    compile: str = "off"
-    memory: str = "auto"  # auto | resident | swap | stream (runtime/planner.py)
-    reserve_vram: float | None = None  # GiB kept free on the GPU (None: the planner's default)
-    out: Path | None = None
-    extra: dict = field(default_factory=dict)
+def negative_prompt(req: RenderRequest) -> str:
+    return DEFAULT_NEGATIVE if req.render.negative is None else req.render.negative
 
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["image"] = str(self.image)
-        d["out"] = str(self.out) if self.out else None
-        return d
 
-    @property
-    def interp_multiplier(self) -> int:
-        return 1 if self.interpolate == "off" else self.fps // RENDER_FPS
-
-    @property
-    def negative_prompt(self) -> str:
-        return DEFAULT_NEGATIVE if self.negative is None else self.negative
+def with_fields(req: RenderRequest, **fields: object) -> RenderRequest:
+    """``req`` with fields of any of its specs replaced, by field name (not validated)."""
+    parts: dict[str, dict] = {}
+    for name, value in fields.items():
+        if name not in _FIELD_PART:
+            raise TypeError(f"no render field named {name!r}")
+        parts.setdefault(_FIELD_PART[name], {})[name] = value
+    return replace(req, **{part: replace(getattr(req, part), **kv) for part, kv in parts.items()})
 
 
 def from_preset(name: str, image: Path, prompt: str, **overrides: object) -> RenderRequest:
-    """A request from a preset; ``overrides`` set to None keep the preset's value."""
+    """A validated request from a preset; ``overrides`` are fields of any spec by name
+    (plus ``boundary``); those set to None keep the preset's value."""
     if name not in PRESETS:
-        raise WanrenderError(f"unknown preset {name!r} — choose one of {', '.join(PRESETS)}")
+        raise SpecError("preset", f"unknown preset {name!r} — choose one of {', '.join(PRESETS)}")
     p = PRESETS[name]
     base = RenderRequest(
-        image=image, prompt=prompt, preset=name, frames=p.frames, width=p.width, height=p.height,
-        steps=p.steps, switch=p.switch, cfg=p.cfg, shift_high=p.shift_high, shift_low=p.shift_low,
-        sampler=p.sampler, lora_strength_high=p.lora_strength, lora_strength_low=p.lora_strength,
+        RenderSpec(image, prompt, frames=p.frames, width=p.width, height=p.height,
+                   lora_strength_high=p.lora_strength, lora_strength_low=p.lora_strength),
+        p.sampling, preset=name,
     )  # fmt: skip
     given = {k: v for k, v in overrides.items() if v is not None}
     if given.get("interpolate", "off") != "off" and "fps" not in given:
@@ -111,17 +89,17 @@ def from_preset(name: str, image: Path, prompt: str, **overrides: object) -> Ren
         # The official Wan 2.2 rule instead of a step number: steps whose timestep is
         # >= boundary x 1000 on the high expert's schedule go to the high expert.
         if "switch" in given:
-            raise WanrenderError("--switch and --boundary both set the expert switch — give only one")
+            raise SpecError("boundary", "switch and boundary both set the expert switch — give only one")
         if not 0.0 < float(boundary) < 1.0:
-            raise WanrenderError(f"--boundary {boundary} is invalid — use a value in (0, 1); Wan 2.2 I2V uses 0.9")
+            raise SpecError("boundary", f"boundary {boundary} is invalid — use a value in (0, 1); Wan 2.2 I2V uses 0.9")
         from wanrender.pipeline.schedules import boundary_switch_step, simple_sigmas
 
-        steps = int(given.get("steps", p.steps))
-        shift = float(given.get("shift_high", p.shift_high))
+        steps = int(given.get("steps", p.sampling.steps))
+        shift = float(given.get("shift_high", p.sampling.shift_high))
         given["switch"] = boundary_switch_step(simple_sigmas(max(1, steps), shift), float(boundary))
-    if "steps" in given and "switch" not in given:
-        given["switch"] = max(0, round(int(given["steps"]) * p.switch / p.steps))  # keep the preset's ratio
-    return validate(replace(base, **given))
+    if "steps" in given and "switch" not in given:  # keep the preset's ratio
+        given["switch"] = max(0, round(int(given["steps"]) * p.sampling.switch / p.sampling.steps))
+    return validate(with_fields(base, **given))
 
 
 def _nearest_4k1(n: int) -> int:
@@ -132,47 +110,44 @@ def _nearest16(n: int) -> int:
     return max(MIN_SIDE, min(MAX_SIDE, 16 * round(n / 16)))
 
 
-def validate(r: RenderRequest) -> RenderRequest:
+def validate(req: RenderRequest) -> RenderRequest:
+    r, s, k, o = req.render, req.sampling, req.knobs, req.output
     if not r.prompt.strip():
-        raise WanrenderError("the prompt is empty — describe the motion you want, e.g. --prompt 'slow dolly-in'")
+        raise SpecError("prompt", "the prompt is empty — describe the motion you want, e.g. 'slow dolly-in'")
     if r.frames < 1 or (r.frames - 1) % 4 or r.frames > MAX_FRAMES:
-        raise WanrenderError(f"--frames {r.frames} is invalid: frames must be 4k+1, 1..{MAX_FRAMES} — try {_nearest_4k1(r.frames)}")
+        raise SpecError("frames", f"frames {r.frames} is invalid: frames must be 4k+1, 1..{MAX_FRAMES} — try {_nearest_4k1(r.frames)}")
     for name, v in (("width", r.width), ("height", r.height)):
         if v % 16 or not MIN_SIDE <= v <= MAX_SIDE:
-            raise WanrenderError(
-                f"{name} {v} is invalid: sizes must be multiples of 16 in {MIN_SIDE}..{MAX_SIDE} — try {_nearest16(v)}"
-            )
-    if r.steps < 1 or r.steps > 200:
-        raise WanrenderError(f"--steps {r.steps} is invalid — use 1..200 (turbo uses 4, quality 20)")
-    if not 0 <= r.switch <= r.steps:
-        raise WanrenderError(f"--switch {r.switch} is invalid: it must be within 0..{r.steps} — try {min(max(r.switch, 0), r.steps)}")
-    if not 0.0 < r.cfg <= 30.0:
-        raise WanrenderError(f"--cfg {r.cfg} is invalid — use a value in (0, 30]; 1 disables guidance")
-    for name, v in (("shift (high)", r.shift_high), ("shift (low)", r.shift_low)):
+            raise SpecError(name, f"{name} {v} is invalid: sizes must be multiples of 16 in {MIN_SIDE}..{MAX_SIDE} — try {_nearest16(v)}")
+    if s.steps < 1 or s.steps > 200:
+        raise SpecError("steps", f"steps {s.steps} is invalid — use 1..200 (turbo uses 4, quality 20)")
+    if not 0 <= s.switch <= s.steps:
+        raise SpecError("switch", f"switch {s.switch} is invalid: it must be within 0..{s.steps} — try {min(max(s.switch, 0), s.steps)}")
+    if not 0.0 < s.cfg <= 30.0:
+        raise SpecError("cfg", f"cfg {s.cfg} is invalid — use a value in (0, 30]; 1 disables guidance")
+    for name, v in (("shift_high", s.shift_high), ("shift_low", s.shift_low)):
         if not 0.0 < v <= 100.0:
-            raise WanrenderError(f"{name} {v} is invalid — use a value in (0, 100]; Wan uses 5")
-    if r.sampler not in SAMPLERS:
-        raise WanrenderError(f"unknown sampler {r.sampler!r} — choose one of {', '.join(SAMPLERS)}")
+            raise SpecError(name, f"{name} {v} is invalid — use a value in (0, 100]; Wan uses 5")
+    if s.sampler not in SAMPLERS:
+        raise SpecError("sampler", f"unknown sampler {s.sampler!r} — choose one of {', '.join(SAMPLERS)}")
     if not 0 <= r.seed < 2**63:
-        raise WanrenderError(f"--seed {r.seed} is invalid — use 0..2^63-1")
-    if not 1 <= r.fps <= 240:
-        raise WanrenderError(f"--fps {r.fps} is invalid — use 1..240 (Wan renders at 16)")
-    if not 0 <= r.crf <= 51:
-        raise WanrenderError(f"--crf {r.crf} is invalid — use 0..51 (lower is better quality; 18 is visually lossless)")
-    for name, v in (("--lora-strength (high)", r.lora_strength_high), ("--lora-strength (low)", r.lora_strength_low)):
+        raise SpecError("seed", f"seed {r.seed} is invalid — use 0..2^63-1")
+    if not 1 <= o.fps <= 240:
+        raise SpecError("fps", f"fps {o.fps} is invalid — use 1..240 (Wan renders at 16)")
+    if not 0 <= o.crf <= 51:
+        raise SpecError("crf", f"crf {o.crf} is invalid — use 0..51 (lower is better quality; 18 is visually lossless)")
+    for name, v in (("lora_strength_high", r.lora_strength_high), ("lora_strength_low", r.lora_strength_low)):
         if not -10.0 <= v <= 10.0:  # also rejects nan and inf
-            raise WanrenderError(f"{name} {v} is invalid — use a finite value in -10..10 (the 4-step LoRAs use 1)")
-    if r.interpolate not in INTERPOLATE:
-        raise WanrenderError(f"--interpolate {r.interpolate!r} is invalid — choose one of {', '.join(INTERPOLATE)}")
-    if r.interpolate != "off" and (r.fps % RENDER_FPS or not 2 <= r.fps // RENDER_FPS <= 16):
-        near = min(max(RENDER_FPS * round(r.fps / RENDER_FPS), 2 * RENDER_FPS), 16 * RENDER_FPS)
-        raise WanrenderError(
-            f"--fps {r.fps} with --interpolate: the output rate must be {RENDER_FPS} x N (N = 2..16) — try {near}"
-        )
+            raise SpecError(name, f"{name} {v} is invalid — use a finite value in -10..10 (the 4-step LoRAs use 1)")
+    if o.interpolate not in INTERPOLATE:
+        raise SpecError("interpolate", f"interpolate {o.interpolate!r} is invalid — choose one of {', '.join(INTERPOLATE)}")
+    if o.interpolate != "off" and (o.fps % RENDER_FPS or not 2 <= o.fps // RENDER_FPS <= 16):
+        near = min(max(RENDER_FPS * round(o.fps / RENDER_FPS), 2 * RENDER_FPS), 16 * RENDER_FPS)
+        raise SpecError("fps", f"fps {o.fps} with interpolation: the output rate must be {RENDER_FPS} x N (N = 2..16) — try {near}")
     if r.fit not in ("crop", "pad"):
-        raise WanrenderError(f"--fit {r.fit!r} is invalid — choose crop or pad")
-    if r.memory not in MEMORY_MODES:
-        raise WanrenderError(f"--memory {r.memory!r} is invalid — choose one of {', '.join(MEMORY_MODES)}")
-    if r.reserve_vram is not None and not 0 <= r.reserve_vram <= 1024:
-        raise WanrenderError(f"--reserve-vram {r.reserve_vram:g} is invalid — use GiB to keep free, e.g. 1 or 4")
-    return r
+        raise SpecError("fit", f"fit {r.fit!r} is invalid — choose crop or pad")
+    if k.memory not in MEMORY_MODES:
+        raise SpecError("memory", f"memory {k.memory!r} is invalid — choose one of {', '.join(MEMORY_MODES)}")
+    if k.reserve_vram is not None and not 0 <= k.reserve_vram <= 1024:
+        raise SpecError("reserve_vram", f"reserve_vram {k.reserve_vram:g} is invalid — use GiB to keep free, e.g. 1 or 4")
+    return req

@@ -194,6 +194,7 @@ class RenderRequest:
     knobs: RuntimeKnobs = field(default_factory=RuntimeKnobs)
     output: OutputSpec = field(default_factory=OutputSpec)
     preset: str = "turbo"
+    extra: dict = field(default_factory=dict, compare=False)  # provenance for the sidecar (e.g. the GPU profile used)
 
     def to_json(self) -> dict:
         """Flat, as the sidecar has always recorded it."""
@@ -202,4 +203,5 @@ class RenderRequest:
             d.update(asdict(part))
         d["image"] = str(self.render.image)
         d["out"] = str(self.output.out) if self.output.out else None
+        d["extra"] = self.extra
         return d

@@ -46,7 +46,7 @@ def _is_oom(e: BaseException) -> bool:
     import torch
 
     seen: BaseException | None = e
-    while seen is not None:  # run_generate turns an OOM into a WanrenderError; the OOM is its context
+    while seen is not None:  # the runner turns an OOM into a WanrenderError; the OOM is its context
         if isinstance(seen, torch.cuda.OutOfMemoryError):
             return True
         seen = seen.__cause__ or seen.__context__
@@ -112,9 +112,9 @@ def _device(case: Case) -> str:
 def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
     import torch
 
-    from wanrender.engine import Engine
-    from wanrender.generate import resolve_files, run_generate
+    from wanrender.models.inventory import resolve_files
     from wanrender.request import from_preset
+    from wanrender.runner import Runner
 
     res = res if res is not None else {}  # the caller's dict: what is known survives a failure
     res.update({"notes": [], "windows": [], "repeats": []})
@@ -159,17 +159,16 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
         image = demo_image()
     else:
         image = Path(case.image_path or case.image)
+    random = files is None
     req = from_preset(case.preset, image, case.prompt, frames=case.frames, width=case.width, height=case.height,
                       steps=case.steps, switch=case.switch, seed=case.seed, interpolate=case.interpolate,
                       precision=case.precision, attention=case.attention, compile=case.compile,
-                      memory=case.memory_plan, out=work / "render.mp4")  # fmt: skip
+                      memory=case.memory_plan, out=work / "render.mp4",
+                      lora_strength_high=0.0 if random else None, lora_strength_low=0.0 if random else None)  # fmt: skip
     hooks = _Hooks(case.inject, float(os.environ.get("WANRENDER_BENCH_STEP_DELAY") or 0))
     t = time.time()
     # The VRAM planner sees the emulated card: the cap, not the physical memory.
-    from dataclasses import replace as _replace
-
     from wanrender.runtime import gpus
-    from wanrender.runtime.planner import Decision, plan_render
 
     spec = None
     if cuda:
@@ -179,46 +178,36 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
         if case.vram_cap_bytes:
             # Planned as a card of the cap's size: its total less the context, not what is free here.
             spec = spec.with_vram(min(spec.total_gib, case.vram_cap_bytes / 2**30))
-
-    def record(decision) -> object:
-        """The plan and its prediction go into the result now, so a failure while
-        loading or rendering still reports what was attempted."""
-        mem = decision.chosen.plan if isinstance(decision, Decision) else decision
-        res["memory_plan"] = mem.describe()
-        if isinstance(decision, Decision):  # held against the measured peak
-            res["predicted"] = decision.chosen.to_json()
-        return mem
-
-    if files is None:
-        from wanrender.bench.synthetic import apply_knobs, random_engine
+    weights = None
+    if random:
         from wanrender.errors import WanrenderError
         from wanrender.runtime.memory import Weights
 
         if not cuda:
             raise WanrenderError("models: random builds two full-size 14B experts — it needs a CUDA GPU; use models: demo on a CPU")
-        req = _replace(req, lora_strength_high=0.0, lora_strength_low=0.0)
-        # The planner counts the standard fp8_scaled file set, which is what is built.
-        mem = record(plan_render(req, None, dev, gpu=spec, weights=Weights.standard(lora=False)))
-        engine = random_engine(dev, mem)  # built uncapped (bf16 first), then the cap
+        weights = Weights.standard(lora=False)  # the planner counts the standard fp8_scaled set: what is built
+    runner = Runner(dev, gpu=spec, weights=weights)
+    prep = runner.prepare(req, files)  # the plan and its prediction go into the result now, so a failure
+    mem = prep.memory.plan  # while loading or rendering still reports what was attempted
+    res["memory_plan"] = mem.describe()
+    if hasattr(prep.memory.decision, "chosen"):  # held against the measured peak
+        res["predicted"] = prep.memory.decision.chosen.to_json()
+    if random:
+        from wanrender.bench.synthetic import random_engine
+
+        runner.engine = random_engine(dev, mem)  # built uncapped (bf16 first), then the cap
         apply_cap()
-        apply_knobs(engine, req.precision, req.attention, req.compile, mem)
-        files = engine.files
         res["notes"].append("full-size random weights, fp8-stored experts, no LoRA: speed and memory only")
-    else:
-        mem = record(plan_render(req, files, dev, gpu=spec))
-        engine = Engine.load(files, dev, lora_strength_high=req.lora_strength_high, lora_strength_low=req.lora_strength_low,
-                             precision=req.precision, attention=req.attention, compile=req.compile, memory=mem)  # fmt: skip
+    runner.ensure_engine(prep.config, files, None)  # loaded (or configured) outside the timed renders
     res["load_s"] = round(time.time() - t, 3)
-    res["plan"] = engine.plan.to_json() if engine.plan is not None else None
-    if case.pass_order == "low-high":
-        # The experiment: the low-noise expert (with its LoRA) takes the high-noise
-        # steps and vice versa. Engine.render runs engine.high first.
-        engine.high, engine.low = engine.low, engine.high
-    res["pass1_expert"] = "low" if case.pass_order == "low-high" else "high"
+    res["plan"] = runner.engine.plan.to_json()
+    # The experiment low-high: the low-noise expert (with its LoRA) takes the high-noise steps and vice versa.
+    swap = case.pass_order == "low-high"
+    res["pass1_expert"] = "low" if swap else "high"
     if case.warmup:
         _say("warm-up render (untimed)")
         t = time.time()
-        run_generate(req, files, device, hooks, engine)
+        runner.render(req, files, hooks, swap_experts=swap)
         res["windows"].append(("warmup", t, time.time()))
         res["warmup_s"] = round(time.time() - t, 3)
     hooks.timed = True
@@ -228,7 +217,7 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
             torch.cuda.synchronize(dev)
             torch.cuda.reset_peak_memory_stats(dev)
         t = time.time()
-        result = run_generate(req, files, device, hooks, engine)
+        result = runner.render(req, files, hooks, swap_experts=swap)
         t_end = time.time()
         res["windows"].append((f"repeat {i + 1}", t, t_end))
         steps = result.meta.get("step_seconds") or []

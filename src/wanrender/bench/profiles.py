@@ -154,12 +154,12 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
             return req, None
     else:
         prof = load_profile(Path(spec))
-    bucket = prof.bucket_for(req.frames, req.width, req.height)
+    bucket = prof.bucket_for(req.render.frames, req.render.width, req.render.height)
     chosen = {k: v for k, v in bucket.knobs.items() if k in REQUEST_KNOBS and k not in explicit}
     if chosen:
         from wanrender.runtime.plan import make_plan
 
-        trial = {k: chosen.get(k, getattr(req, k)) for k in REQUEST_KNOBS}
+        trial = {k: chosen.get(k, getattr(req.knobs, k)) for k in REQUEST_KNOBS}
         try:
             make_plan(dev, trial["precision"], trial["attention"], trial["compile"])
         except WanrenderError as e:
@@ -170,7 +170,7 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
     record = {"path": prof.path, "device": prof.device, "bucket": bucket.name, "estimated": prof.estimated,
               "applied": chosen, "memory_plan": bucket.knobs.get("memory_plan"),
               "source": prof.provenance.get("source")}  # fmt: skip
-    req = replace(req, **chosen, extra={**req.extra, "profile": record})
+    req = replace(req, knobs=replace(req.knobs, **chosen), extra={**req.extra, "profile": record})
     kind = "estimated" if prof.estimated else "measured"
     knobs = ", ".join(f"{k} {v}" for k, v in chosen.items()) or "nothing (all set explicitly)"
     return req, f"profile {Path(prof.path).name} ({prof.device}, {kind}, bucket {bucket.name}): {knobs}"

@@ -66,8 +66,10 @@ def random_engine(device: str | torch.device = "cuda", memory=None, presets: tup
     runtime.planner.MemoryPlan; None: all resident) says: what a swap or stream plan
     keeps on the host is built on the GPU and then moved to host memory, so building
     needs an uncapped GPU (apply an emulated VRAM cap afterwards). ``presets``: DiT,
-    text encoder and VAE presets (``TINY`` for tests)."""
-    from wanrender.engine import Engine, ModelFiles
+    text encoder and VAE presets (``TINY`` for tests). The engine has no files and no
+    configuration yet: render it through ``runner.Runner(engine=...)``, which applies
+    the plan's precision, attention, compile and memory runtime."""
+    from wanrender.engine import Engine
     from wanrender.models.text_encoder import TextEncoderConfig, UMT5Encoder
     from wanrender.models.vae import VAEConfig, WanVAE
     from wanrender.runtime.offload import load_devices
@@ -101,18 +103,4 @@ def random_engine(device: str | torch.device = "cuda", memory=None, presets: tup
     randomize_(vae, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(Path(tmp))
-    none = ModelFiles(None, None, None, None, None)  # type: ignore[arg-type]  # in-memory: no files to hash
-    return Engine(high, low, vae, te, tok, dev, none)
-
-
-def apply_knobs(engine, precision: str, attention: str, compile: str, memory=None) -> None:
-    """The render plan for ``engine``'s experts, then ``memory`` (the MemoryPlan the
-    engine was built for, if any): what ``Engine.load`` does for files, in that order."""
-    from wanrender.runtime.offload import MemoryRuntime
-    from wanrender.runtime.plan import apply_plan, make_plan
-
-    plan, choice = make_plan(engine.device, precision, attention, compile)
-    apply_plan([engine.high, engine.low], plan, choice)
-    engine.plan = plan
-    if memory is not None:
-        engine.memory = MemoryRuntime(engine.high, engine.low, engine.text_encoder, engine.device, memory)
+    return Engine(high, low, vae, te, tok, dev, None)  # in-memory: no files to hash or reload

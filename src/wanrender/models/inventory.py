@@ -15,6 +15,23 @@ _MAX_DEPTH = 4
 
 
 @dataclass(frozen=True)
+class ModelFiles:
+    """The files one render loads: both experts, the VAE, the text encoder and its
+    tokenizer (often the text encoder file itself), and the optional 4-step LoRAs."""
+
+    high: Path
+    low: Path
+    vae: Path
+    text_encoder: Path
+    tokenizer: Path
+    lora_high: Path | None = None
+    lora_low: Path | None = None
+
+    def as_dict(self) -> dict[str, Path | None]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
 class Entry:
     path: Path
     info: CheckpointInfo | None
@@ -162,3 +179,34 @@ def human_size(n: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1000
     return f"{size:.1f} TB"
+
+
+def resolve_files(
+    models_dir: Path | None,
+    high: Path | None = None,
+    low: Path | None = None,
+    vae: Path | None = None,
+    text_encoder: Path | None = None,
+    tokenizer: Path | None = None,
+    lora_high: Path | None = None,
+    lora_low: Path | None = None,
+) -> ModelFiles:
+    """Explicit files win; the rest is found in ``models_dir``."""
+    found = scan(models_dir) if models_dir is not None else ModelSet()
+    picked = ModelSet(
+        high=high or found.high, low=low or found.low, vae=vae or found.vae,
+        text_encoder=text_encoder or found.text_encoder,
+        tokenizer=tokenizer or found.tokenizer or (text_encoder if text_encoder else None),
+        lora_high=lora_high or found.lora_high, lora_low=lora_low or found.lora_low,
+    )  # fmt: skip
+    if picked.missing():
+        if models_dir is None:
+            raise WanrenderError(
+                f"missing {'; '.join(picked.missing())} — pass --models DIR (after 'wanrender models fetch --dir DIR') "
+                "or the files with --high/--low/--vae/--text-encoder"
+            )
+        picked.require_complete(models_dir)
+    return ModelFiles(
+        high=picked.high, low=picked.low, vae=picked.vae, text_encoder=picked.text_encoder,  # type: ignore[arg-type]
+        tokenizer=picked.tokenizer, lora_high=picked.lora_high, lora_low=picked.lora_low,  # type: ignore[arg-type]
+    )

@@ -42,7 +42,7 @@ exact result on fp8 experts use ``unmerged``. ``"unmerged"``
 leaves Linear weights untouched and adds the low-rank term at run time through
 ``common.Linear.adapters``; the other targets (biases, modulation, norms, the
 patch-embedding conv) are small and are merged even then, but their original tensors
-are kept so that ``remove_lora`` restores them. Apply unmerged LoRAs after moving the
+are recorded in a caller-held ``LoraUndo`` so that ``remove_lora`` restores them. Apply unmerged LoRAs after moving the
 model to its device: the adapters are placed on the weights' device at apply time.
 """
 
@@ -55,7 +55,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -451,7 +451,15 @@ def _merge(mod: nn.Module, attr: str, delta: torch.Tensor, target: str) -> None:
         _set_param(mod, attr, (old.detach().float() + delta).to(old.dtype))
 
 
-def apply_lora(model: nn.Module, lora: Lora, strength: float, mode: str = "merge") -> LoraReport:
+@dataclass
+class LoraUndo:
+    """What unmerged applications replaced (non-Linear targets are merged even then),
+    kept by the caller so that ``remove_lora`` can put it back."""
+
+    originals: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def apply_lora(model: nn.Module, lora: Lora, strength: float, mode: str = "merge", undo: LoraUndo | None = None) -> LoraReport:
     """Apply ``lora`` to ``model`` at ``strength``; returns the report of what was done.
 
     ``merge``: ``W += strength * delta`` computed in fp32, then stored in the weight's
@@ -471,10 +479,7 @@ def apply_lora(model: nn.Module, lora: Lora, strength: float, mode: str = "merge
             raise ValueError(f"{lora.source} was parsed for another model: it has no {target}")
         for p in plist:
             _check_shape(lora.source, p, target, params[target])
-    # What unmerged mode merges anyway, kept so that remove_lora can put it back.
-    originals: dict[str, torch.Tensor] = (
-        model.__dict__.setdefault("_lora_originals", {}) if mode == "unmerged" else {}
-    )
+    originals = undo.originals if undo is not None else {}
     merged, runtime = [], []
     for target, plist in lora.patches.items():
         mod_name, _, attr = target.rpartition(".")
@@ -503,8 +508,9 @@ def apply_lora(model: nn.Module, lora: Lora, strength: float, mode: str = "merge
     return replace(base, merged=tuple(merged), runtime=tuple(runtime), notes=tuple(notes))
 
 
-def remove_lora(model: nn.Module) -> int:
-    """Undo every ``unmerged`` application: drop run-time adapters, restore merged side tensors.
+def remove_lora(model: nn.Module, undo: LoraUndo | None = None) -> int:
+    """Undo every ``unmerged`` application: drop run-time adapters, restore the side
+    tensors recorded in ``undo``.
 
     Merged (``mode="merge"``) LoRAs stay: reload the model to drop them. Returns the
     number of layers restored.
@@ -514,9 +520,11 @@ def remove_lora(model: nn.Module) -> int:
         if isinstance(mod, Linear) and mod.adapters:
             mod.adapters = ()
             n += 1
-    originals: dict[str, torch.Tensor] = model.__dict__.pop("_lora_originals", {})
+    originals = undo.originals if undo is not None else {}
     modules = dict(model.named_modules())
+    restored = len(originals)
     for target, t in originals.items():
         mod_name, _, attr = target.rpartition(".")
         _set_param(modules[mod_name], attr, t)
-    return n + len(originals)
+    originals.clear()
+    return n + restored

@@ -12,20 +12,19 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from wanrender.pipeline.sampling import PassPlan, StepCallback, cfg_velocity, run_pass
+from wanrender.spec import SPATIAL_STRIDE, Sampling, latent_frames
+
+__all__ = ["Sampling", "passes", "image_condition", "initial_noise", "latent_shape", "sample", "decode"]
 
 LATENT_CHANNELS = 16
-TEMPORAL_STRIDE = 4
-SPATIAL_STRIDE = 8
 
 
 def latent_shape(frames: int, width: int, height: int) -> tuple[int, int, int, int, int]:
-    return (1, LATENT_CHANNELS, (frames - 1) // TEMPORAL_STRIDE + 1, height // SPATIAL_STRIDE, width // SPATIAL_STRIDE)
+    return (1, LATENT_CHANNELS, latent_frames(frames), height // SPATIAL_STRIDE, width // SPATIAL_STRIDE)
 
 
 @torch.no_grad()
@@ -52,24 +51,16 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, dtype=torch.float32, generator=g, device="cpu")
 
 
-@dataclass(frozen=True)
-class Sampling:
-    steps: int = 4
-    switch: int = 2
-    cfg: float = 1.0
-    shift_high: float = 5.0
-    shift_low: float = 5.0
-    sampler: str = "euler"
-
-    def passes(self) -> tuple[PassPlan, PassPlan]:
-        """The two KSamplerAdvanced nodes of the workflow. At the edges (switch 0 or
-        switch == steps) one expert runs the whole schedule: it then adds the noise
-        itself, or denoises fully (ComfyUI's nodes would pass on an unnoised or
-        still-noisy latent there, which is never what a user means)."""
-        only_low, only_high = self.switch == 0, self.switch == self.steps
-        high = PassPlan(self.steps, self.shift_high, 0, self.switch, True, not only_high, self.sampler)
-        low = PassPlan(self.steps, self.shift_low, self.switch, self.steps, only_low, False, self.sampler)
-        return high, low
+def passes(settings: Sampling) -> tuple[PassPlan, PassPlan]:
+    """The two KSamplerAdvanced nodes of the workflow. At the edges (switch 0 or
+    switch == steps) one expert runs the whole schedule: it then adds the noise
+    itself, or denoises fully (ComfyUI's nodes would pass on an unnoised or
+    still-noisy latent there, which is never what a user means)."""
+    s = settings
+    only_low, only_high = s.switch == 0, s.switch == s.steps
+    high = PassPlan(s.steps, s.shift_high, 0, s.switch, True, not only_high, s.sampler)
+    low = PassPlan(s.steps, s.shift_low, s.switch, s.steps, only_low, False, s.sampler)
+    return high, low
 
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
@@ -88,7 +79,7 @@ def sample(
     on_switch: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Two KSamplerAdvanced passes; returns the final latent (fp32)."""
-    p_high, p_low = settings.passes()
+    p_high, p_low = passes(settings)
     latent = torch.zeros_like(noise)
     latent = run_pass(cfg_velocity(high, context, cond, settings.cfg, negative), latent, noise, p_high, callback)
     if on_switch is not None:

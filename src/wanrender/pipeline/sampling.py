@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from wanrender.pipeline.schedules import advanced_slice, simple_sigmas
+from wanrender.spec import SAMPLERS
 
 # velocity(x, sigma) -> v; sigma is a Python float (no device sync in the loop).
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 StepCallback = Callable[[int, int, float], None]
-SAMPLERS = ("euler", "dpmpp_2m")
 
 
 @dataclass(frozen=True)

@@ -193,7 +193,8 @@ class Workload:
 
     @staticmethod
     def of(req) -> Workload:
-        return Workload(req.frames, req.width, req.height, req.cfg, req.steps, req.switch)
+        r, s = req.render, req.sampling
+        return Workload(r.frames, r.width, r.height, s.cfg, s.steps, s.switch)
 
 
 @dataclass(frozen=True)

@@ -1,32 +1,26 @@
 """How this machine will run a render: precision, attention backend, compile policy.
 
 ``make_plan`` resolves the user's knobs (``auto`` included) against the device and
-says why; ``apply_plan`` configures loaded experts accordingly. Both experts get
-the same settings so a compiled block serves both without recompiling.
+says why. The engine applies the plan (``apply_precision``, ``compile_blocks``) and
+records it, so it can undo or change it between renders. Both experts get the same
+settings so a compiled block serves both without recompiling.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from wanrender.errors import WanrenderError
 from wanrender.kernels import attention as attn
-from wanrender.kernels.linear import enable_fp8, fp8_capable
+from wanrender.kernels.linear import disable_fp8, enable_fp8, fp8_capable
+from wanrender.spec import COMPILE_MODES, FP8_EXCLUDE, PRECISIONS, SpecError
 
 log = logging.getLogger(__name__)
-
-PRECISIONS = ("auto", "fp8", "bf16")
-COMPILE_MODES = ("off", "default", "max-autotune")
-# Layers that stay on the dequantised bf16 path under fp8: small GEMMs (the text
-# context has 512 rows; embeddings and the head run once per step) or layers whose
-# output defines the result directly (the head).
-FP8_EXCLUDE = ("text_embedding", "time_embedding", "time_projection", "head.", "cross_attn.k", "cross_attn.v")
 
 
 @dataclass(frozen=True)
@@ -60,9 +54,9 @@ def make_plan(
 ) -> tuple[RenderPlan, attn.Choice]:
     dev = torch.device(device)
     if precision not in PRECISIONS:
-        raise WanrenderError(f"--precision {precision!r} is invalid — choose one of {', '.join(PRECISIONS)}")
+        raise SpecError("precision", f"precision {precision!r} is invalid — choose one of {', '.join(PRECISIONS)}")
     if compile not in COMPILE_MODES:
-        raise WanrenderError(f"--compile {compile!r} is invalid — choose one of {', '.join(COMPILE_MODES)}")
+        raise SpecError("compile", f"compile {compile!r} is invalid — choose one of {', '.join(COMPILE_MODES)}")
     notes = []
     why_not_fp8 = fp8_capable(dev)
     if precision == "auto":
@@ -70,9 +64,9 @@ def make_plan(
         if why_not_fp8:
             notes.append("precision bf16: " + "; ".join(why_not_fp8))
         elif precision == "bf16":
-            notes.append("precision bf16: fp8 is chosen automatically with --compile on")
+            notes.append("precision bf16: fp8 is chosen automatically when compiling")
     elif precision == "fp8" and why_not_fp8:
-        raise WanrenderError(f"--precision fp8 cannot run here: {'; '.join(why_not_fp8)} — use --precision bf16")
+        raise SpecError("precision", f"precision fp8 cannot run here: {'; '.join(why_not_fp8)} — use precision bf16")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     choice = attn.select(attention, attn.Target.of(dev, dtype, head_dim), eight_bit=precision == "fp8")
     notes.append(choice.describe())
@@ -85,43 +79,50 @@ def compile_cache_dir() -> str:
     return str(home() / "inductor-cache")
 
 
-def apply_plan(experts: list[nn.Module], plan: RenderPlan, choice: attn.Choice) -> dict[str, float]:
-    """Configure the loaded experts; returns timings (fp8 conversion, compile set-up)."""
-    t: dict[str, float] = {}
-    t0 = time.perf_counter()
+def apply_precision(experts: list[nn.Module], precision: str) -> bool:
+    """fp8 kernels on (``fp8``) or off; returns True when weights had to be converted
+    (stored wider than fp8): then only a reload brings the originals back."""
+    from wanrender.models.common import Linear
+
+    converted = False
     for m in experts:
-        m.attention = choice.fn
-        if plan.precision == "fp8":
+        if precision == "fp8":
+            converted |= any(isinstance(mod, Linear) and mod.weight.element_size() > 1 and not any(p in name for p in FP8_EXCLUDE)
+                             for name, mod in m.named_modules())  # fmt: skip
             enable_fp8(m, exclude=FP8_EXCLUDE)
-    t["fp8_setup"] = time.perf_counter() - t0
-    if plan.compile != "off":
-        # Keep Inductor's cache between runs (the first compile of a shape is the slow one).
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", compile_cache_dir())
-        for m in experts:
-            compile_blocks(m, plan.compile)
-    log.info("plan: %s", plan)
-    return t
+        else:
+            disable_fp8(m)
+    return converted
 
 
 RECOMPILE_LIMIT = 64
+
+
+@contextmanager
+def compiled_scope() -> Iterator[None]:
+    """Dynamo's recompile limit raised while the engine renders, and only then.
+
+    The 40 blocks share one code object, so every (shape, attention, precision) a
+    process renders adds an entry to one cache; at Dynamo's default limit (8) a
+    worker rendering many sizes would silently fall back to eager blocks.
+    """
+    import torch._dynamo
+
+    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+    with torch._dynamo.config.patch(recompile_limit=limit):
+        yield
 
 
 def compile_blocks(model: nn.Module, mode: str) -> None:
     """Regional compilation: each repeated block is compiled from one shared code
     object, so 40 blocks x 2 experts cost one compile per input shape, and a LoRA
     strength or expert switch (new weight values, same structure) recompiles nothing.
-    ``mode`` "off" puts compiled blocks back to eager."""
+    ``mode`` "off" puts compiled blocks back to eager (nn.Module.compile has no public
+    undo: clearing ``_compiled_call_impl`` is what reverses it)."""
     if mode == "off":
         for block in model.blocks:
-            block._compiled_call_impl = None  # what nn.Module.compile set
+            block._compiled_call_impl = None
         return
-    import torch._dynamo
-
-    # The 40 blocks share one code object, so every (shape, attention, precision) a
-    # process renders adds an entry to one cache; at Dynamo's default limit (8) a
-    # worker rendering many sizes would silently fall back to eager blocks.
-    cfg = torch._dynamo.config
-    cfg.recompile_limit = max(cfg.recompile_limit, RECOMPILE_LIMIT)
     opts = {"mode": None if mode == "default" else mode, "dynamic": False}
     for block in model.blocks:
         block.compile(**opts)

@@ -316,14 +316,15 @@ def plan_render(req, files, device, gpu: GPUSpec | None = None, weights: Weights
 
     from wanrender.runtime import gpus
 
-    mode = getattr(req, "memory", "auto")
+    k = req.knobs
+    mode = k.memory
     dev = torch.device(device)
     if gpu is None and dev.type != "cuda":
         return cpu_plan(mode)
     spec = gpu or gpus.probe(dev)
-    precision = resolve_precision(req.precision, spec, req.compile)
-    reserve = req.reserve_vram if getattr(req, "reserve_vram", None) is not None else DEFAULT_RESERVE_GIB
-    ctx = Context(spec, weights or Weights.from_files(files, precision), precision, req.compile, reserve, gpus.host_ram_gib()[0])
+    precision = resolve_precision(k.precision, spec, k.compile)
+    reserve = k.reserve_vram if k.reserve_vram is not None else DEFAULT_RESERVE_GIB
+    ctx = Context(spec, weights or Weights.from_files(files, precision), precision, k.compile, reserve, gpus.host_ram_gib()[0])
     decision = decide(ctx, Workload.of(req), mode)
     if decision.chosen is None:
         raise decision.refusal()
@@ -423,20 +424,20 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
         spec = spec.with_vram(gpus.parse_gib(vram))
     prec = resolve_precision(precision, spec, compile)
     if models is not None:
-        from wanrender.generate import resolve_files
+        from wanrender.models.inventory import resolve_files
 
         weights = Weights.from_files(resolve_files(Path(models)), prec)
     else:
         weights = Weights.standard(lora=p.lora_strength > 0)
     host = gpus.parse_gib(ram, "--ram") if ram else gpus.host_ram_gib()[0]
     ctx = Context(spec, weights, prec, compile, reserve, host)
-    return plan_report(ctx, Workload(frames, width, height, p.cfg, p.steps, p.switch), mode)
+    s = p.sampling
+    return plan_report(ctx, Workload(frames, width, height, s.cfg, s.steps, s.switch), mode)
 
 
 def _probe_request(frames: int, width: int, height: int, preset):
     from pathlib import Path
 
-    from wanrender.request import RenderRequest
+    from wanrender.spec import RenderRequest, RenderSpec
 
-    return RenderRequest(Path("plan.png"), "plan", frames=frames, width=width, height=height, steps=preset.steps,
-                         switch=preset.switch, cfg=preset.cfg)  # fmt: skip
+    return RenderRequest(RenderSpec(Path("plan.png"), "plan", frames=frames, width=width, height=height), preset.sampling)

@@ -1,0 +1,125 @@
+"""A render's outputs — the video (interpolated if asked), optional PNG frames, the JSON
+sidecar — written all or nothing.
+
+Each file is made under a temporary name first; only when all of them exist are they
+renamed onto their final names. An error or Ctrl-C before that leaves no new file and
+every file that was there before untouched; a frames folder that wanrender did not
+write is never replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from wanrender.errors import WanrenderError
+from wanrender.spec import RenderRequest, Stage
+
+FRAMES_MARKER = ".wanrender-frames"
+Progress = Callable[[str, int | None, int | None, str], None]
+
+
+def default_out(req: RenderRequest) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("outputs") / f"{req.render.image.stem}_{req.preset}_s{req.render.seed}_{stamp}.mp4"
+
+
+def frames_folder(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_frames")
+
+
+def check_out(req: RenderRequest) -> None:
+    """Refuse, before anything is rendered, outputs that could not be written."""
+    out = req.output.out
+    if out is None:
+        raise WanrenderError("the request has no output path — set output.out (the runner fills a default)")
+    if out.suffix.lower() != ".mp4":
+        raise WanrenderError(f"{out}: the video is written as MP4 — use a name ending in .mp4")
+    if out.is_dir():
+        raise WanrenderError(f"{out}: is a folder — give a file name ending in .mp4")
+    if req.output.save_frames:
+        check_frames_folder(out)
+
+
+def check_frames_folder(out: Path) -> None:
+    """Refuse before rendering to replace a folder wanrender did not write."""
+    folder = frames_folder(out)
+    if folder.exists() and not (folder / FRAMES_MARKER).exists():
+        raise WanrenderError(f"{folder} exists and was not written by wanrender — move it or choose another output name")
+
+
+def _write_frames(frames: np.ndarray, tmp: Path) -> None:
+    from PIL import Image
+
+    tmp.mkdir(parents=True)
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp / f"frame_{i:05d}.png")
+    (tmp / FRAMES_MARKER).write_text("PNG frames of a wanrender video; replaced by the next render to this name\n")
+
+
+def interpolate(req: RenderRequest, frames: np.ndarray, device, timings: dict, meta: dict,
+                progress: Progress | None) -> np.ndarray:  # fmt: skip
+    """16 fps frames -> the output rate with the chosen method (RIFE on the render's device)."""
+    o = req.output
+    if o.interpolate == "off":
+        return frames
+    from wanrender.interp import make_interpolator
+    from wanrender.interp.flow import interpolate_frames
+
+    if progress:
+        progress(Stage.INTERPOLATE.value, None, None, "start")
+    t0 = time.perf_counter()
+    interp = make_interpolator(o.interpolate, device=str(device) if o.interpolate == "rife" else None)
+    out = np.stack(list(interpolate_frames(iter(frames), interp, o.multiplier)))
+    timings[Stage.INTERPOLATE.value] = time.perf_counter() - t0
+    meta["interpolation"] = {"method": o.interpolate, "multiplier": o.multiplier,
+                             "frames_in": int(frames.shape[0]), "frames_out": int(out.shape[0])}  # fmt: skip
+    if progress:
+        progress(Stage.INTERPOLATE.value, None, None, f"{timings[Stage.INTERPOLATE.value]:.2f}s")
+    return out
+
+
+def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, timings: dict[str, float],
+                  sidecar: Callable[[], dict], progress: Progress | None = None) -> tuple[Path, Path]:  # fmt: skip
+    """Encode ``frames`` (interpolated, if asked) to ``req.output.out``, the ``rendered``
+    frames as PNGs if asked, then the sidecar (``sidecar()`` is called last, so it sees
+    the encode's timing); returns (video, sidecar)."""
+    from wanrender.media.sidecar import write_sidecar
+    from wanrender.media.video import write_video
+
+    out = req.output.out
+    assert out is not None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    final = {"video": out, "sidecar": out.with_suffix(".json")}
+    if req.output.save_frames:
+        final["frames"] = frames_folder(out)
+    tmp = {k: p.with_name(f".{p.name}.partial") for k, p in final.items()}
+    try:
+        for p in tmp.values():
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        if progress:
+            progress(Stage.VIDEO_ENCODE.value, None, None, "start")
+        t0 = time.perf_counter()
+        write_video(frames, tmp["video"], fps=req.output.fps, crf=req.output.crf)
+        timings[Stage.VIDEO_ENCODE.value] = time.perf_counter() - t0
+        if progress:
+            progress(Stage.VIDEO_ENCODE.value, None, None, f"{timings[Stage.VIDEO_ENCODE.value]:.2f}s")
+        if "frames" in tmp:
+            _write_frames(rendered, tmp["frames"])
+        write_sidecar(tmp["sidecar"], sidecar())
+        if "frames" in final and final["frames"].exists():
+            check_frames_folder(out)  # still ours: checked before rendering, checked again before replacing
+            shutil.rmtree(final["frames"])
+        for k in ("video", "frames", "sidecar"):
+            if k in tmp:
+                os.replace(tmp[k], final[k])
+    finally:
+        for p in tmp.values():
+            if p.exists():
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return final["video"], final["sidecar"]

@@ -1,0 +1,257 @@
+"""The one render path, for every caller: ``wanrender generate`` and ``demo``, the
+bench lab's child process, random-weight engines, the ``benchmarks/`` scripts and
+(next) the service worker.
+
+``Runner.render(req, files)``:
+
+1. checks the request's inputs (image, LoRA files, RIFE weights, output names), before
+   any model is loaded;
+2. plans: the memory plan (``runtime.planner``: refused here when nothing fits) and
+   the render plan (``runtime.plan``: precision, attention, compile);
+3. loads the models, or reuses the runner's engine and reconfigures only what differs
+   (a long-lived runner renders any number of requests without reloading);
+4. renders;
+5. on an out-of-memory error of a GPU-planned render (another process took memory
+   after planning): releases, steps down once to a leaner plan, renders again;
+6. writes the outputs all or nothing (``outputs.py``) and returns the result.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from wanrender.engine import Engine, EngineConfig, ModelFiles, Progress, RenderResult
+from wanrender.errors import WanrenderError
+from wanrender.spec import RenderRequest, Stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MemoryRecord:
+    """The memory plan as decided (a planner Decision on a GPU, a bare MemoryPlan on the
+    CPU) and any step-down after an out-of-memory error: what the sidecar reports."""
+
+    decision: object
+    fallback: dict | None = None
+    after: object | None = None  # the Prediction stepped down to
+
+    @property
+    def plan(self):
+        if self.after is not None:
+            return self.after.plan
+        return self.decision.chosen.plan if hasattr(self.decision, "chosen") else self.decision
+
+    def to_json(self, run: dict | None) -> dict:
+        entry: dict = {}
+        if hasattr(self.decision, "chosen"):
+            entry = self.decision.to_json()
+        elif self.decision is not None:  # on the CPU: a plan without predictions
+            entry = {"mode": "cpu", "plan": self.decision.to_json(), "describe": self.decision.describe()}
+        if self.after is not None:
+            entry.update(self.after.to_json())
+        entry["fallback"] = self.fallback
+        entry["run"] = run
+        return entry
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request checked and planned; nothing loaded yet."""
+
+    req: RenderRequest
+    image: torch.Tensor
+    memory: MemoryRecord = field(compare=False)
+    config: EngineConfig
+
+
+def check_lora_needs(req: RenderRequest, files: ModelFiles | None) -> None:
+    """A non-zero LoRA strength with no LoRA file would be silently ignored: refuse it."""
+    r = req.render
+    for side, strength in (("high", r.lora_strength_high), ("low", r.lora_strength_low)):
+        path = getattr(files, f"lora_{side}", None) if files is not None else None
+        if strength and path is None:
+            what = "the turbo preset needs the two 4-step LoRAs (high and low)" if req.preset == "turbo" else (
+                f"a {side}-noise LoRA strength is set but no {side}-noise LoRA file was given")  # fmt: skip
+            raise WanrenderError(
+                f"{what} — pass --lora-high/--lora-low, put them in --models DIR, or use --preset quality / --lora-strength 0"
+            )
+
+
+class Runner:
+    """Renders requests on one device, keeping its engine between them.
+
+    ``engine``: an engine built elsewhere (random weights, tests) to render with;
+    ``gpu`` and ``weights``: what the planner assumes instead of probing the device and
+    reading file headers (an emulated card, models built in memory).
+    """
+
+    def __init__(self, device: str | torch.device | None = None, *, engine: Engine | None = None,
+                 gpu=None, weights=None) -> None:  # fmt: skip
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.engine = engine
+        self.gpu, self.weights = gpu, weights
+
+    # --- 1 and 2: check and plan, before anything is loaded
+    def prepare(self, req: RenderRequest, files: ModelFiles | None) -> Prepared:
+        from wanrender.media import image as imagemod
+        from wanrender.outputs import check_out, default_out
+        from wanrender.runtime.plan import make_plan
+
+        check_lora_needs(req, files)
+        rgb = imagemod.load_image(req.render.image)
+        if req.output.interpolate == "rife":
+            from wanrender.interp.weights import find_rife_weights
+
+            find_rife_weights()  # missing weights fail now, not after the render
+        image = imagemod.fit_image(rgb, req.render.width, req.render.height, req.render.fit)
+        if req.output.out is None:
+            req = replace(req, output=replace(req.output, out=default_out(req)))
+        check_out(req)
+        memory = MemoryRecord(self._decide(req, files))
+        k = req.knobs
+        plan, _ = make_plan(self.device, k.precision, k.attention, k.compile)
+        lora = (req.render.lora_strength_high, req.render.lora_strength_low)
+        return Prepared(req, image, memory, EngineConfig(plan, memory.plan, *lora))
+
+    def _decide(self, req: RenderRequest, files: ModelFiles | None):
+        from wanrender.runtime.planner import plan_render
+
+        return plan_render(req, files, self.device, gpu=self.gpu, weights=self.weights)  # refuses here
+
+    # --- 3: load or reuse
+    def ensure_engine(self, config: EngineConfig, files: ModelFiles | None, progress: Progress | None = None) -> dict[str, float]:
+        """Load the models for ``config``, or configure the loaded engine; returns seconds spent loading."""
+        if self.engine is not None and (files is None or self.engine.files == files):
+            spent = self.engine.configure(config)
+            if spent and progress:
+                progress(Stage.LOAD_MODELS.value, None, None, f"{spent[Stage.LOAD_MODELS.value]:.2f}s")
+            return spent
+        if files is None:
+            raise WanrenderError("no model files and no engine to render with — pass the model files")
+        self.close()
+        if progress:
+            progress(Stage.LOAD_MODELS.value, None, None, "start")
+        try:
+            self.engine = Engine.load(files, self.device, config)
+        except torch.cuda.OutOfMemoryError:
+            raise WanrenderError(
+                "the GPU ran out of memory while loading the models — free GPU memory (another process may hold it) "
+                "or use --memory stream"
+            ) from None
+        if progress:
+            progress(Stage.LOAD_MODELS.value, None, None, f"{self.engine.load_seconds:.2f}s")
+        return {Stage.LOAD_MODELS.value: self.engine.load_seconds}
+
+    def close(self) -> None:
+        """Drop the engine and the memory it holds."""
+        if self.engine is not None:
+            self.engine.release()
+            self.engine = None
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # --- the whole path
+    def render(self, req: RenderRequest, files: ModelFiles | None = None, progress: Progress | None = None,
+               write: bool = True, swap_experts: bool = False) -> RenderResult:  # fmt: skip
+        prep = self.prepare(req, files)
+        req = prep.req
+        loading = self.ensure_engine(prep.config, files, progress)
+        try:
+            result = self.engine.render(req, prep.image, progress, swap_experts)
+        except torch.cuda.OutOfMemoryError:
+            if not hasattr(prep.memory.decision, "chosen"):  # not planned against a GPU's memory
+                raise WanrenderError(
+                    f"the GPU ran out of memory at {req.render.label()} — try fewer frames, a smaller size or "
+                    "--memory stream, or free GPU memory"
+                ) from None
+            result = None
+        if result is None:
+            # Out of memory on an approved plan: another process took memory after planning.
+            # Free what the plan placed (outside the except block, so the traceback's
+            # tensors go too), step down once, and say so.
+            lower = self._step_down(prep.memory, progress)
+            loading.update(self.ensure_engine(replace(prep.config, memory=lower.plan), files, progress))
+            try:
+                result = self.engine.render(req, prep.image, progress, swap_experts)
+            except torch.cuda.OutOfMemoryError:
+                raise WanrenderError(
+                    f"the GPU ran out of memory again after stepping down to '{lower.plan.short()}' — free GPU memory and retry"
+                ) from None
+        result.meta["load"] = loading
+        result.meta["memory_record"] = prep.memory
+        if write:
+            self._write(req, result, prep.memory, progress)
+        return result
+
+    def _step_down(self, memory: MemoryRecord, progress: Progress | None):
+        from wanrender.runtime import gpus
+        from wanrender.runtime.planner import step_down
+
+        failed = memory.plan
+        self.engine.release()
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        lower = step_down(memory.decision, failed, gpus.probe(self.device) if self.device.type == "cuda" else None)
+        if lower is None:
+            raise WanrenderError(
+                f"the GPU ran out of memory on plan '{failed.short()}' and no leaner plan fits the memory free now "
+                "— free GPU memory (another process took it) and retry"
+            )
+        msg = f"out of memory on plan '{failed.short()}' (another process took GPU memory?) — stepped down to '{lower.plan.short()}'"
+        log.warning(msg)
+        memory.fallback = {"from": failed.to_json(), "to": lower.plan.to_json(), "message": msg}
+        memory.after = lower
+        if progress:
+            progress(Stage.MEMORY.value, None, None, msg)
+        return lower
+
+    # --- 6: outputs
+    def _write(self, req: RenderRequest, result: RenderResult, memory: MemoryRecord, progress: Progress | None) -> None:
+        from wanrender.outputs import interpolate, write_outputs
+
+        frames = interpolate(req, result.frames, self.device, result.timings, result.meta, progress)
+        result.video, result.sidecar = write_outputs(
+            req, frames, result.frames, result.timings, lambda: sidecar(req, self.engine, result, memory), progress
+        )
+
+
+def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: MemoryRecord | None = None) -> dict:
+    from wanrender.media.sidecar import describe_files, versions
+    from wanrender.pipeline.i2v import passes
+    from wanrender.runtime.gpus import peak_rss_bytes
+
+    s = result.meta.get("step_seconds", [])
+    runtime = engine.plan.to_json() if engine.plan is not None else None
+    if runtime is not None and memory is not None:
+        runtime["memory"] = memory.to_json(result.meta.get("memory"))
+    return {
+        "request": req.to_json(),
+        "plan": {
+            "device": str(engine.device),
+            "compute_dtype": str(engine.high.compute_dtype).replace("torch.", ""),
+            "attention": engine.plan.attention if engine.plan is not None else "?",
+            "passes": [p.__dict__ for p in passes(req.sampling)],
+            "lora": engine.lora_report,
+            "runtime": runtime,
+        },
+        "models": describe_files(engine.files.as_dict()) if engine.files is not None else {},
+        "seed": req.render.seed,
+        "noise": "torch.randn on the CPU, fp32, torch.Generator().manual_seed(seed), shape [1,16,T,H/8,W/8]",
+        "frames": int(result.frames.shape[0]),
+        "interpolation": result.meta.get("interpolation"),
+        "size": [int(result.frames.shape[2]), int(result.frames.shape[1])],
+        "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+        "render_s": round(sum(v for k, v in result.timings.items() if k != Stage.SAMPLING.value), 3),
+        "seconds_per_step": round(sum(s) / len(s), 4) if s else None,
+        "load_models_s": round(result.meta.get("load", {}).get(Stage.LOAD_MODELS.value, 0.0), 3),
+        "peak_vram_bytes": result.peak_vram_bytes,
+        "peak_host_rss_bytes": peak_rss_bytes(),
+        "versions": versions(),
+    }
