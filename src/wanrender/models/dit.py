@@ -165,18 +165,39 @@ class Attention(nn.Module):
         self, x: torch.Tensor, attn: AttentionFn, rope: torch.Tensor | None = None, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         kv = x if context is None else context
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
-        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1))
-        v = self.v(kv).unflatten(-1, (self.num_heads, -1))
+        q = self.query(x)
+        k, v = self.key_value(kv)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        return self.o(attn(q, k, v).flatten(-2))
+        return self.out(attn(q, k, v))
+
+    # The steps of forward, also run piecewise by Block's chunked path. RoPE stays
+    # outside them: the unchunked path rotates q and k only once v exists.
+    def query(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+
+    def key_value(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1))
+        return k, self.v(kv).unflatten(-1, (self.num_heads, -1))
+
+    def out(self, attended: torch.Tensor) -> torch.Tensor:
+        return self.o(attended.flatten(-2))
 
 
 class FeedForward(nn.Sequential):
     def __init__(self, cfg: DiTConfig) -> None:
         # Indices 0 and 2 match the checkpoint keys ffn.0 / ffn.2.
         super().__init__(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: normed * (1 + scale) + shift, in fp32."""
+    return torch.addcmul(shift, normed, 1 + scale)
+
+
+def _spans(n: int, chunks: int) -> list[tuple[int, int]]:
+    step = -(-n // chunks)
+    return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
 class Block(nn.Module):
@@ -198,16 +219,65 @@ class Block(nn.Module):
         rope: torch.Tensor,
         attn: AttentionFn,
         compute_dtype: torch.dtype,
+        chunks: int = 1,
     ) -> torch.Tensor:
+        """``chunks`` > 1 runs the token-wise work in that many sequence pieces to lower
+        peak activation memory, and then updates ``x`` in place (see ``_forward_chunked``)."""
         # x: fp32 residual [B, L, dim]; e: fp32 time projection [B, 6, dim].
         # Modulation and gates stay fp32: bf16 gates visibly shift colours.
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (self.modulation.float() + e).unsqueeze(2).unbind(1)
+        mod = (self.modulation.float() + e).unsqueeze(2).unbind(1)
+        if chunks > 1:  # a Python int: a compiled block specialises on it, no graph break
+            return self._forward_chunked(x, mod, context, rope, attn, compute_dtype, chunks)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod
         # addcmul: modulate / gate-and-add in one pass each (the residual is 1.7 GB at 81 frames).
-        h = torch.addcmul(shift_a, self.norm1(x), 1 + scale_a).to(compute_dtype)
+        h = modulate(self.norm1(x), shift_a, scale_a).to(compute_dtype)
         x = torch.addcmul(x, self.self_attn(h, attn, rope=rope), gate_a)
         x = x + self.cross_attn(self.norm3(x).to(compute_dtype), attn, context=context)
-        h = torch.addcmul(shift_f, self.norm2(x), 1 + scale_f).to(compute_dtype)
+        h = modulate(self.norm2(x), shift_f, scale_f).to(compute_dtype)
         return torch.addcmul(x, self.ffn(h), gate_f)
+
+    def _forward_chunked(
+        self,
+        x: torch.Tensor,
+        mod: tuple[torch.Tensor, ...],
+        context: torch.Tensor,
+        rope: torch.Tensor,
+        attn: AttentionFn,
+        compute_dtype: torch.dtype,
+        chunks: int,
+    ) -> torch.Tensor:
+        """``forward`` with the token-wise work (modulation, projections, norms, RoPE,
+        FFN, cross-attention) in sequence chunks. Only K and V of the self-attention
+        span the whole sequence; queries are chunked, which leaves every attention row
+        unchanged. Updates ``x`` in place rather than holding a second residual (the
+        DiT's block loop owns the residual stream and rebinds it to the result)."""
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod
+        sa, ca = self.self_attn, self.cross_attn
+        spans = _spans(x.shape[1], chunks)
+        # Pass 1: K and V of the whole sequence (attention needs all of them).
+        k = v = None
+        for s, t in spans:
+            kc, vc = sa.key_value(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype))
+            kc = apply_rope(kc, rope[s:t])
+            if k is None:
+                k = kc.new_empty(x.shape[0], x.shape[1], *kc.shape[2:])
+                v = vc.new_empty(x.shape[0], x.shape[1], *vc.shape[2:])
+            k[:, s:t], v[:, s:t] = kc, vc
+            del kc, vc
+        # Pass 2: queries, attention, output and residual per chunk. Every attention row
+        # sees all keys; updating x[s:t] cannot affect a later chunk's queries (token-wise).
+        for s, t in spans:
+            q = apply_rope(sa.query(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype)), rope[s:t])
+            x[:, s:t] = torch.addcmul(x[:, s:t], sa.out(attn(q, k, v)), gate_a)
+            del q
+        del k, v
+        ck, cv = ca.key_value(context)
+        for s, t in spans:
+            q = ca.query(self.norm3(x[:, s:t]).to(compute_dtype))
+            x[:, s:t] = x[:, s:t] + ca.out(attn(q, ck, cv))
+            h = modulate(self.norm2(x[:, s:t]), shift_f, scale_f).to(compute_dtype)
+            x[:, s:t] = torch.addcmul(x[:, s:t], self.ffn(h), gate_f)
+        return x
 
 
 class Head(nn.Module):

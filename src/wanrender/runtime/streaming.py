@@ -15,11 +15,9 @@ plus two slots; on the host: two pinned staging buffers, whatever the model size
 On the CPU (tests) the same code runs with plain copies and no streams, so
 "streamed == resident" is checked on the tiny model.
 
-``chunked_block_forward`` runs one block with the token-wise work (modulation,
-projections, norms, RoPE, FFN, cross-attention) in sequence chunks. Only K and V
-of the self-attention span the whole sequence; queries are chunked, which leaves
-every attention row unchanged. It mirrors ``models.dit.Block.forward``
-(tests/test_streaming.py holds the two together).
+With ``chunks`` > 1 the streamer also hands out every block, resident or streamed,
+as ``block(..., chunks=chunks)``: ``models.dit.Block.forward`` then runs the
+token-wise work in sequence chunks to lower peak activation memory.
 """
 
 from __future__ import annotations
@@ -32,7 +30,6 @@ import torch
 from torch import nn
 
 from wanrender.models.common import Linear
-from wanrender.models.dit import Block, apply_rope
 
 ALIGN = 256  # slot offsets: keeps every view aligned for vectorised kernels
 
@@ -177,7 +174,8 @@ class BlockStreamer:
         self.copies += 1
 
     def _wrap(self, block: nn.Module) -> Callable:
-        return block if self.chunks == 1 else functools.partial(chunked_block_forward, block, chunks=self.chunks)
+        # Through the module's __call__, so a compiled block stays compiled.
+        return block if self.chunks == 1 else functools.partial(block, chunks=self.chunks)
 
     def __call__(self, blocks: nn.ModuleList) -> Iterator[Callable]:
         streamed = len(blocks) - self.resident
@@ -216,49 +214,3 @@ class BlockStreamer:
         _restore_adapters(self._adapters)
         self.model.block_source = None
         self.slots, self.staging, self._placed = [], [], []
-
-
-def _spans(n: int, chunks: int) -> list[tuple[int, int]]:
-    step = -(-n // chunks)
-    return [(s, min(n, s + step)) for s in range(0, n, step)]
-
-
-def chunked_block_forward(block: Block, x: torch.Tensor, e: torch.Tensor, context: torch.Tensor, rope: torch.Tensor,
-                          attn, compute_dtype: torch.dtype, chunks: int = 4) -> torch.Tensor:  # fmt: skip
-    """``Block.forward`` with token-wise work in ``chunks`` pieces; updates ``x`` in place
-    (the DiT's block loop owns the residual stream and rebinds it to the result)."""
-    shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = (block.modulation.float() + e).unsqueeze(2).unbind(1)
-    sa, ca = block.self_attn, block.cross_attn
-    heads = sa.num_heads
-    spans = _spans(x.shape[1], chunks)
-
-    def modulated(s: int, t: int, shift: torch.Tensor, scale: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-        return torch.addcmul(shift, norm(x[:, s:t]), 1 + scale).to(compute_dtype)
-
-    # Pass 1: K and V of the whole sequence (attention needs all of them).
-    k = v = None
-    for s, t in spans:
-        h = modulated(s, t, shift_a, scale_a, block.norm1)
-        kc = apply_rope(sa.norm_k(sa.k(h)).unflatten(-1, (heads, -1)), rope[s:t])
-        vc = sa.v(h).unflatten(-1, (heads, -1))
-        if k is None:
-            k = kc.new_empty(x.shape[0], x.shape[1], *kc.shape[2:])
-            v = vc.new_empty(x.shape[0], x.shape[1], *vc.shape[2:])
-        k[:, s:t], v[:, s:t] = kc, vc
-    # Pass 2: queries, attention, output and residual per chunk. Every attention row
-    # sees all keys; updating x[s:t] cannot affect a later chunk's queries (token-wise).
-    for s, t in spans:
-        h = modulated(s, t, shift_a, scale_a, block.norm1)
-        q = apply_rope(sa.norm_q(sa.q(h)).unflatten(-1, (heads, -1)), rope[s:t])
-        x[:, s:t] = torch.addcmul(x[:, s:t], sa.o(attn(q, k, v).flatten(-2)), gate_a)
-        del h, q
-    del k, v
-    ck = ca.norm_k(ca.k(context)).unflatten(-1, (heads, -1))
-    cv = ca.v(context).unflatten(-1, (heads, -1))
-    for s, t in spans:
-        hq = block.norm3(x[:, s:t]).to(compute_dtype)
-        q = ca.norm_q(ca.q(hq)).unflatten(-1, (heads, -1))
-        x[:, s:t] = x[:, s:t] + ca.o(attn(q, ck, cv).flatten(-2))
-        h = modulated(s, t, shift_f, scale_f, block.norm2)
-        x[:, s:t] = torch.addcmul(x[:, s:t], block.ffn(h), gate_f)
-    return x
