@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from wanrender.errors import ModelFileError, WanrenderError
-from wanrender.interp import flow, interpolate_video, make_interpolator, quality, run_quality_bench, weights
+from wanrender.interp import flow, interpolate_video, make_interpolator, quality, weights
+from wanrender.interp.quality import run_quality_bench
 from wanrender.interp.rife import IFNet, RifeInterpolator, load_ifnet, normalize_state_dict
 from wanrender.media import read_video, write_video
 

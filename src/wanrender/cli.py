@@ -396,7 +396,7 @@ def bench_interp(
     """Interpolation quality (PSNR/SSIM on held-out frames) and speed per method."""
     from rich.table import Table
 
-    from wanrender.interp import run_quality_bench
+    from wanrender.interp.quality import run_quality_bench
 
     try:
         wanted = [m.strip() for m in methods.split(",") if m.strip()]

@@ -17,7 +17,7 @@ from wanrender.errors import WanrenderError
 
 METHODS = ("rife", "dis", "blend", "repeat")
 
-__all__ = ["METHODS", "interpolate_video", "make_interpolator", "run_quality_bench"]
+__all__ = ["METHODS", "interpolate_video", "make_interpolator"]
 
 
 def make_interpolator(
@@ -116,13 +116,3 @@ def interpolate_video(
         "new_frames_per_second": new_frames / stats.seconds_model if stats.seconds_model > 0 else None,
     }
 
-
-def run_quality_bench(
-    methods: Sequence[str] = METHODS,
-    video: str | os.PathLike[str] | None = None,
-    **kwargs: Any,
-) -> list[dict[str, Any]]:
-    """Score methods by rebuilding dropped frames; see :mod:`wanrender.interp.quality`."""
-    from wanrender.interp.quality import run_quality_bench as _run
-
-    return _run(methods, video=video, **kwargs)

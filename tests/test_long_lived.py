@@ -1,0 +1,150 @@
+"""A long-lived engine: many renders in one process, each as a fresh process renders it.
+
+One ``Runner`` renders specs that differ in frames, size, seed, LoRA strength,
+attention backend and memory plan, in an order that changes and then restores each
+knob. Every result must equal, bit for bit, the same spec rendered by a fresh
+process; host memory held in tensors must be back at its level after each render
+(on the CPU, live tensor bytes stand in for the CUDA allocator's count, which the
+GPU test below checks directly).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+SPECS = [  # frames, width, height, seed, lora strength, attention, memory
+    (5, 80, 64, 1, 1.0, "sdpa", "resident"),
+    (9, 96, 64, 2, 0.5, "sdpa", "resident"),  # size, frames, seed, LoRA strength change: a reload
+    (5, 80, 64, 3, 0.5, "reference", "resident"),  # attention backend swapped in place
+    (5, 64, 80, 1, 0.5, "sdpa", "swap"),  # another memory plan: experts on the host, LoRA unmerged
+    (5, 80, 64, 1, 1.0, "sdpa", "resident"),  # everything back: the first render again
+]
+
+
+def _request(image: Path, out: Path, spec):
+    from wanrender.request import from_preset
+
+    frames, width, height, seed, lora, attention, memory = spec
+    return from_preset("demo", image, "slow dolly-in", frames=frames, width=width, height=height, seed=seed,
+                       lora_strength_high=lora, lora_strength_low=lora, attention=attention, memory=memory,
+                       out=out)  # fmt: skip
+
+
+def _digest(result) -> str:
+    return hashlib.sha256(result.frames.tobytes() + result.latent.numpy().tobytes()).hexdigest()
+
+
+def _live_tensor_bytes() -> int:
+    gc.collect()
+    storages = {}
+    for o in gc.get_objects():
+        if type(o) in (torch.Tensor, torch.nn.Parameter) and o.device.type == "cpu":
+            s = o.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+    return sum(storages.values())
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANRENDER_HOME", str(home))
+    from wanrender.demo import demo_image, ensure_demo_models
+
+    yield ensure_demo_models(), demo_image(), home
+    mp.undo()
+
+
+def test_one_process_renders_like_fresh_processes(demo, tmp_path: Path) -> None:
+    from wanrender.runner import Runner
+
+    files, image, home = demo
+    runner = Runner("cpu")
+    got, loads = [], []
+    for i, spec in enumerate(SPECS):
+        req = _request(image, tmp_path / f"in{i}.mp4", spec)
+        prep = runner.prepare(req, files)
+        runner.ensure_engine(prep.config, files)
+        before = _live_tensor_bytes()
+        result = runner.render(req, files)
+        assert result.meta["load"] == {}  # configured above: the render itself loads nothing
+        del result.meta["memory_record"]
+        got.append(_digest(result))
+        del result
+        assert _live_tensor_bytes() == before, f"render {i} left tensors behind"
+        loads.append(runner.engine.loads)
+    # Reloads only where weight values change: a merged LoRA's strength, or a plan that
+    # loads the experts elsewhere (resident <-> swap), never for attention alone.
+    assert loads == [1, 2, 2, 3, 4]
+    assert got[4] == got[0]
+
+    script = textwrap.dedent(f"""
+        import hashlib, json, sys
+        from pathlib import Path
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_long_lived import SPECS, _digest, _request
+        from wanrender.demo import demo_image, ensure_demo_models
+        from wanrender.runner import Runner
+        i = int(sys.argv[1])
+        r = Runner("cpu").render(_request(demo_image(), Path(sys.argv[2]), SPECS[i]), ensure_demo_models())
+        print(json.dumps(_digest(r)))
+    """)  # fmt: skip
+    env = {**__import__("os").environ, "WANRENDER_HOME": str(home)}
+    for i in range(len(SPECS) - 1):  # the last spec is the first one again
+        out = subprocess.run([sys.executable, "-c", script, str(i), str(tmp_path / f"fresh{i}.mp4")], env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == got[i], f"spec {i} differs from a fresh process"
+
+
+def test_compiled_blocks_are_reused_across_renders(demo, tmp_path: Path) -> None:
+    """A second render at the same shape compiles nothing (CPU Inductor, tiny model)."""
+    from torch._dynamo.utils import counters
+
+    from wanrender.runner import Runner
+
+    files, image, _ = demo
+    runner = Runner("cpu")
+    spec = (5, 80, 64, 1, 1.0, "sdpa", "resident")
+    req = _request(image, tmp_path / "c.mp4", spec)
+    from wanrender.request import with_fields
+
+    req = with_fields(req, compile="default")
+    runner.render(req, files)
+    compiled = counters["stats"]["unique_graphs"]
+    assert compiled > 0
+    second = runner.render(with_fields(req, seed=9), files)
+    assert counters["stats"]["unique_graphs"] == compiled  # same shape: no new graph
+    assert second.meta["load"] == {}
+    # Compile off again restores eager blocks without a reload.
+    loads = runner.engine.loads
+    runner.render(with_fields(req, compile="off"), files)
+    assert runner.engine.loads == loads
+    assert all(b._compiled_call_impl is None for b in runner.engine.high.blocks)
+
+
+@pytest.mark.gpu
+def test_cuda_memory_returns_to_baseline(demo, tmp_path: Path) -> None:
+    from wanrender.runner import Runner
+
+    files, image, _ = demo
+    runner = Runner("cuda")
+    for i, spec in enumerate(SPECS):
+        req = _request(image, tmp_path / f"g{i}.mp4", spec)
+        runner.ensure_engine(runner.prepare(req, files).config, files)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        result = runner.render(req, files)
+        del result
+        gc.collect()
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_allocated() == before, f"render {i} left {torch.cuda.memory_allocated() - before} bytes"
