@@ -451,7 +451,8 @@ def test_shipped_profiles_match_their_gpus_with_provenance(lab) -> None:
 
 
 def test_matrix_expansion_and_errors(tmp_path) -> None:
-    from wanrender.bench.matrix import expand, load, parse_bytes, parse_seconds
+    from wanrender.bench.matrix import expand, load, parse_seconds
+    from wanrender.spec import parse_bytes
 
     m = expand({"defaults": {"repeats": 1}, "axes": {"frames": [5, 9], "attention": ["sdpa", "reference"]},
                 "exclude": [{"frames": 9, "attention": "reference"}],
@@ -464,7 +465,9 @@ def test_matrix_expansion_and_errors(tmp_path) -> None:
     c = m.cases[0]
     assert replace(c, repeats=7, name="x", timeout_s=3).case_hash == c.case_hash  # not part of the identity
     assert replace(c, frames=9).case_hash != c.case_hash
-    assert parse_bytes("32GiB") == 32 * 2**30 and parse_bytes("32GB") == 32 * 10**9
+    # The one unit rule (spec.py): GB = 10^9 bytes, GiB = 2^30 bytes; a matrix's bare number is bytes.
+    assert parse_bytes("32GiB") == 32 * 2**30 and parse_bytes("32GB") == 32 * 10**9 and parse_bytes(1024) == 1024
+    assert expand({"cases": [{"vram_cap": "24GB"}]}).cases[0].vram_cap_bytes == 24 * 10**9
     assert parse_seconds("1h30m") == 5400 and parse_seconds("250ms") == 0.25 and parse_seconds("20m") == 1200
     for doc, msg in (({"axes": {"fps": [1]}}, "unknown key 'fps'"), ({"axes": {"frames": [6]}}, "try 5"),
                      ({"axes": {"frames": 5}}, "must be a non-empty list"),

@@ -14,7 +14,8 @@ from wanrender.errors import WanrenderError
 from wanrender.runtime import gpus, memory as mem, planner, timing
 from wanrender.runtime.gpus import GIB, GPUSpec
 from wanrender.runtime.memory import Weights, Workload
-from wanrender.runtime.planner import Context, MemoryPlan, decide, predict
+from wanrender.runtime.planner import Context, MemoryPlan, PlanRefused, decide, predict
+from wanrender.spec import GIB as SPEC_GIB, Sampling, SpecError, parse_bytes, parse_gib
 
 W = Weights.standard()
 REF = Workload(81, 832, 1216)
@@ -63,7 +64,7 @@ def test_model_reproduces_the_measured_h200_peak_and_times() -> None:
 
 def test_activation_model_scales_as_documented() -> None:
     eager = mem.dit_activation_bytes(REF, "eager")
-    assert mem.dit_activation_bytes(replace(REF, cfg=3.5), "eager") == pytest.approx(2 * eager, rel=1e-6)
+    assert mem.dit_activation_bytes(replace(REF, sampling=Sampling(cfg=3.5)), "eager") == pytest.approx(2 * eager, rel=1e-6)
     assert mem.dit_activation_bytes(replace(REF, frames=161), "eager") / eager == pytest.approx(41 / 21, rel=1e-3)
     assert mem.dit_activation_bytes(REF, "fp8-eager") > eager > mem.dit_activation_bytes(REF, "compiled-fp8")
     chunked = [mem.dit_activation_bytes(REF, "fp8-eager", n) for n in (1, 4, 16)]
@@ -91,7 +92,7 @@ DECISIONS = [
 @pytest.mark.parametrize("gpu,vram,frames,size,cfg,expected", DECISIONS)
 def test_planner_decisions(gpu, vram, frames, size, cfg, expected) -> None:
     ctx = ctx_for(gpu, vram)
-    work = Workload(frames, *size, cfg=cfg)
+    work = Workload(frames, *size, Sampling(cfg=cfg))
     d = decide(ctx, work)
     if expected is None:
         assert d.chosen is None
@@ -127,20 +128,44 @@ def test_streaming_costs_nothing_when_compute_hides_it_and_shows_when_it_cannot(
 
 
 def test_refusal_names_the_largest_request_that_fits() -> None:
+    from wanrender.cli_errors import flagged
+
     ctx = ctx_for("rtx4090", 8.5)
     work = Workload(121, 832, 1216)
     d = decide(ctx, work)
     assert d.chosen is None
-    msg = str(d.refusal())
-    assert "\n" not in msg and " — use " in msg and "121 frames at 832x1216 does not fit" in msg
+    err = d.refusal()
+    msg = str(err)
+    assert isinstance(err, PlanRefused) and "\n" not in msg and " — use " in msg
+    assert "121 frames at 832x1216 does not fit" in msg and "--" not in msg  # field terms, not flags
     frames, size = planner.largest_fit(ctx, work)
-    assert f"--frames {frames} at 832x1216" in msg and f"--size {size[0]}x{size[1]} at 121 frames" in msg
+    assert (err.max_frames, err.max_size, err.auto_fits) == (frames, size, False)
+    assert err.usable_gib == pytest.approx(ctx.budget_bytes / GIB) and err.need_gib > err.usable_gib
+    assert err.reserve_gib == 0.5 and err.leanest == d.leanest().plan
+    assert f"frames {frames} at 832x1216" in msg and f"size {size[0]}x{size[1]} at 121 frames" in msg
+    shown = flagged(err)  # what the CLI prints
+    assert f"--frames {frames} at 832x1216" in shown and f"--size {size[0]}x{size[1]} at 121 frames" in shown
     assert decide(ctx, replace(work, frames=frames)).chosen is not None
     assert decide(ctx, replace(work, frames=frames + 4)).chosen is None
     assert decide(ctx, replace(work, width=size[0], height=size[1])).chosen is not None
     # An explicit mode that cannot fit points at the planner's own choice.
-    msg = str(decide(ctx_for("rtx4090"), REF, "resident").refusal())
-    assert "the leanest resident plan" in msg and "--memory auto" in msg
+    err = decide(ctx_for("rtx4090"), REF, "resident").refusal()
+    assert err.auto_fits and "the leanest resident plan" in str(err) and "use memory auto" in str(err)
+    assert "use --memory auto" in flagged(err)
+
+
+def test_spec_errors_name_flags_on_the_command_line() -> None:
+    from wanrender.cli_errors import flagged
+
+    with pytest.raises(SpecError) as e:
+        planner.candidates(ctx_for("h100"), REF, "lowvram")
+    assert e.value.field == "memory" and str(e.value).startswith("memory 'lowvram' is invalid")
+    assert flagged(e.value).startswith("--memory 'lowvram' is invalid")
+    assert flagged(SpecError("reserve_vram", "reserve_vram -1 is invalid")) == "--reserve-vram -1 is invalid"
+    assert flagged(SpecError("width", "width 833 is invalid")) == "--size 833 is invalid"
+    assert flagged(SpecError("shift_low", "shift_low 0 is invalid")) == "--shift 0 is invalid"
+    assert flagged(SpecError("frames", "the frames must be 4k+1")) == "the frames must be 4k+1"  # no leading field
+    assert flagged(WanrenderError("frames 6 is invalid")) == "frames 6 is invalid"  # untyped: left alone
 
 
 def test_step_down_needs_less_memory_and_fits_what_is_free_now() -> None:
@@ -154,9 +179,16 @@ def test_step_down_needs_less_memory_and_fits_what_is_free_now() -> None:
 
 
 def test_parse_sizes_and_named_gpus() -> None:
-    assert gpus.parse_gib("24GB") == 24 and gpus.parse_gib("23.5") == 23.5 and gpus.parse_gib("24576MB") == 24
-    with pytest.raises(WanrenderError, match="--vram 'lots' is invalid"):
-        gpus.parse_gib("lots")
+    # One unit rule: GB = 10^9 bytes, GiB = 2^30 bytes; a bare memory size is GiB.
+    assert SPEC_GIB == GIB
+    assert parse_gib("24GiB") == 24 and parse_gib("23.5") == 23.5 and parse_gib("24576MiB") == 24
+    assert parse_gib("24GB") == pytest.approx(24e9 / 2**30) and parse_gib("24000MB") == pytest.approx(24e9 / 2**30)
+    assert parse_bytes("24GB") == 24 * 10**9 and parse_bytes("24GiB") == 24 * 2**30
+    with pytest.raises(SpecError, match="vram 'lots' is invalid") as e:
+        parse_gib("lots")
+    assert e.value.field == "vram"
+    with pytest.raises(SpecError, match="ram '0' is out of range"):
+        parse_gib("0", "ram")
     assert gpus.named("RTX4090").name == "RTX 4090" and gpus.named("a100").total_gib > 70
     with pytest.raises(WanrenderError, match="unknown GPU 'v100' — choose one of rtx4090"):
         gpus.named("v100")
@@ -191,21 +223,73 @@ def test_weights_from_files_read_headers(tmp_path, monkeypatch) -> None:
     assert blocks16[0] - blocks8[0] == 40_960 - 4 * 576
 
 
+def test_fp8_exclusion_reads_official_and_diffusers_names() -> None:
+    # One list (spec.FP8_EXCLUDE, official names); diffusers headers are renamed before matching.
+    kept = ("blocks.3.cross_attn.k.weight", "blocks.3.attn2.to_v.weight", "head.head.weight", "proj_out.weight",
+            "condition_embedder.text_embedder.linear_1.weight", "condition_embedder.time_proj.weight",
+            "model.diffusion_model.time_embedding.0.weight")  # fmt: skip
+    converted = ("blocks.3.self_attn.q.weight", "blocks.3.attn1.to_q.weight", "blocks.3.attn2.to_q.weight",
+                 "blocks.3.ffn.net.0.proj.weight", "model.diffusion_model.blocks.3.ffn.0.weight")  # fmt: skip
+    assert all(mem._kept_on_bf16(k) for k in kept)
+    assert not any(mem._kept_on_bf16(k) for k in converted)
+
+
 def test_cli_plan_for_named_gpus() -> None:
     runner = CliRunner()
-    res = runner.invoke(app, ["plan", "--gpu", "rtx4090", "--frames", "81", "--ram", "64GB"])
+    res = runner.invoke(app, ["plan", "--gpu", "rtx4090", "--frames", "81", "--ram", "64GiB"])
     assert res.exit_code == 0, res.output
     assert "RTX 4090" in res.output and "Frame-count guide at 832x1216" in res.output
     assert "stream:" in res.output and "161" in res.output and "does not fit" not in res.output
     assert "kept free while sampling" in res.output
     res = runner.invoke(app, ["plan", "--gpu", "h100", "--frames", "161"])
     assert res.exit_code == 0 and "both experts resident" in res.output
-    res = runner.invoke(app, ["plan", "--vram", "6GB"])
-    assert res.exit_code == 0 and "refused" in res.output and "does not fit" in res.output
     res = runner.invoke(app, ["plan", "--gpu", "v100"])
     assert res.exit_code == 2 and "unknown GPU" in res.output
     res = runner.invoke(app, ["plan", "--gpu", "h100", "--frames", "80"])
     assert res.exit_code == 2 and "try 81" in res.output
+    res = runner.invoke(app, ["plan", "--vram", "lots"])
+    assert res.exit_code == 2 and "--vram 'lots' is invalid" in res.output
+    res = runner.invoke(app, ["plan", "--gpu", "h100", "--memory", "lowvram"])
+    assert res.exit_code == 2 and "--memory 'lowvram' is invalid" in res.output
+
+
+def test_cli_plan_exits_1_when_the_request_is_refused() -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["plan", "--vram", "6GiB", "--ram", "64GiB"])
+    assert res.exit_code == 1, res.output
+    out = " ".join(res.output.split())  # rich wraps long lines
+    assert "81 frames at 832x1216: refused" in out and "does not fit" in out
+    assert "use --size " in out and "Frame-count guide at 832x1216" in out  # the report and guide still print
+    # The frames asked about fit, even where longer rows of the guide do not: exit 0.
+    res = runner.invoke(app, ["plan", "--vram", "12GiB", "--ram", "64GiB", "--frames", "25"])
+    assert res.exit_code == 0, res.output
+    # A bare --vram is GiB; 24GB is 22.35 GiB (GB = 10^9 bytes).
+    res = runner.invoke(app, ["plan", "--vram", "24GB", "--ram", "64GiB"])
+    assert res.exit_code == 0 and "a GPU @ 22.3517 GiB" in res.output, res.output
+    res = runner.invoke(app, ["plan", "--vram", "24", "--ram", "64GiB"])
+    assert res.exit_code == 0 and "a GPU @ 24 GiB" in res.output, res.output
+
+
+def test_plan_render_refuses_before_loading() -> None:
+    from types import SimpleNamespace
+
+    from wanrender.cli_errors import flagged
+    from wanrender.spec import RenderSpec, RuntimeKnobs
+
+    # plan_render reads only .render, .sampling and .knobs of a request.
+    req = SimpleNamespace(render=RenderSpec(image=None, prompt="a bear"), sampling=Sampling(), knobs=RuntimeKnobs())
+    tiny = gpus.named("rtx4090").with_vram(4)
+    with pytest.raises(PlanRefused, match=r"81 frames at 832x1216 does not fit RTX 4090 @ 4 GiB.* — use size") as e:
+        planner.plan_render(req, None, "cuda", gpu=tiny, weights=W)  # files are never opened
+    assert e.value.max_size is not None and "— use --size" in flagged(e.value)
+    # The knobs steer the decision: a larger reserve leaves less usable memory.
+    roomy = gpus.named("h100")
+    assert planner.plan_render(req, None, "cuda", gpu=roomy, weights=W).chosen.plan.experts == "resident"
+    held = SimpleNamespace(render=req.render, sampling=req.sampling, knobs=RuntimeKnobs(memory="swap", reserve_vram=4.0))
+    d = planner.plan_render(held, None, "cuda", gpu=roomy, weights=W)
+    assert d.mode == "swap" and d.ctx.reserve_gib == 4.0 and d.chosen.plan.experts == "swap"
+    assert planner.plan_render(held, None, "cpu") == planner.cpu_plan("swap")
+    assert Workload.of(req) == REF
 
 
 def test_generate_refuses_before_loading(tmp_path, monkeypatch) -> None:
@@ -222,8 +306,7 @@ def test_generate_refuses_before_loading(tmp_path, monkeypatch) -> None:
     tiny = gpus.named("rtx4090").with_vram(4)
     monkeypatch.setattr(planner, "Weights", type("W", (), {"from_files": staticmethod(lambda f, p: W)}))
     monkeypatch.setattr(gpus, "probe", lambda *a, **k: tiny)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    with pytest.raises(WanrenderError, match=r"81 frames at 832x1216 does not fit RTX 4090 @ 4 GiB.* — use --size"):
+    with pytest.raises(PlanRefused, match=r"81 frames at 832x1216 does not fit RTX 4090 @ 4 GiB.* — use size"):
         Runner("cuda").render(req, files)
     assert not (tmp_path / "x.mp4").exists()
 

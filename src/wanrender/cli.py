@@ -41,7 +41,9 @@ def _default_compile_cache() -> None:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+    from wanrender.cli_errors import flagged
+
+    console.print(f"[bold red]error:[/] {flagged(err)}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -191,23 +193,29 @@ def plan_cmd(
     size: str = typer.Option("832x1216", "--size", help="WIDTHxHEIGHT."),
     frames: int = typer.Option(81, "--frames", help="Frames of the request to plan (the guide lists others too)."),
     gpu: Optional[str] = typer.Option(None, "--gpu", help="rtx4090, rtx5090, a100-40g, a100-80g, h100, h200 (default: this GPU)."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="Plan for this much GPU memory, e.g. 24GB (with --gpu: its speed)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help="Plan for this much GPU memory, e.g. 24GiB or 23.5 (GB = 10^9 bytes, GiB = 2^30 bytes; a bare number is GiB). With --gpu: that GPU's speed."),
     reserve_vram: float = typer.Option(0.5, "--reserve-vram", help="GiB to leave free."),
     preset: str = typer.Option("turbo", "--preset", help="turbo or quality (steps and cfg)."),
     memory: str = typer.Option("auto", "--memory", help="auto, resident, swap or stream."),
     precision: str = typer.Option("auto", "--precision"),
     compile: str = typer.Option("off", "--compile"),
     models: Optional[Path] = typer.Option(None, "--models", help="Read weight sizes from these files (default: the standard fp8 set)."),
-    ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM to plan for (default: this machine's)."),
+    ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM to plan for, e.g. 64GiB (GB = 10^9 bytes, GiB = 2^30 bytes; a bare number is GiB; default: this machine's)."),
 ) -> None:
-    """Predict peak VRAM and time for a render and list a frame-count guide, for this GPU or a named one."""
-    from wanrender.runtime.planner import plan_command
+    """Predict peak VRAM and time for a render and list a frame-count guide, for this GPU or a named one.
+
+    Exits 1 when the request asked about does not fit (the report says what would), 2 on bad input."""
+    from wanrender.cli_plan import plan_command
 
     try:
-        for r in plan_command(size, frames, gpu, vram, reserve_vram, preset, memory, precision, compile, models, ram):
-            Console().print(r, highlight=False)
+        out = plan_command(size, frames, gpu, vram, reserve_vram, preset, memory, precision, compile, models, ram)
     except WanrenderError as e:
         _fail(e)
+        return
+    for r in out.renderables:
+        Console().print(r, highlight=False)
+    if out.refused is not None:
+        raise typer.Exit(1)
 
 
 @app.command()

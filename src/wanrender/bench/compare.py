@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wanrender.bench import results as res
-from wanrender.bench.matrix import parse_bytes, parse_seconds
+from wanrender.bench.matrix import parse_seconds
 from wanrender.bench.runner import STAGES
 from wanrender.errors import WanrenderError
+from wanrender.spec import parse_bytes
 
 # Limit names that expand to several metrics, and memory metrics (bytes, not seconds).
 ALIASES = {"pass": ("pass1", "pass2")}

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
+from wanrender.spec import parse_bytes, tokens as dit_tokens
 
 PASS_ORDERS = ("high-low", "low-high")
 INJECT = ("none", "oom", "hang", "crash")
@@ -86,7 +87,7 @@ class Case:
     @property
     def tokens(self) -> int:
         """Latent tokens of one DiT forward: what time and memory scale with."""
-        return ((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        return dit_tokens(self.frames, self.width, self.height)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -121,19 +122,6 @@ class Matrix:
 KEYS = ("name", "image", "prompt", "models", "preset", "frames", "resolution", "steps", "switch", "seed",
         "pass_order", "attention", "precision", "compile", "memory_plan", "vram_cap", "interpolate", "device",
         "repeats", "warmup", "timeout_s", "inject")  # fmt: skip
-_BYTES = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_bytes(text: str | int | float, what: str = "size") -> int:
-    """'32GB' (10^9), '31.5GiB' (2^30), '800MiB', or a plain number of bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return int(text)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = (m.group(2) or "b").lower() if m else ""
-    if not m or unit not in _BYTES:
-        raise WanrenderError(f"{what} {text!r} is invalid — use a number with a unit, e.g. 32GB or 31.5GiB")
-    return int(float(m.group(1)) * _BYTES[unit])
 
 
 def parse_seconds(text: str | int | float, what: str = "duration") -> float:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
+from wanrender.spec import tokens as dit_tokens
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class Bucket:
 
     @property
     def tokens(self) -> int:
-        return ((self.frames - 1) // 4 + 1) * (self.height // 16) * (self.width // 16)
+        return dit_tokens(self.frames, self.width, self.height)
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ class Profile:
 
     def bucket_for(self, frames: int, width: int, height: int) -> Bucket:
         """The bucket nearest in latent tokens (log scale: 2x more and 2x fewer are equally far)."""
-        n = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+        n = dit_tokens(frames, width, height)
         return min(self.buckets, key=lambda b: abs(math.log(max(b.tokens, 1) / max(n, 1))))
 
 

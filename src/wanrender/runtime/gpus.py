@@ -86,21 +86,8 @@ def named(name: str) -> GPUSpec:
     key = name.strip().lower().replace("_", "-").replace(" ", "")
     key = {"4090": "rtx4090", "5090": "rtx5090", "a100": "a100-80g", "a10080g": "a100-80g", "a10040g": "a100-40g"}.get(key, key)
     if key not in NAMED:
-        raise WanrenderError(f"unknown GPU {name!r} — choose one of {', '.join(NAMED)} or give --vram, e.g. --vram 24GB")
+        raise WanrenderError(f"unknown GPU {name!r} — choose one of {', '.join(NAMED)} or give --vram, e.g. --vram 24GiB")
     return NAMED[key]
-
-
-def parse_gib(text: str, flag: str = "--vram") -> float:
-    """'24GB', '24G', '24', '24GiB', '24000MB' -> GiB. GB means GiB here, as in
-    nvidia-smi's and ComfyUI's usage (a '24 GB' card has 24 GiB)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(gib|gb|g|mib|mb|m)?\s*", text.lower())
-    if not m:
-        raise WanrenderError(f"{flag} {text!r} is invalid — use a size such as 24GB or 23.5")
-    value, unit = float(m.group(1)), m.group(2) or "gb"
-    gib = value / 1024 if unit in ("mib", "mb", "m") else value
-    if not 0 < gib <= 4096:
-        raise WanrenderError(f"{flag} {text!r} is out of range — use a size such as 24GB")
-    return gib
 
 
 def match_name(device_name: str) -> str | None:

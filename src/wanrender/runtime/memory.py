@@ -59,6 +59,9 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from wanrender import spec
+from wanrender.spec import Sampling
+
 log = logging.getLogger(__name__)
 
 GIB = 1 << 30
@@ -150,7 +153,7 @@ class Weights:
         """Sizes from the files' headers (nothing is read but the headers).
 
         ``precision`` fp8: Linear weights stored wider are quantised to 1 byte at load
-        (kernels.linear.enable_fp8), except the layers runtime.plan keeps on bf16.
+        (kernels.linear.enable_fp8), except the layers spec.FP8_EXCLUDE keeps on bf16.
         """
         top_h, blocks_h = _dit_bytes(files.high, precision)
         top_l, blocks_l = _dit_bytes(files.low, precision)
@@ -167,22 +170,32 @@ class Workload:
     frames: int = 81
     width: int = 832
     height: int = 1216
-    cfg: float = 1.0
-    steps: int = 4
-    switch: int = 2
+    sampling: Sampling = Sampling()
 
     @property
     def latent_frames(self) -> int:
-        return (self.frames - 1) // 4 + 1
+        return spec.latent_frames(self.frames)
 
     @property
     def tokens(self) -> int:
-        """L: DiT tokens per sample (2x2 spatial patches of the 8x-downsampled latent)."""
-        return self.latent_frames * (self.height // 16) * (self.width // 16)
+        """L: DiT tokens per sample."""
+        return spec.tokens(self.frames, self.width, self.height)
 
     @property
     def batch(self) -> int:
-        return 1 if self.cfg == 1.0 else 2  # cond + uncond in one forward
+        return self.sampling.batch
+
+    @property
+    def steps(self) -> int:
+        return self.sampling.steps
+
+    @property
+    def switch(self) -> int:
+        return self.sampling.switch
+
+    @property
+    def cfg(self) -> float:
+        return self.sampling.cfg
 
     @property
     def pixels(self) -> int:
@@ -193,8 +206,9 @@ class Workload:
 
     @staticmethod
     def of(req) -> Workload:
-        r, s = req.render, req.sampling
-        return Workload(r.frames, r.width, r.height, s.cfg, s.steps, s.switch)
+        """From a ``spec.RenderRequest`` (or anything with ``.render`` and ``.sampling``)."""
+        r = req.render
+        return Workload(r.frames, r.width, r.height, req.sampling)
 
 
 @dataclass(frozen=True)
@@ -330,8 +344,6 @@ def device_bytes(allocated: int) -> int:
 
 _BLOCK_KEY = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _AUX = ("scaled_fp8", "comfy_quant", "spiece_model")
-_FP8_KEEP = ("text_embedding", "time_embedding", "time_projection", "head.", "cross_attn.k", "cross_attn.v",
-             "condition_embedder", "proj_out", "attn2.to_k", "attn2.to_v")  # fmt: skip
 
 
 def _open(path: Path | None):
@@ -360,6 +372,15 @@ def _numel(shape) -> int:
     return math.prod(shape) if shape else 1
 
 
+def _kept_on_bf16(key: str) -> bool:
+    """Whether fp8 loading leaves this Linear weight on bf16 (``spec.FP8_EXCLUDE``)."""
+    from wanrender.models.dit import official_key_from_diffusers
+
+    # The exclusion list speaks official names; a diffusers header is renamed first.
+    name = official_key_from_diffusers(key) or key
+    return any(k in name for k in spec.FP8_EXCLUDE)
+
+
 def _dit_bytes(path: Path, precision: str) -> tuple[int, list[int]]:
     """(bytes outside the blocks, bytes of each block) of one expert as it will sit on the GPU."""
     import torch
@@ -375,7 +396,7 @@ def _dit_bytes(path: Path, precision: str) -> tuple[int, list[int]]:
         dtype, shape = ck.dtype_of(key), tuple(ck.shape_of(key))
         size = _numel(shape) * dtype.itemsize
         wide_linear = len(shape) == 2 and key.endswith(".weight") and dtype.itemsize > 1 and "embedding" not in key.split(".")[-2]
-        if precision == "fp8" and wide_linear and not any(k in key for k in _FP8_KEEP):
+        if precision == "fp8" and wide_linear and not _kept_on_bf16(key):
             size = _numel(shape) + shape[0] * 4  # fp8 weight + per-channel fp32 scale
         elif dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and len(shape) != 2:
             size = _numel(shape) * 2  # fp8 convs/norms are dequantised to bf16 at load

@@ -18,6 +18,7 @@ from torch import nn
 
 from wanrender.kernels import attention as attn
 from wanrender.kernels.linear import disable_fp8, enable_fp8, fp8_capable
+from wanrender.runtime.planner import auto_precision
 from wanrender.spec import COMPILE_MODES, FP8_EXCLUDE, PRECISIONS, SpecError
 
 log = logging.getLogger(__name__)
@@ -33,16 +34,6 @@ class RenderPlan:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def auto_precision(fp8_capable: bool, compile: str) -> str:
-    """What ``--precision auto`` means (the planner uses the same rule).
-
-    Measured (docs/benchmarks.md): fp8 linears pay off with the compiled block
-    (0.97x the peer vs 1.13x for bf16 eager); eager fp8 is unmeasured, so auto keeps
-    bf16 there.
-    """
-    return "fp8" if fp8_capable and compile != "off" else "bf16"
 
 
 def make_plan(

@@ -17,13 +17,17 @@ Candidates (``MemoryPlan``):
 Memory per stage comes from runtime/memory.py, time from runtime/timing.py. A plan
 fits when every stage's allocated peak, plus allocator slack, is within the budget:
 free memory now (live GPU) or total minus the CUDA context (named GPU), minus
-``--reserve-vram``.
+the reserve (``RuntimeKnobs.reserve_vram``).
+
+This module only predicts and decides: it imports no request or generation code,
+and its errors name spec fields, which the CLI maps to its flags (cli_errors.py).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from wanrender.errors import WanrenderError
@@ -31,6 +35,7 @@ from wanrender.runtime import memory as mem
 from wanrender.runtime import timing
 from wanrender.runtime.gpus import GIB, GPUSpec
 from wanrender.runtime.memory import Weights, Workload
+from wanrender.spec import SpecError
 
 MODES = ("auto", "resident", "swap", "stream")
 EXPERTS = ("resident", "swap", "stream")
@@ -205,7 +210,7 @@ def _stream_blocks(ctx: Context, work: Workload, plan: MemoryPlan) -> int:
 def candidates(ctx: Context, work: Workload, mode: str = "auto") -> list[Prediction]:
     """Every candidate plan's prediction, fastest fitting first."""
     if mode not in MODES:
-        raise WanrenderError(f"--memory {mode!r} is invalid — choose one of {', '.join(MODES)}")
+        raise SpecError("memory", f"memory {mode!r} is invalid — choose one of {', '.join(MODES)}")
     out: list[Prediction] = []
     experts = EXPERTS if mode == "auto" else (mode,)
     for ex, te, tiled, chunks in itertools.product(experts, TEXT_ENCODER, (False, True), CHUNKS):
@@ -226,6 +231,41 @@ def _bucket(seconds: float) -> int:
     return int(math.log(max(seconds, 1e-3)) / math.log(1 + TIE))
 
 
+class PlanRefused(WanrenderError):
+    """No plan fits: the numbers, and the nearest requests that would fit.
+
+    The message names spec fields (``frames 49 at 832x1216``, ``size 640x928``,
+    ``memory auto``); a front end passes its own names to ``describe``.
+    """
+
+    def __init__(self, what: str, gpu: str, mode: str, leanest: MemoryPlan, need_gib: float, usable_gib: float,
+                 reserve_gib: float, frames: int, size: tuple[int, int], max_frames: int | None,
+                 max_size: tuple[int, int] | None, auto_fits: bool) -> None:  # fmt: skip
+        self.what, self.gpu, self.mode, self.leanest = what, gpu, mode, leanest
+        self.need_gib, self.usable_gib, self.reserve_gib = need_gib, usable_gib, reserve_gib
+        self.frames, self.size = frames, size
+        self.max_frames = max_frames  # the most frames that fit at this size (None: not even 1)
+        self.max_size = max_size  # the largest same-aspect size that fits at this frame count
+        self.auto_fits = auto_fits  # an explicit memory mode refused what ``auto`` would fit
+        super().__init__(self.describe())
+
+    def fixes(self) -> list[tuple[str, str]]:
+        """(field, what to set it to), most direct first."""
+        out = [("memory", "auto")] if self.auto_fits else []
+        if self.max_frames:
+            out.append(("frames", f"{self.max_frames} at {self.size[0]}x{self.size[1]}"))
+        if self.max_size:
+            out.append(("size", f"{self.max_size[0]}x{self.max_size[1]} at {self.frames} frames"))
+        return out
+
+    def describe(self, name: Callable[[str], str] = str) -> str:
+        """The one-line message, with ``name`` turning a field into what the reader types."""
+        fixes = " or ".join(f"{name(f)} {v}" for f, v in self.fixes()) or "a GPU with more memory"
+        return (f"{self.what} does not fit {self.gpu}: the leanest {self.mode} plan ({self.leanest.short()}) needs "
+                f"{self.need_gib:.2f} GiB, {self.usable_gib:.2f} GiB usable after the {self.reserve_gib:g} GiB "
+                f"reserve — use {fixes}")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Decision:
     ctx: Context
@@ -241,22 +281,14 @@ class Decision:
     def leanest(self) -> Prediction:
         return min(self.ranked, key=lambda p: need_bytes(p.stage_bytes, p.holes_bytes))
 
-    def refusal(self) -> WanrenderError:
+    def refusal(self) -> PlanRefused:
         lean = self.leanest()
         frames, size = largest_fit(self.ctx, self.work, self.mode)
-        fixes = []
-        if frames:
-            fixes.append(f"--frames {frames} at {self.work.width}x{self.work.height}")
-        if size:
-            fixes.append(f"--size {size[0]}x{size[1]} at {self.work.frames} frames")
-        if self.mode != "auto" and largest_fit(self.ctx, self.work, "auto")[0] == self.work.frames:
-            fixes.insert(0, "--memory auto")
+        auto_fits = self.mode != "auto" and largest_fit(self.ctx, self.work, "auto")[0] == self.work.frames
         need = need_bytes(lean.stage_bytes, lean.holes_bytes) * (1 + mem.FRAGMENTATION) / GIB
-        return WanrenderError(
-            f"{self.work.label()} does not fit {self.ctx.gpu.label()}: the leanest {self.mode} plan "
-            f"({lean.plan.short()}) needs {need:.2f} GiB, {self.ctx.budget_bytes / GIB:.2f} GiB usable after the "
-            f"{self.ctx.reserve_gib:g} GiB reserve — use " + (" or ".join(fixes) if fixes else "a GPU with more memory")
-        )
+        return PlanRefused(self.work.label(), self.ctx.gpu.label(), self.mode, lean.plan, need,
+                           self.ctx.budget_bytes / GIB, self.ctx.reserve_gib, self.work.frames,
+                           (self.work.width, self.work.height), frames, size, auto_fits)  # fmt: skip
 
     def to_json(self) -> dict:
         c = self.chosen
@@ -298,14 +330,23 @@ def step_down(decision: Decision, failed: MemoryPlan, gpu: GPUSpec | None = None
     return None
 
 
-def resolve_precision(precision: str, gpu: GPUSpec, compile: str = "off") -> str:
-    from wanrender.runtime.plan import auto_precision
+def auto_precision(fp8_capable: bool, compile: str) -> str:
+    """What precision ``auto`` means, for the planner and for runtime/plan.py alike.
 
+    Measured (docs/benchmarks.md): fp8 linears pay off with the compiled block
+    (0.97x the peer vs 1.13x for bf16 eager); eager fp8 is unmeasured, so auto keeps
+    bf16 there.
+    """
+    return "fp8" if fp8_capable and compile != "off" else "bf16"
+
+
+def resolve_precision(precision: str, gpu: GPUSpec, compile: str = "off") -> str:
     return auto_precision(gpu.fp8_matmul, compile) if precision == "auto" else precision
 
 
 def plan_render(req, files, device, gpu: GPUSpec | None = None, weights: Weights | None = None) -> Decision | MemoryPlan:
-    """The memory plan for a render, decided before any model is loaded.
+    """The memory plan for a render (a ``spec.RenderRequest``: ``.render``, ``.sampling``,
+    ``.knobs``), decided before any model is loaded.
 
     A CUDA device is probed (or ``gpu`` used); a refusal raises here. On the CPU there
     is no VRAM to plan: ``auto`` keeps everything resident and an explicit mode runs
@@ -316,16 +357,16 @@ def plan_render(req, files, device, gpu: GPUSpec | None = None, weights: Weights
 
     from wanrender.runtime import gpus
 
-    k = req.knobs
-    mode = k.memory
+    knobs = req.knobs
     dev = torch.device(device)
     if gpu is None and dev.type != "cuda":
-        return cpu_plan(mode)
+        return cpu_plan(knobs.memory)
     spec = gpu or gpus.probe(dev)
-    precision = resolve_precision(k.precision, spec, k.compile)
-    reserve = k.reserve_vram if k.reserve_vram is not None else DEFAULT_RESERVE_GIB
-    ctx = Context(spec, weights or Weights.from_files(files, precision), precision, k.compile, reserve, gpus.host_ram_gib()[0])
-    decision = decide(ctx, Workload.of(req), mode)
+    precision = resolve_precision(knobs.precision, spec, knobs.compile)
+    reserve = knobs.reserve_vram if knobs.reserve_vram is not None else DEFAULT_RESERVE_GIB
+    ctx = Context(spec, weights or Weights.from_files(files, precision), precision, knobs.compile, reserve,
+                  gpus.host_ram_gib()[0])  # fmt: skip
+    decision = decide(ctx, Workload.of(req), knobs.memory)
     if decision.chosen is None:
         raise decision.refusal()
     return decision
@@ -333,14 +374,14 @@ def plan_render(req, files, device, gpu: GPUSpec | None = None, weights: Weights
 
 def cpu_plan(mode: str) -> MemoryPlan:
     if mode not in MODES:
-        raise WanrenderError(f"--memory {mode!r} is invalid — choose one of {', '.join(MODES)}")
+        raise SpecError("memory", f"memory {mode!r} is invalid — choose one of {', '.join(MODES)}")
     return {
         "auto": MemoryPlan(), "resident": MemoryPlan(), "swap": MemoryPlan("swap", text_encoder="release"),
         "stream": MemoryPlan("stream", resident_blocks=1, text_encoder="release", chunks=4),
     }[mode]  # fmt: skip
 
 
-# --- `wanrender plan`: the chosen plan and a frame-count guide --------------------------
+# --- the frame-count guide of `wanrender plan` (cli_plan.py prints it) ------------------
 
 GUIDE_FRAMES = (25, 49, 61, 81, 101, 121, 161)
 
@@ -358,86 +399,3 @@ def guide(ctx: Context, work: Workload, frames: tuple[int, ...] = GUIDE_FRAMES, 
             "step_s": c.step_seconds if c else None, "total_s": c.seconds if c else None, "fits": c is not None,
         })  # fmt: skip
     return rows
-
-
-def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[int, ...] = GUIDE_FRAMES) -> list:
-    """Rich renderables for `wanrender plan`."""
-    from rich.table import Table
-    from rich.text import Text
-
-    d = decide(ctx, work, mode)
-    g = ctx.gpu
-    src = "live" if g.free_gib is not None else "named (datasheet figures and estimates)"
-    head = [
-        f"GPU: {g.label()} — {src}; budget {ctx.budget_bytes / GIB:.1f} GiB after a {ctx.reserve_gib:g} GiB reserve"
-        + ("" if g.free_gib is not None else f" and {mem.CUDA_CONTEXT_GIB:g} GiB CUDA context"),
-        f"Compute: precision {ctx.precision if g.fp8_matmul else 'bf16'} ({ctx.path}), {g.attention_tflops:g} TFLOP/s attention; "
-        f"weights: {ctx.weights.source} (expert {ctx.weights.expert / GIB:.1f} GiB, text encoder {ctx.weights.text_encoder / GIB:.1f} GiB)",
-    ]
-    if d.chosen is not None:
-        c = d.chosen
-        head.append(f"{work.label()}, {work.steps} steps, cfg {work.cfg:g}: {c.plan.describe()}")
-        head.append(
-            f"  predicted peak {c.peak_bytes / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.stage_bytes.items())
-            + f"); {c.step_seconds:.1f} s/step, {c.seconds:.0f} s image to MP4; host RAM ~{c.host_bytes / GIB:.0f} GiB"
-        )
-        head.append(f"  kept free while sampling: {c.holes_bytes / GIB:.1f} GiB for the allocator's fragmentation (measured under caps)")
-        head += [f"  note: {n}" for n in c.notes]
-    else:
-        head.append(f"{work.label()}: refused — {d.refusal()}")
-    table = Table(title=f"Frame-count guide at {work.width}x{work.height} ({work.steps} steps, cfg {work.cfg:g})",
-                  title_justify="left")  # fmt: skip
-    for col, just in (("frames", "right"), ("video", "right"), ("plan", "left"), ("peak VRAM", "right"),
-                      ("s/step", "right"), ("total", "right")):  # fmt: skip
-        table.add_column(col, justify=just)
-    for r in guide(ctx, work, frames, mode):
-        table.add_row(
-            str(r["frames"]), f"{r['seconds_of_video']:.1f} s", r["plan"] if r["fits"] else "[red]does not fit[/]",
-            f"{r['peak_gib']:.1f} GiB", f"{r['step_s']:.1f}" if r["fits"] else "–", f"{r['total_s']:.0f} s" if r["fits"] else "–",
-        )  # fmt: skip
-    return [Text("\n".join(head)), table]
-
-
-def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, reserve: float, preset: str, mode: str,
-                 precision: str, compile: str, models, ram: str | None) -> list:  # fmt: skip
-    """`wanrender plan`: parse the flags, build the context, return what to print."""
-    from wanrender.request import PRESETS, validate
-    from wanrender.runtime import gpus
-
-    try:
-        width, height = (int(v) for v in size.lower().split("x"))
-    except ValueError:
-        raise WanrenderError(f"--size {size!r} is invalid — use WIDTHxHEIGHT, e.g. 832x1216") from None
-    if preset not in PRESETS:
-        raise WanrenderError(f"unknown preset {preset!r} — choose one of {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    from pathlib import Path
-
-    validate(_probe_request(frames, width, height, p))  # the same limits and messages as generate
-    if gpu:
-        spec = gpus.named(gpu)
-    elif vram is None:
-        spec = gpus.probe("cuda")
-    else:
-        spec = replace(gpus.named("rtx4090"), name="a GPU")  # only the memory is given: 4090-class speed
-    if vram is not None:
-        spec = spec.with_vram(gpus.parse_gib(vram))
-    prec = resolve_precision(precision, spec, compile)
-    if models is not None:
-        from wanrender.models.inventory import resolve_files
-
-        weights = Weights.from_files(resolve_files(Path(models)), prec)
-    else:
-        weights = Weights.standard(lora=p.lora_strength > 0)
-    host = gpus.parse_gib(ram, "--ram") if ram else gpus.host_ram_gib()[0]
-    ctx = Context(spec, weights, prec, compile, reserve, host)
-    s = p.sampling
-    return plan_report(ctx, Workload(frames, width, height, s.cfg, s.steps, s.switch), mode)
-
-
-def _probe_request(frames: int, width: int, height: int, preset):
-    from pathlib import Path
-
-    from wanrender.spec import RenderRequest, RenderSpec
-
-    return RenderRequest(RenderSpec(Path("plan.png"), "plan", frames=frames, width=width, height=height), preset.sampling)

@@ -1,0 +1,36 @@
+"""Errors as the command line shows them: spec fields become the flags that set them.
+
+Lower layers name fields (``frames``, ``vram``) so that every front end can speak
+its own terms; this is where the CLI's terms are chosen. Kept free of heavy imports:
+every command's error path goes through it.
+"""
+
+from __future__ import annotations
+
+FLAGS = {
+    "frames": "--frames", "width": "--size", "height": "--size", "size": "--size",
+    "reserve_vram": "--reserve-vram", "vram": "--vram", "ram": "--ram", "memory": "--memory",
+    "precision": "--precision", "compile": "--compile", "attention": "--attention",
+    "lora_strength_high": "--lora-strength", "lora_strength_low": "--lora-strength",
+    "shift_high": "--shift", "shift_low": "--shift", "interpolate": "--interpolate", "fps": "--fps",
+    "crf": "--crf", "seed": "--seed", "steps": "--steps", "switch": "--switch", "boundary": "--boundary",
+    "cfg": "--cfg", "sampler": "--sampler", "fit": "--fit", "prompt": "--prompt", "preset": "--preset",
+}  # fmt: skip
+
+
+def flag(field: str) -> str:
+    """The flag that sets ``field`` (the field itself when no flag does)."""
+    return FLAGS.get(field, field)
+
+
+def flagged(err: BaseException) -> str:
+    """``err``'s message with the spec field it names written as the CLI flag."""
+    from wanrender.runtime.planner import PlanRefused
+    from wanrender.spec import SpecError
+
+    if isinstance(err, PlanRefused):
+        return err.describe(flag)
+    msg = str(err)
+    if isinstance(err, SpecError) and err.field in FLAGS and msg.startswith(err.field + " "):
+        return FLAGS[err.field] + msg[len(err.field) :]
+    return msg

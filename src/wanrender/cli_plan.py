@@ -1,0 +1,102 @@
+"""`wanrender plan`: the flags turned into a planner context, and the report printed
+from the planner's decision (the chosen plan, or the refusal, and a frame-count guide).
+
+The planner (runtime/planner.py) only predicts and decides; what to parse, what to
+print and which flags to suggest lives here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from wanrender.cli_errors import flagged
+from wanrender.errors import WanrenderError
+from wanrender.runtime import memory as mem
+from wanrender.runtime.gpus import GIB
+from wanrender.runtime.memory import Weights, Workload
+from wanrender.runtime.planner import GUIDE_FRAMES, Context, PlanRefused, decide, guide, resolve_precision
+from wanrender.spec import Sampling, parse_gib, parse_size
+
+
+@dataclass(frozen=True)
+class PlanOutput:
+    renderables: list  # what to print, in order
+    refused: PlanRefused | None  # the request asked about does not fit (the command exits 1)
+
+
+def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[int, ...] = GUIDE_FRAMES) -> PlanOutput:
+    """Rich renderables for `wanrender plan`, and the refusal if the request does not fit."""
+    from rich.table import Table
+    from rich.text import Text
+
+    d = decide(ctx, work, mode)
+    g = ctx.gpu
+    src = "live" if g.free_gib is not None else "named (datasheet figures and estimates)"
+    head = [
+        f"GPU: {g.label()} — {src}; budget {ctx.budget_bytes / GIB:.1f} GiB after a {ctx.reserve_gib:g} GiB reserve"
+        + ("" if g.free_gib is not None else f" and {mem.CUDA_CONTEXT_GIB:g} GiB CUDA context"),
+        f"Compute: precision {ctx.precision if g.fp8_matmul else 'bf16'} ({ctx.path}), {g.attention_tflops:g} TFLOP/s attention; "
+        f"weights: {ctx.weights.source} (expert {ctx.weights.expert / GIB:.1f} GiB, text encoder {ctx.weights.text_encoder / GIB:.1f} GiB)",
+    ]
+    refused = None
+    if d.chosen is not None:
+        c = d.chosen
+        head.append(f"{work.label()}, {work.steps} steps, cfg {work.cfg:g}: {c.plan.describe()}")
+        head.append(
+            f"  predicted peak {c.peak_bytes / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.stage_bytes.items())
+            + f"); {c.step_seconds:.1f} s/step, {c.seconds:.0f} s image to MP4; host RAM ~{c.host_bytes / GIB:.0f} GiB"
+        )
+        head.append(f"  kept free while sampling: {c.holes_bytes / GIB:.1f} GiB for the allocator's fragmentation (measured under caps)")
+        head += [f"  note: {n}" for n in c.notes]
+    else:
+        refused = d.refusal()
+        head.append(f"{work.label()}: refused — {flagged(refused)}")
+    table = Table(title=f"Frame-count guide at {work.width}x{work.height} ({work.steps} steps, cfg {work.cfg:g})",
+                  title_justify="left")  # fmt: skip
+    for col, just in (("frames", "right"), ("video", "right"), ("plan", "left"), ("peak VRAM", "right"),
+                      ("s/step", "right"), ("total", "right")):  # fmt: skip
+        table.add_column(col, justify=just)
+    for r in guide(ctx, work, frames, mode):
+        table.add_row(
+            str(r["frames"]), f"{r['seconds_of_video']:.1f} s", r["plan"] if r["fits"] else "[red]does not fit[/]",
+            f"{r['peak_gib']:.1f} GiB", f"{r['step_s']:.1f}" if r["fits"] else "–", f"{r['total_s']:.0f} s" if r["fits"] else "–",
+        )  # fmt: skip
+    return PlanOutput([Text("\n".join(head)), table], refused)
+
+
+def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, reserve: float, preset: str, mode: str,
+                 precision: str, compile: str, models, ram: str | None) -> PlanOutput:  # fmt: skip
+    """`wanrender plan`: parse the flags, build the context, return what to print."""
+    from wanrender.request import PRESETS, validate
+    from wanrender.runtime import gpus
+
+    width, height = parse_size(size)
+    if preset not in PRESETS:
+        raise WanrenderError(f"unknown preset {preset!r} — choose one of {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    validate(_probe_request(frames, width, height, p))  # the same limits and messages as generate
+    if gpu:
+        spec = gpus.named(gpu)
+    elif vram is None:
+        spec = gpus.probe("cuda")
+    else:
+        spec = replace(gpus.named("rtx4090"), name="a GPU")  # only the memory is given: 4090-class speed
+    if vram is not None:
+        spec = spec.with_vram(parse_gib(vram, "vram"))
+    prec = resolve_precision(precision, spec, compile)
+    if models is not None:
+        from wanrender.generate import resolve_files
+
+        weights = Weights.from_files(resolve_files(Path(models)), prec)
+    else:
+        weights = Weights.standard(lora=p.lora_strength > 0)
+    host = parse_gib(ram, "ram") if ram else gpus.host_ram_gib()[0]
+    ctx = Context(spec, weights, prec, compile, reserve, host)
+    return plan_report(ctx, Workload(frames, width, height, p.sampling), mode)
+
+
+def _probe_request(frames: int, width: int, height: int, preset):
+    from wanrender.spec import RenderRequest, RenderSpec
+
+    return RenderRequest(RenderSpec(Path("plan.png"), "plan", frames=frames, width=width, height=height), preset.sampling)
