@@ -50,13 +50,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from wanrender.kernels.attention_sage8 import (  # noqa: E402
-    _LAST_LAUNCH,
     exact_attention,
     make_realistic_qkv,
     quantize_qkv,
     rel_l2,
     sage8_attention,
 )
+from wanrender.runtime.timing import self_attention_flops  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "bench_out"))
 SHAPES = {
@@ -114,7 +114,7 @@ def main() -> None:
 
     shapes = {"production": SHAPES["production"]} if args.shapes == "prod" else SHAPES
     for name, length in shapes.items():
-        flops = 4.0 * length * length * HEAD_DIM * HEADS
+        flops = self_attention_flops(length)  # HEADS x HEAD_DIM = the DiT's width
         q, k, v = make_realistic_qkv(1, length, HEADS, HEAD_DIM, seed=1, device=dev, v_mean=0.0)
         v_mean = make_realistic_qkv(1, length, HEADS, HEAD_DIM, seed=1, device=dev, v_mean=0.5)[2]
         g = torch.Generator(device=dev).manual_seed(7)
@@ -139,12 +139,13 @@ def main() -> None:
             for cfg in variants:
                 row = {"config": cfg}
                 t0 = time.time()
+                launch: dict = {}
                 try:
-                    fn = lambda a, b, c, cfg=cfg: sage8_attention(a, b, c, **cfg)  # noqa: E731
+                    fn = lambda a, b, c, cfg=cfg: sage8_attention(a, b, c, launch_info=launch, **cfg)  # noqa: E731
                     row["acc_iid_v"] = accuracy(fn, q, k, v, rows, ref)
                     row["compile_s"] = time.time() - t0
                     row["acc_mean_v"] = accuracy(fn, q, k, v_mean, rows, ref_vm)
-                    ck = _LAST_LAUNCH.get("fwd")
+                    ck = launch.get("fwd")
                     if ck is not None:
                         row.update(n_regs=getattr(ck, "n_regs", None), n_spills=getattr(ck, "n_spills", None),
                                    shared=getattr(getattr(ck, "metadata", None), "shared", None))  # fmt: skip

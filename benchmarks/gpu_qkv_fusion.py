@@ -56,6 +56,7 @@ def median_ms(fn, device: str, repeats: int) -> float:
 def main() -> None:
     from wanrender.kernels.linear import enable_fp8, fp8_capable
     from wanrender.models.common import Linear
+    from wanrender.models.random_init import init_random_
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", type=int, default=82992)
@@ -63,11 +64,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args()
     dev = args.device
-    g = torch.Generator().manual_seed(0)
     sep = [Linear(DIM, DIM) for _ in range(3)]
-    for lin in sep:
-        lin.weight.data = torch.randn(DIM, DIM, generator=g) * 0.02
-        lin.bias.data = torch.randn(DIM, generator=g) * 0.02
+    init_random_(torch.nn.ModuleList(sep))
+    g = torch.Generator().manual_seed(0)
     fused = Linear(DIM, 3 * DIM)
     fused.weight.data = torch.cat([lin.weight.data for lin in sep])
     fused.bias.data = torch.cat([lin.bias.data for lin in sep])

@@ -33,12 +33,6 @@ def gpu_env() -> dict:
     return snapshot()
 
 
-def randomize_(module: torch.nn.Module, std: float = 0.02) -> None:
-    from wanrender.bench.dit import randomize_ as _randomize
-
-    _randomize(module, std=std)
-
-
 def cuda_time(fn, repeats: int) -> tuple[float, list[float]]:
     from wanrender.bench.dit import cuda_median
 
@@ -57,10 +51,12 @@ def dit_inputs(frames: int, width: int, height: int, text_dim: int = 4096):
 def build_diffusers():
     from diffusers import WanTransformer3DModel
 
+    from wanrender.models.random_init import init_random_
+
     with torch.device("meta"):
         ref = WanTransformer3DModel(in_channels=36, out_channels=16, image_dim=None, added_kv_proj_dim=None)
     ref = ref.to_empty(device="cuda").to(torch.bfloat16).eval()
-    randomize_(ref)
+    init_random_(ref)
     return ref
 
 

@@ -1,4 +1,4 @@
-"""Test helper: a tiny SentencePiece model trained on the fly.
+"""Test helper: a tiny SentencePiece model trained on the fly (``train_tokenizer``).
 
 The real UMT5 tokenizer is 4 MB and not available offline, so tests that need
 token ids train a throw-away unigram model with the T5 id conventions
@@ -61,31 +61,11 @@ def tiny_sentences(n: int = 800, seed: int = 0) -> list[str]:
 
 
 def make_tiny_spm(tmp_path: Path, vocab_size: int = 1000, seed: int = 0) -> Path:
-    """Train a tiny SentencePiece model in ``tmp_path``; return the ``.model`` path.
+    """Train a tiny SentencePiece model (``train_tokenizer``: T5 ids, at most
+    ``vocab_size`` pieces) and write it to ``tmp_path``; return the ``.model`` path."""
+    from wanrender.models.random_init import train_tokenizer
 
-    Ids follow T5: pad 0, eos 1, unk 2, no bos. ``hard_vocab_limit=False`` lets
-    the trainer stop below ``vocab_size`` when the corpus is too small, so the
-    result has at most ``vocab_size`` pieces (fits any encoder vocab >= it).
-    """
-    import sentencepiece as spm
-
-    tmp_path = Path(tmp_path)
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(tiny_sentences(seed=seed)) + "\n", encoding="utf-8")
-    prefix = tmp_path / "tiny_spm"
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(prefix),
-        vocab_size=vocab_size,
-        model_type="unigram",
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        hard_vocab_limit=False,
-        num_threads=1,
-        minloglevel=2,
-    )
-    return prefix.with_suffix(".model")
+    path = Path(tmp_path) / "tiny_spm.model"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(train_tokenizer(corpus=tiny_sentences(seed=seed), vocab=vocab_size))
+    return path

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
 from helpers_models import TINY_DIT, tiny_dit
 from wanrender.errors import WanrenderError
 from wanrender.kernels import attention as attn
+from wanrender.kernels.attention_sage8 import make_realistic_qkv
 from wanrender.kernels.linear import enable_fp8, fp8_linear_reference, quantize_rows, weight_rowwise
 from wanrender.models.common import Linear
 from wanrender.runtime.plan import make_plan
@@ -15,16 +18,6 @@ from wanrender.runtime.plan import make_plan
 CPU = attn.Target("cpu", None, torch.float32, 128)
 H100 = attn.Target("cuda", (9, 0), torch.bfloat16, 128)
 A100 = attn.Target("cuda", (8, 0), torch.bfloat16, 128)
-
-
-def realistic_qkv(b=1, l=300, h=4, d=64, seed=0):
-    """Q/K/V with per-channel means and outlier K channels (as in trained DiTs)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, l, h, d, generator=g) + 0.5 * torch.randn(1, 1, h, d, generator=g)
-    k = torch.randn(b, l, h, d, generator=g) + 2.0 * torch.randn(1, 1, h, d, generator=g)
-    k[..., :4] *= 8  # outlier channels
-    v = torch.randn(b, l, h, d, generator=g) + 0.5 * torch.randn(1, 1, h, d, generator=g)
-    return q, k, v
 
 
 def test_auto_on_cpu_is_sdpa_and_says_why_others_cannot_run() -> None:
@@ -48,7 +41,7 @@ def test_explicit_choice_that_cannot_run_fails_with_reasons() -> None:
 
 
 def test_sdpa_equals_reference_on_cpu() -> None:
-    q, k, v = realistic_qkv()
+    q, k, v = make_realistic_qkv(1, 300, 4, 64, dtype=torch.float32, v_mean=0.5)
     got = attn.select("sdpa", CPU).fn(q, k, v)
     torch.testing.assert_close(got, attn.reference_attention(q, k, v), rtol=1e-4, atol=1e-5)
 
@@ -148,7 +141,7 @@ def test_attention_backends_match_reference(name: str, dtype: torch.dtype) -> No
     target = attn.Target.of("cuda", dtype, 128)
     if attn.reasons(name, target):
         pytest.skip("; ".join(attn.reasons(name, target)))
-    q, k, v = (t.cuda().to(dtype) for t in realistic_qkv(b=2, l=1037, h=4, d=128))
+    q, k, v = make_realistic_qkv(2, 1037, 4, 128, device="cuda", dtype=dtype, v_mean=0.5)  # sage8: ~1.6% (CPU reference)
     got = attn.select(name, target).fn(q, k, v)
     want = attn.reference_attention(q.float(), k.float(), v.float())
     tol = 0.03 if name.startswith("sage") else 0.01
@@ -238,3 +231,56 @@ def test_bench_dit_bf16_variants_parse_and_compile_toggles() -> None:
     assert all(b._compiled_call_impl is not None for b in m.blocks)
     compile_blocks(m, "off")
     assert all(b._compiled_call_impl is None for b in m.blocks)
+
+
+def _fake_sage8(monkeypatch) -> list[dict]:
+    # sage8 made runnable on the CPU: the capability check passes and the kernel is a
+    # stand-in that records the options it was called with.
+    from wanrender.kernels import attention_sage8 as sa
+
+    seen: list[dict] = []
+
+    def kernel(q, k, v, **opts):
+        seen.append(opts)
+        return attn.reference_attention(q, k, v)
+
+    kernel.__signature__ = inspect.signature(sa.sage8_attention)  # the options it takes
+    monkeypatch.setattr(sa, "can_run", lambda *a, **kw: [])
+    monkeypatch.setattr(sa, "sage8_attention", kernel)
+    return seen
+
+
+def test_kernel_options_travel_with_the_choice(monkeypatch) -> None:
+    seen = _fake_sage8(monkeypatch)
+    tuned = attn.select("sage8", H100, options={"num_stages": 2, "block_n": 64})
+    plain = attn.select("sage8", H100)
+    assert tuned.options == (("block_n", 64), ("num_stages", 2)) and plain.options == ()
+    assert "block_n=64" in tuned.describe()
+    q = torch.randn(1, 16, 2, 64, generator=torch.Generator().manual_seed(0)).bfloat16()
+    tuned.fn(q, q, q)
+    plain.fn(q, q, q)
+    tuned.fn(q, q, q)
+    assert seen == [{"block_n": 64, "num_stages": 2}, {}, {"block_n": 64, "num_stages": 2}]
+    # auto hands the options to the winner when it takes them, drops them otherwise
+    assert attn.select("auto", H100, eight_bit=True, options={"block_n": 64}).options == (("block_n", 64),)
+    assert attn.select("auto", H100, options={"block_n": 64}).options == ()
+
+
+def test_kernel_options_are_checked() -> None:
+    with pytest.raises(WanrenderError, match="unknown sage8 option 'blockn' — known: block_m, block_n"):
+        attn.freeze_options("sage8", {"blockn": 64})
+    with pytest.raises(WanrenderError, match="'sdpa' takes no kernel options"):
+        attn.select("sdpa", CPU, options={"block_n": 64})
+    with pytest.raises(WanrenderError, match="option 'block_n' = \\[64\\] is invalid"):
+        attn.freeze_options("sage8", {"block_n": [64]})
+    assert attn.freeze_options("sage8", {"use_tma": None, "pv_fp8": False}) == (("pv_fp8", False), ("use_tma", None))
+
+
+def test_sage8_op_stays_opaque_to_compile_and_keeps_its_options(monkeypatch) -> None:
+    seen = _fake_sage8(monkeypatch)
+    choice = attn.select("sage8", H100, options={"block_n": 64})
+    q = torch.randn(1, 16, 2, 64, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    compiled = torch.compile(choice.fn, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, q, q), attn.reference_attention(q, q, q))
+    assert seen and all(s == {"block_n": 64} for s in seen)  # the real kernel ran, with its options

@@ -348,3 +348,13 @@ def test_allocator_config_defaults_to_expandable_segments_unless_the_user_chose(
     for var in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
         mine = {var: "max_split_size_mb:512"}
         assert default_allocator_config(mine) is None and mine == {var: "max_split_size_mb:512"}
+
+
+def test_flop_counts_add_up_per_layer() -> None:
+    # One forward, counted layer by layer (the benchmarks' TFLOP/s use the same count).
+    n, d, f, text = 82_992, 5120, 13824, 512
+    per_block = (4 * 2 * n * d * d + 2 * 2 * n * d * d + 2 * 2 * text * d * d + 2 * 2 * n * d * f
+                 + 4 * n * n * d + 4 * n * text * d)  # fmt: skip
+    assert timing.forward_flops(Workload()) == pytest.approx(40 * per_block, rel=1e-12)
+    assert timing.forward_flops(Workload(cfg=5.0)) == pytest.approx(2 * 40 * per_block, rel=1e-12)
+    assert timing.self_attention_flops(n) == 4 * n * n * 40 * 128

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wanrender.models.random_init import init_random_
 from wanrender.models.vae import (
     PRESETS,
     VAEConfig,
@@ -27,11 +28,7 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def _randomize_gammas(model: torch.nn.Module, seed: int) -> None:
     # Conv weights and biases keep torch's seeded (non-zero, fan-in scaled) init; the norm
     # gains start at exactly 1, which would hide a mixed-up gamma, so spread them.
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(model.named_parameters()):
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.25 * torch.randn(p.shape, generator=g))
+    init_random_(model, seed, gain_std=0.25, only=lambda name: name.endswith("gamma"))
 
 
 @pytest.fixture(scope="module")

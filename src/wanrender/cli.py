@@ -362,30 +362,24 @@ def bench_dit(
         unknown = [s for s in names if s not in bd.SHAPES]
         if unknown:
             raise WanrenderError(f"unknown shape {unknown[0]!r} — choose from {', '.join(bd.SHAPES)}")
+        opts = None
         if sage8_options:
             from wanrender.kernels import attention as attn
-
-            import inspect
-
-            from wanrender.kernels.attention_sage8 import sage8_attention
 
             try:
                 opts = dict(json.loads(sage8_options))
             except (ValueError, TypeError) as e:
                 raise WanrenderError(f"--sage8-options {sage8_options!r} is not a JSON object ({e}) — e.g. '{{\"block_n\": 64}}'") from None
-            known = set(inspect.signature(sage8_attention).parameters) - {"q", "k", "v", "out"}
-            unknown = sorted(set(opts) - known)
-            if unknown:  # checked before minutes of peer timing, not inside the kernel
-                raise WanrenderError(f"--sage8-options: unknown option {unknown[0]!r} — known: {', '.join(sorted(known))}")
-            attn.SAGE8_OPTIONS.update(opts)
+            try:  # checked before minutes of peer timing, not inside the kernel
+                attn.freeze_options("sage8", opts)
+            except WanrenderError as e:
+                raise WanrenderError(f"--sage8-options: {e}") from None
         env = snapshot()
         result = bd.run(names, repeats, compile, attention, peer, log=lambda m: console.print(m, highlight=False), bf16=bf16,
-                        bf16_variants=variants, fp8=fp8)  # fmt: skip
+                        bf16_variants=variants, fp8=fp8, sage8_options=opts)  # fmt: skip
     except WanrenderError as e:
         _fail(e)
         return
-    if sage8_options:
-        result["sage8_options"] = sage8_options
     text = bd.markdown(result, env)
     Console().print(text, highlight=False)
     if record:

@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from wanrender.engine import ModelFiles
+from wanrender.models.random_init import init_random_, train_tokenizer
 from wanrender.paths import home as cache_dir
 
 log = logging.getLogger(__name__)
@@ -55,39 +53,6 @@ def demo_image() -> Path:
     return path
 
 
-def init_random_(module: nn.Module, seed: int) -> nn.Module:
-    """Seeded random weights with sane scales (fan-in normal; norms near 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
-            leaf = name.rsplit(".", 1)[-1]
-            if p.dim() >= 2 and leaf == "weight":
-                fan_in = math.prod(p.shape[1:])
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
-            elif "norm" in name or leaf == "gamma":
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif "modulation" in name:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-    return module
-
-
-def _train_tokenizer(folder: Path, vocab: int) -> bytes:
-    import sentencepiece as spm
-
-    rng = random.Random(SEED)
-    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(4, 14))) for _ in range(2000)]
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(lines))
-    spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(folder / "spiece"), vocab_size=vocab, hard_vocab_limit=False,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, num_threads=1,
-        minloglevel=2,
-    )  # fmt: skip
-    return (folder / "spiece.model").read_bytes()
-
-
 def _demo_lora(dit_cfg, seed: int, rank: int = 4) -> dict[str, torch.Tensor]:
     """A lightx2v-style LoRA (lora_down/lora_up/alpha, ``diffusion_model.`` prefix)."""
     g = torch.Generator().manual_seed(seed)
@@ -111,18 +76,17 @@ def build_demo_models(folder: Path) -> None:
     dit_cfg = DiTConfig.preset("demo")
     assert dit_cfg.text_dim == te_cfg.dim
     for i, expert in enumerate(("high", "low")):
-        dit = init_random_(WanDiT(dit_cfg), SEED + i)
+        dit = init_random_(WanDiT(dit_cfg), SEED + i, fan_in=True)
         tensors, meta = convert_state(dit.state_dict(), "fp8_scaled")
         meta["wanrender.config"] = json.dumps(dit_cfg.to_dict())
         save_safetensors(tensors, folder / f"wan2.2_i2v_{expert}_noise_demo_fp8_scaled.safetensors", meta)
         save_safetensors(_demo_lora(dit_cfg, SEED + 10 + i), folder / f"demo_4step_lora_{expert}_noise.safetensors")
-    vae = init_random_(WanVAE(VAEConfig.preset("demo")), SEED + 2)
+    vae = init_random_(WanVAE(VAEConfig.preset("demo")), SEED + 2, fan_in=True)
     tensors, _ = convert_state(vae.state_dict(), "fp32")
     save_safetensors(tensors, folder / "wan_2.1_vae_demo.safetensors")
-    te = init_random_(UMT5Encoder(te_cfg), SEED + 3)
+    te = init_random_(UMT5Encoder(te_cfg), SEED + 3, fan_in=True)
     tensors, _ = convert_state(te.state_dict(), "bf16")
-    with tempfile.TemporaryDirectory() as tmp:
-        spiece = _train_tokenizer(Path(tmp), te_cfg.vocab)
+    spiece = train_tokenizer(_WORDS, vocab=te_cfg.vocab, seed=SEED)
     tensors["spiece_model"] = torch.frombuffer(bytearray(spiece), dtype=torch.uint8)
     save_safetensors(tensors, folder / "umt5_demo_bf16.safetensors")
     (folder / "README.txt").write_text(

@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 import torch
 
 from wanrender.errors import WanrenderError
+from wanrender.models.random_init import init_random_
+from wanrender.runtime.memory import Workload
+from wanrender.runtime.timing import forward_flops, self_attention_flops
+from wanrender.spec import latent_frames, tokens
 
 SHAPES = {"832x1216": (81, 832, 1216), "480x832": (81, 832, 480), "720x1280": (81, 1280, 720)}
 
@@ -34,26 +38,6 @@ class DitRow:
     tflops: float
     ratio: float | None = None
     extra: dict = field(default_factory=dict)
-
-
-def tokens(frames: int, width: int, height: int) -> int:
-    return ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
-
-
-def forward_flops(n: int, dim: int = 5120, ffn: int = 13824, layers: int = 40, text: int = 512) -> float:
-    """Multiply-adds x 2 of one forward: projections, FFN, self- and cross-attention."""
-    per_block = (
-        4 * 2 * n * dim * dim  # self-attention q, k, v, o
-        + 2 * 2 * n * dim * dim + 2 * 2 * text * dim * dim  # cross-attention q, o on tokens; k, v on text
-        + 2 * 2 * n * dim * ffn  # FFN up and down
-        + 4 * n * n * dim  # self-attention QK^T and PV
-        + 4 * n * text * dim  # cross-attention
-    )
-    return layers * per_block
-
-
-def attention_flops(n: int, heads: int = 40, head_dim: int = 128) -> float:
-    return 4 * n * n * heads * head_dim
 
 
 def cuda_median(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> tuple[float, list[float]]:
@@ -89,19 +73,8 @@ def gemm_ceilings() -> dict[str, float]:
     return out
 
 
-def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> None:
-    """Seeded normal weights (norm gains near 1), drawn on the module's own device."""
-    params = [(n, p) for n, p in module.named_parameters() if p.element_size() > 1]
-    if not params:
-        return
-    dev = params[0][1].device
-    g = torch.Generator(device=dev).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in params:
-            if "norm" in name and p.dim() == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g, device=dev))
-            else:
-                p.copy_(std * torch.randn(p.shape, generator=g, device=dev))
+# The old name, which bench.synthetic.random_engine still imports.
+randomize_ = init_random_
 
 
 def build_ours(bf16_from: torch.nn.Module | None = None):
@@ -111,7 +84,7 @@ def build_ours(bf16_from: torch.nn.Module | None = None):
         m = WanDiT(DiTConfig.preset("i2v-A14B"))
     m = m.to_empty(device="cuda").to(torch.bfloat16).eval()
     if bf16_from is None:
-        randomize_(m)
+        init_random_(m)
     else:  # the peer's exact weights, so outputs compare
         mine = dict(m.named_parameters())
         with torch.no_grad():
@@ -129,34 +102,26 @@ def build_peer():
     with torch.device("meta"):
         ref = WanTransformer3DModel(in_channels=36, out_channels=16, image_dim=None, added_kv_proj_dim=None)
     ref = ref.to_empty(device="cuda").to(torch.bfloat16).eval()
-    randomize_(ref)
+    init_random_(ref)
     return ref
 
 
 def inputs(frames: int, width: int, height: int):
     g = torch.Generator(device="cuda").manual_seed(1)
-    t = (frames - 1) // 4 + 1
+    t = latent_frames(frames)
     x = torch.randn(1, 16, t, height // 8, width // 8, generator=g, device="cuda")
     cond = torch.randn(1, 20, t, height // 8, width // 8, generator=g, device="cuda")
     ctx = torch.randn(1, 512, 4096, generator=g, device="cuda") * 0.1
     return x, cond, ctx, torch.tensor([937.5], device="cuda")
 
 
-def realistic_qkv(n: int, heads: int = 40, d: int = 128):
-    """Attention inputs with trained-DiT-like statistics: per-channel means, outlier K channels."""
-    g = torch.Generator(device="cuda").manual_seed(3)
-    q = torch.randn(1, n, heads, d, generator=g, device="cuda") + 0.5 * torch.randn(1, 1, heads, d, generator=g, device="cuda")
-    k = torch.randn(1, n, heads, d, generator=g, device="cuda") + 2 * torch.randn(1, 1, heads, d, generator=g, device="cuda")
-    k[..., :4] *= 6
-    v = torch.randn(1, n, heads, d, generator=g, device="cuda")
-    return q.bfloat16(), k.bfloat16(), v.bfloat16()
-
-
-def attention_rows(n: int, shape: str, repeats: int) -> list[dict]:
-    """Each available backend alone on one self-attention call, with its error vs fp32."""
+def attention_rows(n: int, shape: str, repeats: int, sage8_options: dict | None = None) -> list[dict]:
+    """Each available backend alone on one self-attention call, with its error vs fp32
+    (``make_realistic_qkv`` inputs, V i.i.d.: the hard case for 8-bit P·V)."""
     from wanrender.kernels import attention as attn
+    from wanrender.kernels.sage8_math import make_realistic_qkv
 
-    q, k, v = realistic_qkv(n)
+    q, k, v = make_realistic_qkv(1, n, 40, 128, seed=3, device="cuda", dtype=torch.bfloat16)
     idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:256].cuda()
     # fp32 reference on a subsample of query rows (the full one costs n^2 fp32 memory).
     with torch.no_grad():
@@ -168,7 +133,8 @@ def attention_rows(n: int, shape: str, repeats: int) -> list[dict]:
         if why:
             rows.append({"shape": shape, "backend": name, "skipped": "; ".join(why)})
             continue
-        fn = attn.REGISTRY[name].build()
+        choice = attn.select(name, target, options=sage8_options if name == "sage8" else None)
+        fn = choice.fn
         try:
             sec, times = cuda_median(lambda: fn(q, k, v), repeats=repeats)
             out = fn(q, k, v)
@@ -178,8 +144,10 @@ def attention_rows(n: int, shape: str, repeats: int) -> list[dict]:
         err = ((out[:, idx].float() - ref).norm() / ref.norm()).item()
         base = sec if name == "sdpa-cudnn" else base
         rows.append({"shape": shape, "backend": name, "seconds": sec, "times": times,
-                     "tflops": attention_flops(n) / sec / 1e12, "rel_l2_vs_fp32": err,
+                     "tflops": self_attention_flops(n) / sec / 1e12, "rel_l2_vs_fp32": err,
                      "speedup_vs_cudnn": (base / sec) if base else None})  # fmt: skip
+        if choice.options:
+            rows[-1]["options"] = dict(choice.options)
         del out
     return rows
 
@@ -200,18 +168,27 @@ def parse_variants(text: str) -> list[tuple[str, str]]:
 
 def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", attention: str = "auto",
         peer: bool = True, log: Callable[[str], None] = print, bf16: bool = True,
-        bf16_variants: list[tuple[str, str]] | None = None, fp8: bool = True) -> dict:  # fmt: skip
+        bf16_variants: list[tuple[str, str]] | None = None, fp8: bool = True,
+        sage8_options: dict | None = None) -> dict:  # fmt: skip
     """Times the peer, our bf16 path (each of ``bf16_variants``: attention and compile
-    mode; default exact attention, eager) and our fp8 path (``attention``, ``compile_mode``)."""
+    mode; default exact attention, eager) and our fp8 path (``attention``, ``compile_mode``).
+    ``sage8_options``: kernel options wherever sage8 runs (named, or picked by auto)."""
     from wanrender.kernels import attention as attn
     from wanrender.kernels.linear import enable_fp8
     from wanrender.runtime.plan import FP8_EXCLUDE, compile_blocks
 
     torch.backends.cuda.matmul.allow_tf32 = True
     target = attn.Target.of("cuda", torch.bfloat16, 128)
-    variants = [(attn.select(a, target), m) for a, m in (bf16_variants or [("auto", "off")])] if bf16 else []
-    fast = attn.select(attention, target, eight_bit=True) if fp8 else None  # the fp8 path
+    def pick(name: str, eight_bit: bool = False) -> attn.Choice:
+        # Only sage8 takes kernel options: another named backend runs without them.
+        opts = sage8_options if name in ("sage8", "auto") else None
+        return attn.select(name, target, eight_bit=eight_bit, options=opts)
+
+    variants = [(pick(a), m) for a, m in (bf16_variants or [("auto", "off")])] if bf16 else []
+    fast = pick(attention, eight_bit=True) if fp8 else None  # the fp8 path
     result: dict = {"ceilings": gemm_ceilings(), "dit": [], "attention": [], "accuracy": {}}
+    if sage8_options:
+        result["sage8_options"] = dict(sage8_options)
     log(f"GEMM ceilings: {result['ceilings']}")
     ref = build_peer() if peer else None
     ours = build_ours(ref)
@@ -220,9 +197,8 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
     outs: dict[str, torch.Tensor] = {}
     for shape in shapes:
         f, w, h = SHAPES[shape]
-        n = tokens(f, w, h)
         x, cond, ctx, t = inputs(f, w, h)
-        flops = forward_flops(n)
+        flops = forward_flops(Workload(f, w, h))
         peer_s = None
         with torch.no_grad():
             if ref is not None:
@@ -266,9 +242,8 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
         compile_blocks(ours, compile_mode)
     for shape in shapes if fp8 else []:
         f, w, h = SHAPES[shape]
-        n = tokens(f, w, h)
         x, cond, ctx, t = inputs(f, w, h)
-        flops = forward_flops(n)
+        flops = forward_flops(Workload(f, w, h))
         peer_s = next((r["seconds"] for r in result["dit"] if r["shape"] == shape and r["path"].startswith("diff")), None)
         with torch.no_grad():
             tc = time.perf_counter()
@@ -297,7 +272,7 @@ def run(shapes: list[str], repeats: int = 3, compile_mode: str = "default", atte
     torch.cuda.empty_cache()
     for shape in shapes:
         f, w, h = SHAPES[shape]
-        result["attention"] += attention_rows(tokens(f, w, h), shape, repeats)
+        result["attention"] += attention_rows(tokens(f, w, h), shape, repeats, sage8_options)
     return result
 
 

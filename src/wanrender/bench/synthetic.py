@@ -36,25 +36,24 @@ def to_fp8_(model: nn.Module) -> nn.Module:
 
 def random_dit(device: torch.device, seed: int = 0, fp8: bool = True, preset: str = "i2v-A14B") -> nn.Module:
     from wanrender.models.dit import DiTConfig, WanDiT
+    from wanrender.models.random_init import init_random_
 
     with torch.device("meta"):
         m = WanDiT(DiTConfig.preset(preset))
     m = m.to_empty(device=device).to(torch.bfloat16).eval()
-    randomize_(m, seed=seed)
+    init_random_(m, seed)
     m.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     return to_fp8_(m) if fp8 else m
 
 
 def tiny_tokenizer(folder: Path):
-    import sentencepiece as spm
-
+    """A tiny tokenizer (prompt length is all that matters for speed), also written to ``folder``/spiece.model."""
+    from wanrender.models.random_init import train_tokenizer
     from wanrender.models.text_encoder import Tokenizer
 
-    rng = random.Random(0)
-    (folder / "c.txt").write_text("\n".join(" ".join(rng.choice(_WORDS) for _ in range(10)) for _ in range(500)))
-    spm.SentencePieceTrainer.train(input=str(folder / "c.txt"), model_prefix=str(folder / "spiece"), vocab_size=200,
-                                   hard_vocab_limit=False, pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)  # fmt: skip
-    return Tokenizer.from_file(folder / "spiece.model")
+    path = folder / "spiece.model"
+    path.write_bytes(train_tokenizer(_WORDS, vocab=200, seed=0, lines=500, per_line=10))
+    return Tokenizer.from_file(path)
 
 
 FULL = ("i2v-A14B", "umt5-xxl", "wan2.1")

@@ -6,14 +6,22 @@ twin that the others are tested against. ``select("auto", ...)`` walks a priorit
 list measured per GPU generation (``PRIORITY``) and reports the winner and the
 rejected candidates with their reasons; an explicit choice that cannot run raises
 with its reasons.
+
+Kernel options (today only ``sage8`` takes any: tiling, formats) travel with the
+choice: ``select(..., options=...)`` builds the backend's function bound to them and
+records them, frozen, in ``Choice.options`` (for a sidecar or a plan). Nothing at
+module level changes what a kernel does.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +29,8 @@ import torch.nn.functional as F
 from wanrender.errors import WanrenderError
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# Kernel options, frozen: (name, value) pairs sorted by name, values JSON scalars.
+Options = tuple[tuple[str, Any], ...]
 
 
 @dataclass(frozen=True)
@@ -39,23 +49,37 @@ class Target:
         return Target(dev.type, cap, dtype, head_dim)
 
 
+def _no_options() -> frozenset[str]:
+    return frozenset()
+
+
 @dataclass(frozen=True)
 class Backend:
+    """``build(**options)`` makes the attention function; ``option_names()`` names the
+    kernel options it takes (none for most backends)."""
+
     name: str
     description: str
-    build: Callable[[], AttentionFn]
+    build: Callable[..., AttentionFn]
     check: Callable[[Target], list[str]]
+    option_names: Callable[[], frozenset[str]] = _no_options
 
 
 @dataclass(frozen=True)
 class Choice:
+    """The selected backend, its function (bound to ``options``) and why others were skipped."""
+
     backend: Backend
     fn: AttentionFn
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    options: Options = ()
 
     def describe(self) -> str:
         skipped = "; ".join(f"{n}: {', '.join(r)}" for n, r in self.rejected.items())
-        return f"attention: {self.backend.name}" + (f" (skipped {skipped})" if skipped else "")
+        text = f"attention: {self.backend.name}"
+        if self.options:
+            text += " [" + ", ".join(f"{k}={v}" for k, v in self.options) + "]"
+        return text + (f" (skipped {skipped})" if skipped else "")
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -115,35 +139,47 @@ def _sage() -> AttentionFn:
     return lambda q, k, v: sageattn(q, k, v, tensor_layout="NHD", is_causal=False)
 
 
-_SAGE8_OP: list[AttentionFn] = []
-# Keyword options of sage8_attention for the registered op ({}: the kernel's measured
-# defaults). Benchmarks set it to time a variant inside a whole forward.
-SAGE8_OPTIONS: dict = {}
+@functools.cache
+def _sage8_op():
+    """The Triton kernel as a PyTorch custom op, registered once, on first use: opaque
+    to torch.compile (Inductor must not re-generate a hand-written Triton kernel), with
+    a shape-only fake. The kernel options are an argument of the op (canonical JSON),
+    so one registration serves every variant and a compiled graph keeps its own."""
+    from wanrender.kernels import attention_sage8 as sa
+
+    @torch.library.custom_op("wanrender::sage8_attention", mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: str) -> torch.Tensor:
+        # The fake promises a contiguous result.
+        return sa.sage8_attention(q, k, v, **dict(_decode(options))).contiguous()
+
+    @op.register_fake
+    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, options: str) -> torch.Tensor:
+        return q.new_empty(q.shape)
+
+    return op
 
 
-def _sage8() -> AttentionFn:
-    """The Triton kernel as a PyTorch custom op: opaque to torch.compile (Inductor
-    must not re-generate a hand-written Triton kernel), with a shape-only fake."""
-    if not _SAGE8_OP:
-        from wanrender.kernels.attention_sage8 import sage8_attention
+@functools.lru_cache(maxsize=64)
+def _decode(options: str) -> Options:
+    return tuple(sorted(json.loads(options).items()))
 
-        @torch.library.custom_op("wanrender::sage8_attention", mutates_args=())
-        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return sage8_attention(q, k, v, **SAGE8_OPTIONS).contiguous()  # the fake promises a contiguous result
 
-        @op.register_fake
-        def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return q.new_empty(q.shape)
-
-        _SAGE8_OP.append(op)
-    op, exact = _SAGE8_OP[0], _sdpa(None)
+def _sage8(**options: Any) -> AttentionFn:
+    op, exact = _sage8_op(), _sdpa(None)
+    encoded = json.dumps(options, sort_keys=True)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # The kernel is for self-attention (q, k, v of one length). Cross-attention to
         # the 512 text tokens is ~0.5% of the FLOPs: it stays on exact SDPA.
-        return op(q, k, v) if q.shape == k.shape == v.shape else exact(q, k, v)
+        return op(q, k, v, encoded) if q.shape == k.shape == v.shape else exact(q, k, v)
 
     return run
+
+
+def _sage8_option_names() -> frozenset[str]:
+    from wanrender.kernels.attention_sage8 import kernel_options
+
+    return kernel_options()
 
 
 def _sage8_check(t: Target) -> list[str]:
@@ -167,7 +203,8 @@ REGISTRY: dict[str, Backend] = {
                 lambda t: _needs_cuda(t) + _half(t) + _package("flash_attn", "flash-attn")),
         Backend("sage", "the sageattention package", _sage,
                 lambda t: _needs_cuda(t) + _half(t) + _package("sageattention", "sageattention")),
-        Backend("sage8", "wanrender's 8-bit Triton kernel (SageAttention recipe)", _sage8, _sage8_check),
+        Backend("sage8", "wanrender's 8-bit Triton kernel (SageAttention recipe)", _sage8, _sage8_check,
+                _sage8_option_names),
     )
 }  # fmt: skip
 
@@ -200,20 +237,49 @@ def reasons(name: str, target: Target) -> list[str]:
     return REGISTRY[name].check(target)
 
 
-def select(name: str, target: Target, eight_bit: bool = False) -> Choice:
+def freeze_options(name: str, options: Mapping[str, Any] | None) -> Options:
+    """``options`` checked against what backend ``name`` takes, as sorted (name, value)
+    pairs; values must be JSON scalars (they are recorded, and cross the custom op)."""
+    if not options:
+        return ()
+    if name not in REGISTRY:
+        raise WanrenderError(f"unknown attention backend {name!r} — choose auto or one of {', '.join(REGISTRY)}")
+    known = REGISTRY[name].option_names()
+    if not known:
+        raise WanrenderError(f"attention backend {name!r} takes no kernel options (got {', '.join(sorted(options))})")
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise WanrenderError(f"unknown {name} option {unknown[0]!r} — known: {', '.join(sorted(known))}")
+    for k, v in options.items():
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise WanrenderError(f"{name} option {k!r} = {v!r} is invalid — use a number, true/false, a string or null")
+    return tuple(sorted(options.items()))
+
+
+def _choose(backend: Backend, options: Options, rejected: dict[str, list[str]] | None = None) -> Choice:
+    return Choice(backend, backend.build(**dict(options)), rejected or {}, options)
+
+
+def select(name: str, target: Target, eight_bit: bool = False, options: Mapping[str, Any] | None = None) -> Choice:
     """The backend to use: an explicit name (must be able to run) or ``auto``
-    (with ``eight_bit``, the fp8 path's priority list where one is measured)."""
+    (with ``eight_bit``, the fp8 path's priority list where one is measured).
+
+    ``options``: kernel options for the chosen backend, bound into ``Choice.fn`` and
+    recorded in ``Choice.options``. With an explicit name they must be ones it takes;
+    with ``auto`` they go to the winner if it takes kernel options (checked against
+    it) and are dropped otherwise, as options of a kernel that does not run."""
     if name != "auto":
         why = reasons(name, target)
         if why:
             raise WanrenderError(f"attention backend {name!r} cannot run here: {'; '.join(why)} — use --attention auto")
-        return Choice(REGISTRY[name], REGISTRY[name].build())
+        return _choose(REGISTRY[name], freeze_options(name, options))
     rejected: dict[str, list[str]] = {}
     gen = generation(target)
     order = PRIORITY.get(f"{gen}-8bit", PRIORITY[gen]) if eight_bit else PRIORITY[gen]
     for candidate in order:
         why = REGISTRY[candidate].check(target)
         if not why:
-            return Choice(REGISTRY[candidate], REGISTRY[candidate].build(), rejected)
+            backend = REGISTRY[candidate]
+            return _choose(backend, freeze_options(candidate, options) if backend.option_names() else (), rejected)
         rejected[candidate] = why
-    return Choice(REGISTRY["sdpa"], REGISTRY["sdpa"].build(), rejected)
+    return _choose(REGISTRY["sdpa"], (), rejected)

@@ -69,6 +69,7 @@ only torch.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 from functools import lru_cache
 
@@ -408,10 +409,6 @@ def _tma_available(device: torch.device) -> bool:
     return importlib.util.find_spec("triton.tools.tensor_descriptor") is not None
 
 
-# The last compiled main kernel (registers, spills, IR), for benchmarks' diagnostics.
-_LAST_LAUNCH: dict = {}
-
-
 def _pad_len(length: int, block_m: int, block_n: int) -> int:
     blk = max(block_m, block_n, 128)
     return -(-length // blk) * blk
@@ -493,11 +490,14 @@ def sage8_attention(
     use_tma: bool | None = None,
     warp_specialize: bool = False,
     out: torch.Tensor | None = None,
+    launch_info: dict | None = None,
 ) -> torch.Tensor:
     """8-bit attention, ``[B, L, H, D]`` q/k/v (bf16/fp16, views allowed) -> ``[B, L, H, D]``.
 
     Non-causal, unmasked, scale ``1/sqrt(D)``. ``out`` (optional) receives the result
-    (any strides, q's dtype). The keyword options select the variant (see module
+    (any strides, q's dtype). ``launch_info`` (optional, for benchmarks' diagnostics)
+    receives the compiled main kernel under ``"fwd"`` (registers, spills, IR). The
+    other keyword options (``kernel_options()``) select the variant (see module
     docstring); the defaults are the measured best on an H200:
 
     - ``qk_format``: 'int8' (default) or 'fp8' Q·K^T (same speed, ~2.5x the error);
@@ -543,7 +543,7 @@ def sage8_attention(
         k8 = TensorDescriptor.from_tensor(k8.view(b * h * lp, d), [block_n, d])
         vbuf = TensorDescriptor.from_tensor(vbuf.view(b * h * d, lp), [d, block_n])
     grid = (lp // block_m, b * h)
-    _LAST_LAUNCH["fwd"] = kern["fwd"][grid](
+    compiled = kern["fwd"][grid](
         q8, k8, vbuf, pre["qs"], pre["ks"], vscale, out,
         *v.stride(), *out.stride(), h, length, lp,
         D=d, BLOCK_M=block_m, BLOCK_N=block_n, INT8=qk_format == "int8", MAGIC=magic_cvt,
@@ -551,4 +551,12 @@ def sage8_attention(
         PREFETCH=prefetch,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if launch_info is not None:
+        launch_info["fwd"] = compiled
     return out
+
+
+def kernel_options() -> frozenset[str]:
+    """The keyword options of ``sage8_attention`` that choose a kernel variant."""
+    params = inspect.signature(sage8_attention).parameters.values()
+    return frozenset(p.name for p in params if p.kind is p.KEYWORD_ONLY) - {"out", "launch_info"}

@@ -75,6 +75,7 @@ def make_realistic_qkv(
     dtype: torch.dtype = torch.bfloat16,
     v_mean: float = 0.0,
     logit_std: float = 2.5,
+    k_outliers: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q, K, V with the statistics that trouble 8-bit attention, [B, L, H, D].
 
@@ -85,11 +86,14 @@ def make_realistic_qkv(
       pairs by token position;
     - after RoPE, a per-channel mean on K of twice its spread (the channel bias that
       K smoothing removes) and a smaller one on Q;
+    - ``k_outliers``: an extra gain on K's first ``max(2, D // 32)`` channels that Q
+      does not share (1: none; 8 makes the case the channel equaliser is for);
     - logits scaled so that their row-centred std is about ``logit_std``;
     - V: standard normal with per-channel gains plus a per-channel mean of
       ``v_mean`` standard deviations (0: i.i.d. zero-mean V, the hardest case for fp8
       V; a trained DiT's V has channel biases and correlated tokens).
     Drawn on ``device`` with a seeded generator, so the GPU can make long sequences.
+    The one generator of attention test inputs (tests, ``bench dit``, benchmarks).
     """
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
@@ -122,6 +126,7 @@ def make_realistic_qkv(
         return y + mean_sd * spread * randn(1, 1, h, d).abs().clamp(0.5, 2.0) * torch.sign(randn(1, 1, h, d))
 
     q, k = make(0.3), make(2.0)
+    k[..., :n_out] *= k_outliers
     probe = min(length, 512)
     s = torch.einsum("bqhd,bkhd->bhqk", q[:, :probe], k[:, :probe]) / math.sqrt(d)
     s = s - s.mean(-1, keepdim=True)

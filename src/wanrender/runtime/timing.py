@@ -50,14 +50,31 @@ CHUNK_PENALTY = 0.004  # per extra sequence chunk, fraction of the step
 LORA_UNMERGED_PENALTY = 0.03  # run-time LoRA adapters, fraction of the GEMM time
 
 
+TEXT_TOKENS = 512  # the text context every block cross-attends to
+
+
+# FLOPs are multiply-adds x 2, counted once here for the time model and the benchmarks' TFLOP/s.
+def self_attention_flops(tokens: int, dims: DiTDims = WAN_14B) -> float:
+    """One self-attention call over all heads: Q·K^T and P·V, 4·L²·D."""
+    return 4.0 * tokens * tokens * dims.dim
+
+
 def attention_flops(work: Workload, dims: DiTDims = WAN_14B, blocks: int = 40) -> float:
+    """Self- and cross-attention of one forward."""
     L = work.tokens
-    return blocks * (4.0 * L * L * dims.dim + 4.0 * L * 512 * dims.dim) * work.batch
+    return blocks * (self_attention_flops(L, dims) + 4.0 * L * TEXT_TOKENS * dims.dim) * work.batch
 
 
 def gemm_flops(work: Workload, dims: DiTDims = WAN_14B, blocks: int = 40) -> float:
+    """The linear layers of one forward: self-attention q, k, v, o and cross-attention q, o
+    on the tokens (12·D²), the FFN (4·D·F), cross-attention k, v on the text (4·512·D²)."""
     d, f = dims.dim, dims.ffn
-    return blocks * (work.tokens * (12.0 * d * d + 4.0 * d * f) + 2048.0 * d * d) * work.batch
+    return blocks * (work.tokens * (12.0 * d * d + 4.0 * d * f) + 4.0 * TEXT_TOKENS * d * d) * work.batch
+
+
+def forward_flops(work: Workload, dims: DiTDims = WAN_14B, blocks: int = 40) -> float:
+    """One DiT forward (one sampling step)."""
+    return gemm_flops(work, dims, blocks) + attention_flops(work, dims, blocks)
 
 
 def dit_step_seconds(gpu: GPUSpec, work: Workload, path: str, chunks: int = 1, lora_unmerged: bool = False) -> dict[str, float]:
