@@ -68,7 +68,7 @@ HEADS, HEAD_DIM = 40, 128
 
 
 def sdpa_fn(backend):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention import sdpa_kernel
 
     def run(q, k, v):
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -194,11 +194,13 @@ def main() -> None:
             if base and "ms" in row:
                 row["speedup_vs_cudnn"] = base / row["ms"]
         results["shapes"][name] = entry
-        del q, k, v, v_mean
+        q = k = v = v_mean = None  # freed before the next shape (a del would read as unbound to linters)
         torch.cuda.empty_cache()
         (OUT / "gpu_attention.json").write_text(json.dumps(results, indent=1))
 
-    print("\n%-12s %-13s %9s %8s %8s %9s %9s" % ("shape", "method", "ms", "TFLOP/s", "x cuDNN", "err iidV", "err meanV"))
+    print(
+        "\n%-12s %-13s %9s %8s %8s %9s %9s" % ("shape", "method", "ms", "TFLOP/s", "x cuDNN", "err iidV", "err meanV")
+    )
     for name, entry in results["shapes"].items():
         for mname, row in entry["rows"].items():
             if "ms" in row:

@@ -58,8 +58,11 @@ def main() -> None:
             med = sorted(times)[1]
             rows.append({"dtype": dtype, "batch_pairs": batch, "seconds": med, "times": times,
                          "new_frames_per_s": (args.frames - 1) / med})  # fmt: skip
-            print(f"RIFE {dtype} batch {batch}: {args.frames} -> {len(out)} frames at {w}x{h} in {med:.3f} s "
-                  f"(host->GPU->host included) {times}", flush=True)
+            print(
+                f"RIFE {dtype} batch {batch}: {args.frames} -> {len(out)} frames at {w}x{h} in {med:.3f} s "
+                f"(host->GPU->host included) {times}",
+                flush=True,
+            )
     out_dir = Path(os.environ.get("OUT", "bench_out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "interp_results.json").write_text(json.dumps(rows, indent=1))

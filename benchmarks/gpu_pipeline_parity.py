@@ -85,7 +85,9 @@ def main() -> None:
         print(f"{label}: {wall:.2f} s  " + "  ".join(f"{k} {v:.2f}" for k, v in r.timings.items()), flush=True)
         return r
 
-    ref_req = with_fields(req, precision="bf16", attention="sdpa-cudnn" if args.device != "cpu" else "auto", compile="off")
+    ref_req = with_fields(
+        req, precision="bf16", attention="sdpa-cudnn" if args.device != "cpu" else "auto", compile="off"
+    )
     ref = render("reference_bf16_eager", ref_req)
     ref_latent, ref_frames = ref.latent.float().cpu(), ref.frames
     t0 = time.perf_counter()
@@ -110,9 +112,12 @@ def main() -> None:
     for p in (fast.video, fast.sidecar, ref.video, ref.sidecar):
         if p is not None and p.exists() and not args.tiny:
             p.unlink()  # 81-frame MP4s stay on the machine; the numbers come back
-    print(f"fast {res['fast']['wall_s']:.2f} s vs reference {res['reference_bf16_eager']['wall_s']:.2f} s "
-          f"(ratio {res['ratio_fast_to_reference']:.3f}); final latent cosine {res['latent_cosine']:.5f}, "
-          f"rel L2 {res['latent_rel_l2']:.4f} ({res['latent_rel_to_update']:.3f} of the update); decoded frames PSNR {res['frames_psnr_db']:.2f} dB", flush=True)
+    print(
+        f"fast {res['fast']['wall_s']:.2f} s vs reference {res['reference_bf16_eager']['wall_s']:.2f} s "
+        f"(ratio {res['ratio_fast_to_reference']:.3f}); final latent cosine {res['latent_cosine']:.5f}, "
+        f"rel L2 {res['latent_rel_l2']:.4f} ({res['latent_rel_to_update']:.3f} of the update); decoded frames PSNR {res['frames_psnr_db']:.2f} dB",
+        flush=True,
+    )
     name = "pipeline_parity_tiny.json" if args.tiny else "pipeline_parity.json"
     (OUT / name).write_text(json.dumps(res, indent=1, default=str))
 

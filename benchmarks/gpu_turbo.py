@@ -124,7 +124,9 @@ def compare_dit(args, width: int, height: int, res: dict, profiles: list[str]) -
         cos = torch.nn.functional.cosine_similarity(ours_out.flatten(), ref_out.flatten(), 0).item()
         rel = ((ours_out - ref_out).norm() / ref_out.norm()).item()
         res["ours_vs_diffusers_output"] = {"cosine": cos, "rel_l2": rel}
-        print(f"ours vs diffusers output (same weights, bf16, full size): cosine {cos:.6f}, rel L2 {rel:.4f}", flush=True)
+        print(
+            f"ours vs diffusers output (same weights, bf16, full size): cosine {cos:.6f}, rel L2 {rel:.4f}", flush=True
+        )
         ours_out = ref_out = None
     to_fp8_(dit)
     with torch.no_grad():
@@ -136,7 +138,6 @@ def compare_dit(args, width: int, height: int, res: dict, profiles: list[str]) -
     for p in profiles:
         print(p)
     (OUT / "profiles.txt").write_text("\n".join(profiles))
-
 
 
 def main() -> None:
@@ -174,8 +175,8 @@ def main() -> None:
     torch.cuda.empty_cache()
     engine = random_engine("cuda")
     runner = Runner("cuda", engine=engine, weights=Weights.standard(lora=False))
-    from skimage import data
     from PIL import Image
+    from skimage import data
 
     img = OUT / "astronaut.png"
     Image.fromarray(data.astronaut()).save(img)
@@ -206,8 +207,10 @@ def main() -> None:
     print(f"| wall (incl. image intake) | {wall:.2f} |")
     print(f"peak VRAM (torch allocated): {result.peak_vram_bytes / 2**30:.1f} GiB")
     if "ratio_ours_bf16_to_diffusers" in res:
-        print(f"DiT forward: diffusers {res['diffusers_dit']['seconds']:.2f} s, ours bf16 {res['ours_dit_bf16']['seconds']:.2f} s "
-              f"(ratio {res['ratio_ours_bf16_to_diffusers']:.3f}), ours fp8-stored {res['ours_dit_fp8_storage']['seconds']:.2f} s")
+        print(
+            f"DiT forward: diffusers {res['diffusers_dit']['seconds']:.2f} s, ours bf16 {res['ours_dit_bf16']['seconds']:.2f} s "
+            f"(ratio {res['ratio_ours_bf16_to_diffusers']:.3f}), ours fp8-stored {res['ours_dit_fp8_storage']['seconds']:.2f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -74,13 +74,16 @@ def main() -> None:
         for p in (result.video, result.sidecar):
             p.unlink(missing_ok=True)
     first, later = rows[0]["wall_s"], [r["wall_s"] for r in rows[1:]]
-    print(f"\n| render | wall s | loading s | graphs compiled | sampling s |\n|---|---|---|---|---|")
+    print("\n| render | wall s | loading s | graphs compiled | sampling s |\n|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['render']} | {r['wall_s']:.2f} | {r['load_s']:.2f} | {r['graphs_compiled']} | {r['sampling_s']:.2f} |")
+        print(
+            f"| {r['render']} | {r['wall_s']:.2f} | {r['load_s']:.2f} | {r['graphs_compiled']} | {r['sampling_s']:.2f} |"
+        )
     if later:
         print(f"second render / first render: {later[0] / first:.3f}")
-    (out_dir / "second_render.json").write_text(json.dumps(
-        {"env": snapshot(), "args": vars(args), "build_s": build_s, "rows": rows}, indent=1, default=str))
+    (out_dir / "second_render.json").write_text(
+        json.dumps({"env": snapshot(), "args": vars(args), "build_s": build_s, "rows": rows}, indent=1, default=str)
+    )
 
 
 if __name__ == "__main__":

@@ -37,6 +37,9 @@ setup
 case "$cmd" in
     demo) exec "$VENV/bin/wanrender" demo "$@" ;;
     test)
+        # Format and lint first (seconds): a failure names the file and the fix.
+        "$VENV/bin/ruff" format --check .
+        "$VENV/bin/ruff" check .
         "$VENV/bin/python" -m pytest "$@"
         ;;
     shell) echo "source $VENV/bin/activate" ;;

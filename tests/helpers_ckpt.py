@@ -93,9 +93,9 @@ def dequantized_copy(model: ditmod.WanDiT, fmt: str) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in model.state_dict().items():
         t = tensors[k].float()
-        if f"{k[:-len('.weight')]}.scale_weight" in tensors:
-            t = t * tensors[f"{k[:-len('.weight')]}.scale_weight"].float()
-        if f"{k[:-len('.weight')]}.weight_scale" in tensors:
-            t = t * tensors[f"{k[:-len('.weight')]}.weight_scale"].float()
+        if f"{k[: -len('.weight')]}.scale_weight" in tensors:
+            t = t * tensors[f"{k[: -len('.weight')]}.scale_weight"].float()
+        if f"{k[: -len('.weight')]}.weight_scale" in tensors:
+            t = t * tensors[f"{k[: -len('.weight')]}.weight_scale"].float()
         out[k] = t
     return out

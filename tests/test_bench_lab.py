@@ -165,7 +165,9 @@ def test_ok_cases_have_stage_stats_memory_and_telemetry(sweep) -> None:
         n = r["case"]["repeats"]
         assert r["total"]["n"] == n and all(s["n"] == n for s in r["stages"].values())
         assert 0 < r["total"]["p50"] <= r["total"]["p90"] <= r["total"]["max"]
-        assert abs(r["total"]["p50"] - _median([sum(v) for v in zip(*(s["values"] for s in r["stages"].values()))])) < 1e-3
+        assert (
+            abs(r["total"]["p50"] - _median([sum(v) for v in zip(*(s["values"] for s in r["stages"].values()))])) < 1e-3
+        )
         assert r["s_per_step"]["p50"] > 0 and r["warmup_s"] > 0 and r["load_s"] > 0
         assert r["memory"]["host_rss_peak"] > 50 * 2**20 and r["memory"]["torch_allocated_peak"] is None
         tel = r["telemetry"]
@@ -230,7 +232,9 @@ def test_compare_rules_on_rows() -> None:
     assert all(any("over the limit vram=29GiB" in p for p in ps) for ps in problems.values())
     assert "NEW: 1 unreadable line" in cmp.notes[0]
     # memory over the timed renders only, beside the whole case's (loading included)
-    timed = Rows((row("a", "ok", 10.0) | {"memory": {"nvml_used_peak": 60 * 2**30, "nvml_used_timed_peak": 30 * 2**30}},), 0)
+    timed = Rows(
+        (row("a", "ok", 10.0) | {"memory": {"nvml_used_peak": 60 * 2**30, "nvml_used_timed_peak": 30 * 2**30}},), 0
+    )
     assert compare(timed, timed, 0.05, parse_limit("nvml_timed=32GiB")).regressions == []
     assert compare(timed, timed, 0.05, parse_limit("nvml=32GiB")).regressions
     with pytest.raises(WanrenderError, match="unknown metric 'speed'"):
@@ -257,7 +261,9 @@ class _Dom(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "svg" and "plot" in (a.get("class") or ""):
-            self.plots.append({"plot": a.get("data-plot"), "points": int(a.get("data-points") or 0), "paths": 0, "shapes": 0})
+            self.plots.append(
+                {"plot": a.get("data-plot"), "points": int(a.get("data-points") or 0), "paths": 0, "shapes": 0}
+            )
         elif self.plots and tag == "path" and "series" in (a.get("class") or "") and len(a.get("d", "")) > 4:
             self.plots[-1]["paths"] += 1
         elif self.plots and tag in ("circle", "rect") and a.get("class") in (None, "bar"):
@@ -369,7 +375,9 @@ def test_report_renders_in_headless_chromium(sweep, lab, tmp_path) -> None:
     img = Image.open(shot).convert("RGB")
     colors = img.getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # text, bars, lines: not a blank page
-    white = max(count for count, c in colors if c == (255, 255, 255)) if any(c == (255, 255, 255) for _, c in colors) else 0
+    white = (
+        max(count for count, c in colors if c == (255, 255, 255)) if any(c == (255, 255, 255) for _, c in colors) else 0
+    )
     assert white < 0.97 * img.width * img.height
 
 
@@ -493,7 +501,9 @@ def test_shipped_matrices_expand() -> None:
     assert 32 * 2**30 in {c.vram_cap_bytes for c in gpu.cases}
     assert {c.pass_order for c in gpu.cases} == {"high-low", "low-high"} and len({c.frames for c in gpu.cases}) >= 3
     cpu = load(root / "cpu-demo.yaml")
-    assert {c.inject for c in cpu.cases} == {"none", "oom", "hang", "crash"} and all(c.device == "cpu" for c in cpu.cases)
+    assert {c.inject for c in cpu.cases} == {"none", "oom", "hang", "crash"} and all(
+        c.device == "cpu" for c in cpu.cases
+    )
 
 
 def test_results_file_survives_a_torn_write(tmp_path) -> None:
@@ -558,7 +568,20 @@ def test_env_snapshot_and_fingerprint(monkeypatch) -> None:
     assert res.exit_code == 0
     env = json.loads(res.stdout)
     assert env["env_vars"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"  # the CLI's default, recorded
-    for key in ("python", "torch", "cuda", "cudnn", "triton", "driver", "gpus", "cpu", "ram_gib", "os", "packages", "env_vars"):
+    for key in (
+        "python",
+        "torch",
+        "cuda",
+        "cudnn",
+        "triton",
+        "driver",
+        "gpus",
+        "cpu",
+        "ram_gib",
+        "os",
+        "packages",
+        "env_vars",
+    ):
         assert key in env, key
     assert env["packages"]["torch"] and env["cpu"]["logical_cores"] >= 1 and env["ram_gib"] > 0
     assert env["fingerprint"] == fingerprint(env)

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
-
 from helpers_ckpt import write_dit
 from helpers_models import TINY_DIT, randomize_, tiny_dit
 from helpers_text import make_tiny_spm
+from typer.testing import CliRunner
+
 from wanrender.cli import app
 from wanrender.errors import ModelFileError, WanrenderError
 from wanrender.models.dit import DiTConfig

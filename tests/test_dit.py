@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from helpers_models import TINY_DIT, tiny_dit
+
 from wanrender.models import dit as ditmod
 from wanrender.models.dit import DiTConfig, WanDiT
 

@@ -50,11 +50,21 @@ def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, t
     side = json.loads(res.sidecar.read_text())
     for key in ("request", "plan", "models", "seed", "timings_s", "versions", "seconds_per_step"):
         assert side[key] is not None, key
-    assert set(side["timings_s"]) >= {"text_encode", "vae_encode", "pass1_high", "pass2_low", "vae_decode", "video_encode"}
+    assert set(side["timings_s"]) >= {
+        "text_encode",
+        "vae_encode",
+        "pass1_high",
+        "pass2_low",
+        "vae_decode",
+        "video_encode",
+    }
     assert all(len(f["sha256"]) == 64 for m in side["models"].values() for f in m["files"])
     assert side["plan"]["lora"]["high"].startswith("demo_4step_lora_high")
     assert {k: side["plan"]["runtime"][k] for k in ("precision", "attention", "compile")} == {
-        "precision": "bf16", "attention": "sdpa", "compile": "off"}
+        "precision": "bf16",
+        "attention": "sdpa",
+        "compile": "off",
+    }
     assert [e[0] for e in events if e[1] is not None][-1] == "pass2_low"
 
 

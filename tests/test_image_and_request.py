@@ -126,15 +126,24 @@ def test_empty_prompt_and_presets() -> None:
     t = from_preset("turbo", Path("x.png"), "a bear")
     s, v = t.sampling, t.render
     assert (s.steps, s.switch, s.cfg, s.shift_high, s.sampler, v.frames, v.width, v.height) == (
-        4, 2, 1.0, 5.0, "euler", 81, 832, 1216)
+        4,
+        2,
+        1.0,
+        5.0,
+        "euler",
+        81,
+        832,
+        1216,
+    )
     with pytest.raises(WanrenderError, match="unknown preset"):
         from_preset("fast", Path("x.png"), "a bear")
 
 
 def test_long_prompt_truncated_with_warning(tmp_path: Path, caplog) -> None:
-    from helpers_text import make_tiny_spm
-    from wanrender.models.text_encoder import TextEncoderConfig, Tokenizer, UMT5Encoder, encode_text
     from helpers_models import randomize_
+    from helpers_text import make_tiny_spm
+
+    from wanrender.models.text_encoder import TextEncoderConfig, Tokenizer, UMT5Encoder, encode_text
 
     tok = Tokenizer.from_file(make_tiny_spm(tmp_path))
     enc = randomize_(UMT5Encoder(TextEncoderConfig.preset("demo")), seed=0, std=0.1)

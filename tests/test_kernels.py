@@ -6,8 +6,8 @@ import inspect
 
 import pytest
 import torch
-
 from helpers_models import TINY_DIT, tiny_dit
+
 from wanrender.errors import WanrenderError
 from wanrender.kernels import attention as attn
 from wanrender.kernels.attention_sage8 import make_realistic_qkv
@@ -141,7 +141,9 @@ def test_attention_backends_match_reference(name: str, dtype: torch.dtype) -> No
     target = attn.Target.of("cuda", dtype, 128)
     if attn.reasons(name, target):
         pytest.skip("; ".join(attn.reasons(name, target)))
-    q, k, v = make_realistic_qkv(2, 1037, 4, 128, device="cuda", dtype=dtype, v_mean=0.5)  # sage8: ~1.6% (CPU reference)
+    q, k, v = make_realistic_qkv(
+        2, 1037, 4, 128, device="cuda", dtype=dtype, v_mean=0.5
+    )  # sage8: ~1.6% (CPU reference)
     got = attn.select(name, target).fn(q, k, v)
     want = attn.reference_attention(q.float(), k.float(), v.float())
     tol = 0.03 if name.startswith("sage") else 0.01
@@ -152,7 +154,7 @@ def test_fp8_path_on_hopper_ranks_the_8bit_kernel_first(monkeypatch) -> None:
     # The registry's measured order: sage8 leads the fp8 path on sm90; when it cannot
     # run (no Triton here), auto falls through to cuDNN and records why.
     assert attn.PRIORITY["sm90-8bit"][0] == "sage8"
-    ok = attn.Backend("sage8", "stand-in", lambda: (lambda q, k, v: q), lambda t: [])
+    ok = attn.Backend("sage8", "stand-in", lambda: lambda q, k, v: q, lambda t: [])
     monkeypatch.setitem(attn.REGISTRY, "sage8", ok)
     assert attn.select("auto", H100, eight_bit=True).backend.name == "sage8"
     assert attn.select("auto", H100).backend.name == "sdpa-cudnn"  # the bf16 path stays exact

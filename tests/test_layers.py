@@ -17,7 +17,12 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src" / "wanrender"
 CLI = ("wanrender.cli",)  # cli.py and the cli_* modules
 BENCH = ("wanrender.bench",)
-PREDICTION = ("wanrender.runtime.planner", "wanrender.runtime.memory", "wanrender.runtime.timing", "wanrender.runtime.gpus")
+PREDICTION = (
+    "wanrender.runtime.planner",
+    "wanrender.runtime.memory",
+    "wanrender.runtime.timing",
+    "wanrender.runtime.gpus",
+)
 NOT_FOR_PREDICTION = ("wanrender.request", "wanrender.runner", "wanrender.engine", "wanrender.outputs",
                       "wanrender.pipeline", "wanrender.runtime.offload", "wanrender.runtime.streaming",
                       "wanrender.runtime.plan", "wanrender.media", "wanrender.demo", "wanrender.interp")  # fmt: skip

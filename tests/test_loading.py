@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers_ckpt import DIT_FORMATS, dequantized_copy, write_dit
 from helpers_models import TINY_DIT, tiny_dit
+
 from wanrender.errors import ModelFileError
 from wanrender.models.dit import DiTConfig, WanDiT
 from wanrender.models.formats import inspect_checkpoint

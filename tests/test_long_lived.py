@@ -147,4 +147,6 @@ def test_cuda_memory_returns_to_baseline(demo, tmp_path: Path) -> None:
         del result
         gc.collect()
         torch.cuda.synchronize()
-        assert torch.cuda.memory_allocated() == before, f"render {i} left {torch.cuda.memory_allocated() - before} bytes"
+        assert torch.cuda.memory_allocated() == before, (
+            f"render {i} left {torch.cuda.memory_allocated() - before} bytes"
+        )

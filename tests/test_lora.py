@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from helpers_ckpt import write_dit
 from helpers_models import tiny_dit
+from safetensors.torch import save_file
+
 from wanrender.errors import ModelFileError
 from wanrender.models.common import Linear, quantize_fp8
 from wanrender.models.dit import WanDiT, official_key_from_diffusers
@@ -68,10 +68,20 @@ def _dense(seed: int = 2) -> dict[str, dict[str, torch.Tensor]]:
     """kind -> {our parameter name: delta} for the diff / diff_b / diff_m dialects."""
     params, g = dict(tiny_dit().named_parameters()), torch.Generator().manual_seed(seed)
     pick = {
-        "diff": ("blocks.0.ffn.0.weight", "blocks.0.norm3.weight", "blocks.1.self_attn.norm_q.weight",
-                 "patch_embedding.weight", "head.head.weight"),
-        "diff_b": ("blocks.0.self_attn.k.bias", "blocks.1.ffn.2.bias", "blocks.0.norm3.bias",
-                   "patch_embedding.bias", "time_embedding.2.bias"),
+        "diff": (
+            "blocks.0.ffn.0.weight",
+            "blocks.0.norm3.weight",
+            "blocks.1.self_attn.norm_q.weight",
+            "patch_embedding.weight",
+            "head.head.weight",
+        ),
+        "diff_b": (
+            "blocks.0.self_attn.k.bias",
+            "blocks.1.ffn.2.bias",
+            "blocks.0.norm3.bias",
+            "patch_embedding.bias",
+            "time_embedding.2.bias",
+        ),
         "diff_m": ("blocks.0.modulation", "blocks.1.modulation", "head.modulation"),
     }
     return {k: {n: torch.randn(params[n].shape, generator=g) * 0.05 for n in names} for k, names in pick.items()}
@@ -102,8 +112,11 @@ def _dialect(name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
     if name.startswith("down_up_alpha:"):
         prefix = name.split(":", 1)[1]
         for stem, (down, up) in pairs.items():
-            sd |= {f"{prefix}{stem}.lora_down.weight": down, f"{prefix}{stem}.lora_up.weight": up,
-                   f"{prefix}{stem}.alpha": torch.tensor(8.0)}
+            sd |= {
+                f"{prefix}{stem}.lora_down.weight": down,
+                f"{prefix}{stem}.lora_up.weight": up,
+                f"{prefix}{stem}.alpha": torch.tensor(8.0),
+            }
         return sd, _lowrank_deltas(pairs, 8.0 / RANK)
     if name.startswith("peft_official:"):
         prefix = name.split(":", 1)[1]
@@ -113,13 +126,18 @@ def _dialect(name: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor
     if name.startswith("peft_diffusers:"):
         prefix = name.split(":", 1)[1]
         for stem, (down, up) in pairs.items():
-            sd |= {f"{prefix}{DIFFUSERS_NAMES[stem]}.lora_A.weight": down,
-                   f"{prefix}{DIFFUSERS_NAMES[stem]}.lora_B.weight": up}
+            sd |= {
+                f"{prefix}{DIFFUSERS_NAMES[stem]}.lora_A.weight": down,
+                f"{prefix}{DIFFUSERS_NAMES[stem]}.lora_B.weight": up,
+            }
         return sd, _lowrank_deltas(pairs, 1.0)
     if name in ("kohya", "kohya_fun", "kohya_diffusers"):
         for stem, (down, up) in pairs.items():
-            base = {"kohya": _kohya(stem), "kohya_fun": "lora_unet__" + stem.replace(".", "_"),
-                    "kohya_diffusers": _kohya(DIFFUSERS_NAMES[stem])}[name]
+            base = {
+                "kohya": _kohya(stem),
+                "kohya_fun": "lora_unet__" + stem.replace(".", "_"),
+                "kohya_diffusers": _kohya(DIFFUSERS_NAMES[stem]),
+            }[name]
             sd |= {f"{base}.lora_down.weight": down, f"{base}.lora_up.weight": up, f"{base}.alpha": torch.tensor(2.0)}
         return sd, _lowrank_deltas(pairs, 2.0 / RANK)
     dense = _dense()
@@ -335,8 +353,10 @@ def test_wan21_image_keys_are_expected_misses() -> None:
 
 def test_a_few_unknown_keys_are_reported_not_fatal() -> None:
     sd, _ = _dialect("down_up_alpha:diffusion_model.")
-    junk = {"diffusion_model.blocks.7.self_attn.q.lora_down.weight": torch.zeros(RANK, 64),
-            "diffusion_model.blocks.0.self_attn.q.diff_x": torch.zeros(3)}
+    junk = {
+        "diffusion_model.blocks.7.self_attn.q.lora_down.weight": torch.zeros(RANK, 64),
+        "diffusion_model.blocks.0.self_attn.q.diff_x": torch.zeros(3),
+    }
     report = parse_lora(sd | junk, tiny_dit()).report
     assert set(report.unmatched) == set(junk)
     assert "2 keys unmatched" in report.summary()
@@ -346,8 +366,11 @@ def test_sdxl_lora_is_refused_with_a_clear_message() -> None:
     sd = {}
     for blk in ("down_blocks_0_attentions_0", "up_blocks_1_attentions_2", "mid_block_attentions_0"):
         stem = f"lora_unet_{blk}_transformer_blocks_0_attn1_to_q"
-        sd |= {f"{stem}.lora_down.weight": torch.zeros(4, 320), f"{stem}.lora_up.weight": torch.zeros(320, 4),
-               f"{stem}.alpha": torch.tensor(4.0)}
+        sd |= {
+            f"{stem}.lora_down.weight": torch.zeros(4, 320),
+            f"{stem}.lora_up.weight": torch.zeros(320, 4),
+            f"{stem}.alpha": torch.tensor(4.0),
+        }
     sd["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.zeros(4, 1280)
     with pytest.raises(ModelFileError, match=r"not a LoRA for the Wan 2\.2 DiT — it looks like SDXL"):
         parse_lora(sd, tiny_dit())
@@ -394,8 +417,12 @@ def test_lora_file_via_open_checkpoint_and_peft_metadata(tmp_path: Path) -> None
     assert lora.report.source == str(path) and lora.report.summary().startswith("my_lora.safetensors: 8 tensors")
     apply_lora(model, lora, 1.0)
     # bf16 LoRA tensors, alpha 8 / rank 4 from the header: scale 2.
-    bf16 = {n: 2.0 * d for n, d in _lowrank_deltas(
-        {s: (dn.bfloat16().float(), up.bfloat16().float()) for s, (dn, up) in _lowrank().items()}, 1.0).items()}
+    bf16 = {
+        n: 2.0 * d
+        for n, d in _lowrank_deltas(
+            {s: (dn.bfloat16().float(), up.bfloat16().float()) for s, (dn, up) in _lowrank().items()}, 1.0
+        ).items()
+    }
     assert set(bf16) == set(deltas)
     torch.testing.assert_close(_run(model), _run(_reference(1.0, bf16)), rtol=1e-5, atol=1e-5)
 

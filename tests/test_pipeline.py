@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from helpers_models import TINY_DIT, tiny_dit
+
 from wanrender.pipeline import i2v
 from wanrender.pipeline.sampling import PassPlan, cfg_velocity, run_pass
 from wanrender.pipeline.schedules import simple_sigmas

@@ -15,8 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from helpers_models import TINY_DIT, tiny_dit
+
 from wanrender.models import dit as ditmod
 from wanrender.models.vae import WanVAE, config_from_diffusers, official_keys_from_diffusers
 from wanrender.pipeline import i2v

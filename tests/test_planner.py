@@ -11,11 +11,13 @@ from typer.testing import CliRunner
 
 from wanrender.cli import app
 from wanrender.errors import WanrenderError
-from wanrender.runtime import gpus, memory as mem, planner, timing
+from wanrender.runtime import gpus, planner, timing
+from wanrender.runtime import memory as mem
 from wanrender.runtime.gpus import GIB, GPUSpec
 from wanrender.runtime.memory import Weights, Workload
 from wanrender.runtime.planner import Context, MemoryPlan, PlanRefused, decide, predict
-from wanrender.spec import GIB as SPEC_GIB, Sampling, SpecError, parse_bytes, parse_gib
+from wanrender.spec import GIB as SPEC_GIB
+from wanrender.spec import Sampling, SpecError, parse_bytes, parse_gib
 
 W = Weights.standard()
 REF = Workload(81, 832, 1216)
@@ -64,7 +66,9 @@ def test_model_reproduces_the_measured_h200_peak_and_times() -> None:
 
 def test_activation_model_scales_as_documented() -> None:
     eager = mem.dit_activation_bytes(REF, "eager")
-    assert mem.dit_activation_bytes(replace(REF, sampling=Sampling(cfg=3.5)), "eager") == pytest.approx(2 * eager, rel=1e-6)
+    assert mem.dit_activation_bytes(replace(REF, sampling=Sampling(cfg=3.5)), "eager") == pytest.approx(
+        2 * eager, rel=1e-6
+    )
     assert mem.dit_activation_bytes(replace(REF, frames=161), "eager") / eager == pytest.approx(41 / 21, rel=1e-3)
     assert mem.dit_activation_bytes(REF, "fp8-eager") > eager > mem.dit_activation_bytes(REF, "compiled-fp8")
     chunked = [mem.dit_activation_bytes(REF, "fp8-eager", n) for n in (1, 4, 16)]
@@ -209,9 +213,8 @@ def test_weights_from_files_read_headers(tmp_path, monkeypatch) -> None:
     block0 = sum(t.numel() * t.element_size() for t in dit.blocks[0].state_dict().values())
     assert w.block == block0 and w.text_encoder > 0 and w.vae > 0 and w.lora > 0
     # A bf16 file planned for fp8: wide Linear weights become 1 byte (+ a per-channel scale).
-    from safetensors.torch import save_file
-
     from helpers_models import tiny_dit
+    from safetensors.torch import save_file
 
     sd = {k: v.to(torch.bfloat16).contiguous() for k, v in tiny_dit().state_dict().items()}
     save_file(sd, str(tmp_path / "bf16.safetensors"))
@@ -285,7 +288,9 @@ def test_plan_render_refuses_before_loading() -> None:
     # The knobs steer the decision: a larger reserve leaves less usable memory.
     roomy = gpus.named("h100")
     assert planner.plan_render(req, None, "cuda", gpu=roomy, weights=W).chosen.plan.experts == "resident"
-    held = SimpleNamespace(render=req.render, sampling=req.sampling, knobs=RuntimeKnobs(memory="swap", reserve_vram=4.0))
+    held = SimpleNamespace(
+        render=req.render, sampling=req.sampling, knobs=RuntimeKnobs(memory="swap", reserve_vram=4.0)
+    )
     d = planner.plan_render(held, None, "cuda", gpu=roomy, weights=W)
     assert d.mode == "swap" and d.ctx.reserve_gib == 4.0 and d.chosen.plan.experts == "swap"
     assert planner.plan_render(held, None, "cpu") == planner.cpu_plan("swap")
@@ -319,7 +324,9 @@ def test_request_validates_memory_knobs(tmp_path) -> None:
         from_preset("turbo", tmp_path / "i.png", "a bear", memory="lowvram")
     with pytest.raises(WanrenderError, match="reserve_vram -1 is invalid"):
         from_preset("turbo", tmp_path / "i.png", "a bear", reserve_vram=-1.0)
-    assert from_preset("turbo", tmp_path / "i.png", "a bear", memory="stream", reserve_vram=4.0).knobs.memory == "stream"
+    assert (
+        from_preset("turbo", tmp_path / "i.png", "a bear", memory="stream", reserve_vram=4.0).knobs.memory == "stream"
+    )
 
 
 def test_plans_leave_room_for_the_allocator_holes_measured_under_a_cap() -> None:
@@ -356,5 +363,5 @@ def test_flop_counts_add_up_per_layer() -> None:
     per_block = (4 * 2 * n * d * d + 2 * 2 * n * d * d + 2 * 2 * text * d * d + 2 * 2 * n * d * f
                  + 4 * n * n * d + 4 * n * text * d)  # fmt: skip
     assert timing.forward_flops(Workload()) == pytest.approx(40 * per_block, rel=1e-12)
-    assert timing.forward_flops(Workload(cfg=5.0)) == pytest.approx(2 * 40 * per_block, rel=1e-12)
+    assert timing.forward_flops(Workload(sampling=Sampling(cfg=5.0))) == pytest.approx(2 * 40 * per_block, rel=1e-12)
     assert timing.self_attention_flops(n) == 4 * n * n * 40 * 128

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
+from helpers_models import TINY_DIT
 from torch import nn
 
-from helpers_models import TINY_DIT
 from wanrender.models.dit import WanDiT
 from wanrender.models.random_init import init_random_, random_lines, train_tokenizer
 from wanrender.models.text_encoder import Tokenizer

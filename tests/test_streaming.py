@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from helpers_models import TINY_DIT, tiny_dit
+
 from wanrender.models.common import Linear, RuntimeAdapter, quantize_fp8
 from wanrender.runtime.streaming import BlockStreamer, Placement
 
@@ -96,7 +96,9 @@ def test_placement_moves_and_restores_the_same_tensors() -> None:
     assert p.nbytes == sum(t.numel() * t.element_size() for t in fp8_model().blocks[0].state_dict().values())
     p.restore()
     assert {id(t) for t in m.parameters()} == before
-    assert all(a.down.device.type == "cpu" for mod in m.blocks[0].modules() if isinstance(mod, Linear) for a in mod.adapters)
+    assert all(
+        a.down.device.type == "cpu" for mod in m.blocks[0].modules() if isinstance(mod, Linear) for a in mod.adapters
+    )
 
 
 # ----------------------------------------------------------------------- through the engine
@@ -122,7 +124,9 @@ def test_swap_and_stream_render_what_resident_renders(demo, tmp_path) -> None:
     from wanrender.runner import Runner
 
     files, image = demo
-    res = {m: Runner("cpu").render(_req(image, tmp_path / f"{m}.mp4", m), files) for m in ("resident", "swap", "stream")}
+    res = {
+        m: Runner("cpu").render(_req(image, tmp_path / f"{m}.mp4", m), files) for m in ("resident", "swap", "stream")
+    }
     # Swap and stream both keep the LoRA unmerged (stream on the CPU also chunks, which
     # may reorder GEMM sums). Resident merges it into the fp8 weights (requantised), so
     # it agrees closely rather than exactly.
@@ -174,7 +178,9 @@ def test_out_of_memory_steps_down_once_and_says_so(demo, tmp_path, monkeypatch) 
     assert any(e[0] == "memory" and "stepped down" in e[3] for e in events)
     # A second out-of-memory error is not retried again.
     calls.clear()
-    monkeypatch.setattr(engine_mod.Engine, "render", lambda self, *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x")))
+    monkeypatch.setattr(
+        engine_mod.Engine, "render", lambda self, *a, **k: (_ for _ in ()).throw(torch.cuda.OutOfMemoryError("x"))
+    )
     from wanrender.errors import WanrenderError
 
     with pytest.raises(WanrenderError, match="ran out of memory again after stepping down"):
@@ -199,7 +205,8 @@ def test_cuda_streaming_equals_resident_and_bounds_memory() -> None:
     held = torch.cuda.memory_allocated() - base
     block = sum(t.numel() * t.element_size() for t in host.blocks[0].state_dict().values())
     assert held < 2 * block + 2 * (block + 64 * 256) + sum(  # resident blocks + two slots + the rest
-        t.numel() * t.element_size() for n, t in host.state_dict().items() if not n.startswith("blocks."))
+        t.numel() * t.element_size() for n, t in host.state_dict().items() if not n.startswith("blocks.")
+    )
     out = host(*args)
     torch.testing.assert_close(out, ref)
     assert s.copies == 6 and s.pinned_bytes > 0

@@ -28,9 +28,7 @@ from wanrender.models.text_encoder import (  # noqa: E402
 )
 
 SHORT = "a cat walks in the park"
-LONG = ", ".join(
-    ["the astronaut dances on the beach at sunset, cinematic lighting, slow motion zuletonu vumo"] * 8
-)
+LONG = ", ".join(["the astronaut dances on the beach at sunset, cinematic lighting, slow motion zuletonu vumo"] * 8)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -54,11 +52,17 @@ def hf_pair() -> tuple[torch.nn.Module, UMT5Encoder]:
 
     cfg = PRESETS["demo"]
     hf_cfg = UMT5Config(
-        vocab_size=cfg.vocab, d_model=cfg.dim, d_kv=cfg.d_kv, d_ff=cfg.dim_ff,
-        num_layers=cfg.layers, num_heads=cfg.heads,
+        vocab_size=cfg.vocab,
+        d_model=cfg.dim,
+        d_kv=cfg.d_kv,
+        d_ff=cfg.dim_ff,
+        num_layers=cfg.layers,
+        num_heads=cfg.heads,
         relative_attention_num_buckets=cfg.num_buckets,
         relative_attention_max_distance=cfg.max_distance,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=cfg.eps,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=cfg.eps,
         attn_implementation="eager",
     )
     assert hf_cfg.is_gated_act and hf_cfg.dense_act_fn == "gelu_new"

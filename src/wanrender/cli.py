@@ -97,7 +97,10 @@ def _summary(result, req) -> None:
     from wanrender.runtime.gpus import peak_rss_bytes
 
     mem = result.meta.get("memory")
-    out.print(f"peak host RSS: {peak_rss_bytes() / 2**30:.2f} GiB" + (f"; memory plan: {mem['describe']}" if mem else ""), highlight=False)
+    out.print(
+        f"peak host RSS: {peak_rss_bytes() / 2**30:.2f} GiB" + (f"; memory plan: {mem['describe']}" if mem else ""),
+        highlight=False,
+    )
     out.print(f"[bold green]video:[/] {result.video}  [dim](sidecar {result.sidecar})[/]", highlight=False)
 
 
@@ -120,7 +123,9 @@ def generate(
     size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 832x1216)."),
     steps: Optional[int] = typer.Option(None, "--steps"),
     switch: Optional[int] = typer.Option(None, "--switch", help="Step where the low-noise expert takes over."),
-    boundary: Optional[float] = typer.Option(None, "--boundary", help="Switch by the official rule instead: t >= B x 1000 -> high expert (0.9)."),
+    boundary: Optional[float] = typer.Option(
+        None, "--boundary", help="Switch by the official rule instead: t >= B x 1000 -> high expert (0.9)."
+    ),
     cfg: Optional[float] = typer.Option(None, "--cfg"),
     shift: Optional[str] = typer.Option(None, "--shift", help="S or S_HIGH,S_LOW."),
     sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or dpmpp_2m."),
@@ -142,12 +147,24 @@ def generate(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .mp4 (default: outputs/...)."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp8 (compute capability >= 8.9) or bf16."),
-    attention: str = typer.Option("auto", "--attention", help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8."),
-    compile: str = typer.Option("off", "--compile", help="off, default or max-autotune (regional: the repeated block)."),
-    profile: str = typer.Option("auto", "--profile", help="auto (the GPU profile matching this device fills the knobs you did not set), off, or a profile YAML."),
+    attention: str = typer.Option(
+        "auto", "--attention", help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8."
+    ),
+    compile: str = typer.Option(
+        "off", "--compile", help="off, default or max-autotune (regional: the repeated block)."
+    ),
+    profile: str = typer.Option(
+        "auto",
+        "--profile",
+        help="auto (the GPU profile matching this device fills the knobs you did not set), off, or a profile YAML.",
+    ),
     ctx: typer.Context = None,  # which knobs were given on the command line (a profile fills only the others)
-    memory: str = typer.Option("auto", "--memory", help="auto, resident, swap or stream: where the weights live (see 'wanrender plan')."),
-    reserve_vram: Optional[float] = typer.Option(None, "--reserve-vram", help="GiB of GPU memory to leave free (default 0.5)."),
+    memory: str = typer.Option(
+        "auto", "--memory", help="auto, resident, swap or stream: where the weights live (see 'wanrender plan')."
+    ),
+    reserve_vram: Optional[float] = typer.Option(
+        None, "--reserve-vram", help="GiB of GPU memory to leave free (default 0.5)."
+    ),
 ) -> None:
     """Render a video from IMAGE and a prompt."""
     from wanrender.models.inventory import resolve_files
@@ -192,15 +209,27 @@ def _pair(value: Optional[str], flag: str) -> tuple[Optional[float], Optional[fl
 def plan_cmd(
     size: str = typer.Option("832x1216", "--size", help="WIDTHxHEIGHT."),
     frames: int = typer.Option(81, "--frames", help="Frames of the request to plan (the guide lists others too)."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", help="rtx4090, rtx5090, a100-40g, a100-80g, h100, h200 (default: this GPU)."),
-    vram: Optional[str] = typer.Option(None, "--vram", help="Plan for this much GPU memory, e.g. 24GiB or 23.5 (GB = 10^9 bytes, GiB = 2^30 bytes; a bare number is GiB). With --gpu: that GPU's speed."),
+    gpu: Optional[str] = typer.Option(
+        None, "--gpu", help="rtx4090, rtx5090, a100-40g, a100-80g, h100, h200 (default: this GPU)."
+    ),
+    vram: Optional[str] = typer.Option(
+        None,
+        "--vram",
+        help="Plan for this much GPU memory, e.g. 24GiB or 23.5 (GB = 10^9 bytes, GiB = 2^30 bytes; a bare number is GiB). With --gpu: that GPU's speed.",
+    ),
     reserve_vram: float = typer.Option(0.5, "--reserve-vram", help="GiB to leave free."),
     preset: str = typer.Option("turbo", "--preset", help="turbo or quality (steps and cfg)."),
     memory: str = typer.Option("auto", "--memory", help="auto, resident, swap or stream."),
     precision: str = typer.Option("auto", "--precision"),
     compile: str = typer.Option("off", "--compile"),
-    models: Optional[Path] = typer.Option(None, "--models", help="Read weight sizes from these files (default: the standard fp8 set)."),
-    ram: Optional[str] = typer.Option(None, "--ram", help="Host RAM to plan for, e.g. 64GiB (GB = 10^9 bytes, GiB = 2^30 bytes; a bare number is GiB; default: this machine's)."),
+    models: Optional[Path] = typer.Option(
+        None, "--models", help="Read weight sizes from these files (default: the standard fp8 set)."
+    ),
+    ram: Optional[str] = typer.Option(
+        None,
+        "--ram",
+        help="Host RAM to plan for, e.g. 64GiB (GB = 10^9 bytes, GiB = 2^30 bytes; a bare number is GiB; default: this machine's).",
+    ),
 ) -> None:
     """Predict peak VRAM and time for a render and list a frame-count guide, for this GPU or a named one.
 
@@ -336,15 +365,23 @@ _register_bench_lab(app, bench_app)
 def bench_dit(
     shapes: str = typer.Option("832x1216,480x832,720x1280", "--shapes", help="WIDTHxHEIGHT list at 81 frames."),
     repeats: int = typer.Option(3, "--repeats"),
-    compile: str = typer.Option("default", "--compile", help="Compile mode of the fp8 path (off, default, max-autotune)."),
+    compile: str = typer.Option(
+        "default", "--compile", help="Compile mode of the fp8 path (off, default, max-autotune)."
+    ),
     attention: str = typer.Option("auto", "--attention"),
     peer: bool = typer.Option(True, "--peer/--no-peer", help="Time diffusers' WanTransformer3DModel too."),
     bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="Time our bf16 path too."),
-    bf16_variants: str = typer.Option("auto:off", "--bf16-variants", help="bf16 path variants, ATTENTION:COMPILE list (auto = exact attention), e.g. sdpa-cudnn:default,sage8:default."),
+    bf16_variants: str = typer.Option(
+        "auto:off",
+        "--bf16-variants",
+        help="bf16 path variants, ATTENTION:COMPILE list (auto = exact attention), e.g. sdpa-cudnn:default,sage8:default.",
+    ),
     fp8: bool = typer.Option(True, "--fp8/--no-fp8", help="Time our fp8 path."),
     record: Optional[Path] = typer.Option(None, "--record", help="Append the table to this markdown file."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write all numbers as JSON."),
-    sage8_options: Optional[str] = typer.Option(None, "--sage8-options", help="JSON of sage8 kernel options to time, e.g. '{\"block_n\": 64}'."),
+    sage8_options: Optional[str] = typer.Option(
+        None, "--sage8-options", help="JSON of sage8 kernel options to time, e.g. '{\"block_n\": 64}'."
+    ),
 ) -> None:
     """Full-size DiT forward with random weights: the diffusers peer, our bf16 and fp8 paths, attention backends."""
     import json
@@ -357,7 +394,9 @@ def bench_dit(
     try:
         variants = bd.parse_variants(bf16_variants)  # bad input is reported before the GPU check
         if not torch.cuda.is_available():
-            raise WanrenderError("bench dit needs a CUDA GPU (it builds two full-size 14B experts) — run it on a GPU machine")
+            raise WanrenderError(
+                "bench dit needs a CUDA GPU (it builds two full-size 14B experts) — run it on a GPU machine"
+            )
         names = [s.strip() for s in shapes.split(",") if s.strip()]
         unknown = [s for s in names if s not in bd.SHAPES]
         if unknown:
@@ -369,7 +408,9 @@ def bench_dit(
             try:
                 opts = dict(json.loads(sage8_options))
             except (ValueError, TypeError) as e:
-                raise WanrenderError(f"--sage8-options {sage8_options!r} is not a JSON object ({e}) — e.g. '{{\"block_n\": 64}}'") from None
+                raise WanrenderError(
+                    f"--sage8-options {sage8_options!r} is not a JSON object ({e}) — e.g. '{{\"block_n\": 64}}'"
+                ) from None
             try:  # checked before minutes of peer timing, not inside the kernel
                 attn.freeze_options("sage8", opts)
             except WanrenderError as e:
@@ -416,7 +457,9 @@ def bench_interp(
 
 @models_app.command("fetch")
 def models_fetch(
-    what: str = typer.Argument("standard", help="standard (the turbo file set, ~37 GB) or rife (interpolation weights)."),
+    what: str = typer.Argument(
+        "standard", help="standard (the turbo file set, ~37 GB) or rife (interpolation weights)."
+    ),
     folder: Path = typer.Option(Path("models"), "--dir", help="Where to put the files."),
 ) -> None:
     """Download model files (only when asked; resumable and checksummed)."""

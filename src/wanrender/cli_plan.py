@@ -16,7 +16,7 @@ from wanrender.runtime import memory as mem
 from wanrender.runtime.gpus import GIB
 from wanrender.runtime.memory import Weights, Workload
 from wanrender.runtime.planner import GUIDE_FRAMES, Context, PlanRefused, decide, guide, resolve_precision
-from wanrender.spec import Sampling, parse_gib, parse_size
+from wanrender.spec import parse_gib, parse_size
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,13 @@ def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[
         c = d.chosen
         head.append(f"{work.label()}, {work.steps} steps, cfg {work.cfg:g}: {c.plan.describe()}")
         head.append(
-            f"  predicted peak {c.peak_bytes / GIB:.1f} GiB (" + ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.stage_bytes.items())
+            f"  predicted peak {c.peak_bytes / GIB:.1f} GiB ("
+            + ", ".join(f"{k} {v / GIB:.1f}" for k, v in c.stage_bytes.items())
             + f"); {c.step_seconds:.1f} s/step, {c.seconds:.0f} s image to MP4; host RAM ~{c.host_bytes / GIB:.0f} GiB"
         )
-        head.append(f"  kept free while sampling: {c.holes_bytes / GIB:.1f} GiB for the allocator's fragmentation (measured under caps)")
+        head.append(
+            f"  kept free while sampling: {c.holes_bytes / GIB:.1f} GiB for the allocator's fragmentation (measured under caps)"
+        )
         head += [f"  note: {n}" for n in c.notes]
     else:
         refused = d.refusal()
@@ -99,4 +102,6 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
 def _probe_request(frames: int, width: int, height: int, preset):
     from wanrender.spec import RenderRequest, RenderSpec
 
-    return RenderRequest(RenderSpec(Path("plan.png"), "plan", frames=frames, width=width, height=height), preset.sampling)
+    return RenderRequest(
+        RenderSpec(Path("plan.png"), "plan", frames=frames, width=width, height=height), preset.sampling
+    )

@@ -113,7 +113,9 @@ class Engine:
         """Read both experts from their files and apply the LoRAs at the config's strengths."""
         files, dev = self.files, self.device
         if files is None:
-            raise WanrenderError("this engine's models were built in memory: a change that needs a reload cannot be made")
+            raise WanrenderError(
+                "this engine's models were built in memory: a change that needs a reload cannot be made"
+            )
         self.high = self.low = None  # the old experts' memory goes before the new ones arrive
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -125,7 +127,9 @@ class Engine:
         high = loading.load_dit(files.high, device=expert_dev, dtype=dtype, compute_dtype=act)
         low = loading.load_dit(files.low, device=expert_dev, dtype=dtype, compute_dtype=act)
         if high.cfg != low.cfg:
-            raise WanrenderError(f"{files.low}: the low-noise expert's architecture differs from the high-noise one — use a matching pair")
+            raise WanrenderError(
+                f"{files.low}: the low-noise expert's architecture differs from the high-noise one — use a matching pair"
+            )
         self.high, self.low = high, low
         self.lora_report, self._undo, self._converted = {}, {}, False
         self._apply_loras(config)
@@ -231,7 +235,10 @@ class Engine:
         x = torch.randn(batch, *shape[1:], generator=g, device=self.device)
         cond = torch.randn(batch, 20, *shape[2:], generator=g, device=self.device)
         ctx = torch.randn(batch, self.high.cfg.text_len, self.high.cfg.text_dim, generator=g, device=self.device) * 0.1
-        with torch.no_grad(), compiled_scope() if self.plan is not None and self.plan.compile != "off" else nullcontext():
+        with (
+            torch.no_grad(),
+            compiled_scope() if self.plan is not None and self.plan.compile != "off" else nullcontext(),
+        ):
             for m in (self.high, self.low):
                 m(x, torch.tensor([900.0], device=self.device), ctx, cond)
         self._sync()

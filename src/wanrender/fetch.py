@@ -61,7 +61,9 @@ def _hf_download(f: RemoteFile, cache: Path) -> tuple[Path, str | None]:
         expected = (meta.etag or "").strip('"') if meta.etag and len(meta.etag.strip('"')) == 64 else None
         local = hf_hub_download(f.repo, f.path, local_dir=str(cache))
     except Exception as e:  # network, auth, missing file: one line for the user
-        raise WanrenderError(f"download of {f.repo}/{f.path} failed ({type(e).__name__}: {e}) — check the network and retry; finished files are kept") from None
+        raise WanrenderError(
+            f"download of {f.repo}/{f.path} failed ({type(e).__name__}: {e}) — check the network and retry; finished files are kept"
+        ) from None
     return Path(local), expected
 
 
@@ -76,7 +78,9 @@ def fetch(
     free_gb = shutil.disk_usage(dest).free / 1e9
     need = sum(f.approx_gb for f in files if not (dest / f.dest).exists())
     if need > free_gb:
-        raise WanrenderError(f"{dest}: about {need:.0f} GB to download but only {free_gb:.0f} GB free — free space or choose another --dir")
+        raise WanrenderError(
+            f"{dest}: about {need:.0f} GB to download but only {free_gb:.0f} GB free — free space or choose another --dir"
+        )
     cache = dest / ".download"
     out = []
     for f in files:
@@ -88,7 +92,9 @@ def fetch(
             got = sha256_file(local)
             if got != expected:
                 local.unlink(missing_ok=True)
-                raise WanrenderError(f"{f.dest}: checksum mismatch (got {got[:12]}…, expected {expected[:12]}…) — the download was damaged; run the command again")
+                raise WanrenderError(
+                    f"{f.dest}: checksum mismatch (got {got[:12]}…, expected {expected[:12]}…) — the download was damaged; run the command again"
+                )
         final.parent.mkdir(parents=True, exist_ok=True)
         if local.resolve() != final.resolve():
             os.replace(local, final)

@@ -50,7 +50,9 @@ def check_frames_folder(out: Path) -> None:
     """Refuse before rendering to replace a folder wanrender did not write."""
     folder = frames_folder(out)
     if folder.exists() and not (folder / FRAMES_MARKER).exists():
-        raise WanrenderError(f"{folder} exists and was not written by wanrender — move it or choose another output name")
+        raise WanrenderError(
+            f"{folder} exists and was not written by wanrender — move it or choose another output name"
+        )
 
 
 def _write_frames(frames: np.ndarray, tmp: Path) -> None:

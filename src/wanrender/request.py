@@ -115,14 +115,23 @@ def validate(req: RenderRequest) -> RenderRequest:
     if not r.prompt.strip():
         raise SpecError("prompt", "the prompt is empty — describe the motion you want, e.g. 'slow dolly-in'")
     if r.frames < 1 or (r.frames - 1) % 4 or r.frames > MAX_FRAMES:
-        raise SpecError("frames", f"frames {r.frames} is invalid: frames must be 4k+1, 1..{MAX_FRAMES} — try {_nearest_4k1(r.frames)}")
+        raise SpecError(
+            "frames",
+            f"frames {r.frames} is invalid: frames must be 4k+1, 1..{MAX_FRAMES} — try {_nearest_4k1(r.frames)}",
+        )
     for name, v in (("width", r.width), ("height", r.height)):
         if v % 16 or not MIN_SIDE <= v <= MAX_SIDE:
-            raise SpecError(name, f"{name} {v} is invalid: sizes must be multiples of 16 in {MIN_SIDE}..{MAX_SIDE} — try {_nearest16(v)}")
+            raise SpecError(
+                name,
+                f"{name} {v} is invalid: sizes must be multiples of 16 in {MIN_SIDE}..{MAX_SIDE} — try {_nearest16(v)}",
+            )
     if s.steps < 1 or s.steps > 200:
         raise SpecError("steps", f"steps {s.steps} is invalid — use 1..200 (turbo uses 4, quality 20)")
     if not 0 <= s.switch <= s.steps:
-        raise SpecError("switch", f"switch {s.switch} is invalid: it must be within 0..{s.steps} — try {min(max(s.switch, 0), s.steps)}")
+        raise SpecError(
+            "switch",
+            f"switch {s.switch} is invalid: it must be within 0..{s.steps} — try {min(max(s.switch, 0), s.steps)}",
+        )
     if not 0.0 < s.cfg <= 30.0:
         raise SpecError("cfg", f"cfg {s.cfg} is invalid — use a value in (0, 30]; 1 disables guidance")
     for name, v in (("shift_high", s.shift_high), ("shift_low", s.shift_low)):
@@ -140,14 +149,20 @@ def validate(req: RenderRequest) -> RenderRequest:
         if not -10.0 <= v <= 10.0:  # also rejects nan and inf
             raise SpecError(name, f"{name} {v} is invalid — use a finite value in -10..10 (the 4-step LoRAs use 1)")
     if o.interpolate not in INTERPOLATE:
-        raise SpecError("interpolate", f"interpolate {o.interpolate!r} is invalid — choose one of {', '.join(INTERPOLATE)}")
+        raise SpecError(
+            "interpolate", f"interpolate {o.interpolate!r} is invalid — choose one of {', '.join(INTERPOLATE)}"
+        )
     if o.interpolate != "off" and (o.fps % RENDER_FPS or not 2 <= o.fps // RENDER_FPS <= 16):
         near = min(max(RENDER_FPS * round(o.fps / RENDER_FPS), 2 * RENDER_FPS), 16 * RENDER_FPS)
-        raise SpecError("fps", f"fps {o.fps} with interpolation: the output rate must be {RENDER_FPS} x N (N = 2..16) — try {near}")
+        raise SpecError(
+            "fps", f"fps {o.fps} with interpolation: the output rate must be {RENDER_FPS} x N (N = 2..16) — try {near}"
+        )
     if r.fit not in ("crop", "pad"):
         raise SpecError("fit", f"fit {r.fit!r} is invalid — choose crop or pad")
     if k.memory not in MEMORY_MODES:
         raise SpecError("memory", f"memory {k.memory!r} is invalid — choose one of {', '.join(MEMORY_MODES)}")
     if k.reserve_vram is not None and not 0 <= k.reserve_vram <= 1024:
-        raise SpecError("reserve_vram", f"reserve_vram {k.reserve_vram:g} is invalid — use GiB to keep free, e.g. 1 or 4")
+        raise SpecError(
+            "reserve_vram", f"reserve_vram {k.reserve_vram:g} is invalid — use GiB to keep free, e.g. 1 or 4"
+        )
     return req

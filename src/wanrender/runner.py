@@ -124,7 +124,9 @@ class Runner:
         return plan_render(req, files, self.device, gpu=self.gpu, weights=self.weights)  # refuses here
 
     # --- 3: load or reuse
-    def ensure_engine(self, config: EngineConfig, files: ModelFiles | None, progress: Progress | None = None) -> dict[str, float]:
+    def ensure_engine(
+        self, config: EngineConfig, files: ModelFiles | None, progress: Progress | None = None
+    ) -> dict[str, float]:
         """Load the models for ``config``, or configure the loaded engine; returns seconds spent loading."""
         if self.engine is not None and (files is None or self.engine.files == files):
             spent = self.engine.configure(config)

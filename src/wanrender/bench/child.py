@@ -94,7 +94,9 @@ class _Hooks:
 
         _say(f"test hook: inject {self.inject}")
         if self.inject == "oom":
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (simulated by inject: oom)")
+            raise torch.cuda.OutOfMemoryError(
+                "CUDA out of memory. Tried to allocate 20.00 GiB (simulated by inject: oom)"
+            )
         if self.inject == "hang":
             threading.Event().wait()  # blocks like a deadlock: only the parent's timeout ends it
         if self.inject == "crash":
@@ -136,7 +138,9 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
                                      f"{CUDA_CONTEXT_GIB} GiB CUDA context — emulate a card of at least a few GiB")  # fmt: skip
             total = torch.cuda.get_device_properties(dev).total_memory
             frac = min(1.0, (case.vram_cap_bytes - CUDA_CONTEXT_GIB * 2**30) / total)
-            torch.cuda.set_per_process_memory_fraction(frac, dev.index if dev.index is not None else torch.cuda.current_device())
+            torch.cuda.set_per_process_memory_fraction(
+                frac, dev.index if dev.index is not None else torch.cuda.current_device()
+            )
             res["notes"].append(f"VRAM capped at {case.vram_cap_bytes / 2**30:.2f} GiB: allocator limited to "
                                 f"{frac * total / 2**30:.2f} GiB ({frac:.3f} of {total / 2**30:.1f} GiB), "
                                 f"{CUDA_CONTEXT_GIB} GiB counted for the CUDA context")  # fmt: skip
@@ -184,7 +188,9 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
         from wanrender.runtime.memory import Weights
 
         if not cuda:
-            raise WanrenderError("models: random builds two full-size 14B experts — it needs a CUDA GPU; use models: demo on a CPU")
+            raise WanrenderError(
+                "models: random builds two full-size 14B experts — it needs a CUDA GPU; use models: demo on a CPU"
+            )
         weights = Weights.standard(lora=False)  # the planner counts the standard fp8_scaled set: what is built
     runner = Runner(dev, gpu=spec, weights=weights)
     prep = runner.prepare(req, files)  # the plan and its prediction go into the result now, so a failure

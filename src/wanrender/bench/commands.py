@@ -35,10 +35,16 @@ def _fmt_eta(seconds: float | None) -> str:
 
 def bench_run(
     matrix: Path = typer.Argument(..., help="Matrix YAML (see benchmarks/matrices/)."),
-    resume: bool = typer.Option(False, "--resume", help="Skip cases already in OUT/results.jsonl for this environment."),
-    retry_failed: bool = typer.Option(False, "--retry-failed", help="With --resume: run again cases whose last row is not ok."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Skip cases already in OUT/results.jsonl for this environment."
+    ),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="With --resume: run again cases whose last row is not ok."
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: bench-results/MATRIX_NAME)."),
-    only: Optional[str] = typer.Option(None, "--only", help="Run only the cases whose label matches, e.g. '81f-*,sage8-*'."),
+    only: Optional[str] = typer.Option(
+        None, "--only", help="Run only the cases whose label matches, e.g. '81f-*,sage8-*'."
+    ),
 ) -> None:
     """Run every case of MATRIX in its own process (timeout, telemetry); append rows to OUT/results.jsonl."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -90,8 +96,14 @@ def bench_compare(
     new: Path = typer.Argument(..., help="New results (JSONL)."),
     base: Path = typer.Argument(..., help="Baseline results (JSONL)."),
     max_slowdown: str = typer.Option("5%", "--max-slowdown", help="Largest accepted p50 slowdown per case."),
-    limit: Optional[list[str]] = typer.Option(None, "--limit", help="Absolute limit on NEW, e.g. pass=85s, total=180s, vram=40GiB, nvml_timed=31GiB (repeatable)."),
-    metric: str = typer.Option("total", "--metric", help="Metrics held to --max-slowdown: total, pass, pass1, s_per_step, a stage..."),
+    limit: Optional[list[str]] = typer.Option(
+        None,
+        "--limit",
+        help="Absolute limit on NEW, e.g. pass=85s, total=180s, vram=40GiB, nvml_timed=31GiB (repeatable).",
+    ),
+    metric: str = typer.Option(
+        "total", "--metric", help="Metrics held to --max-slowdown: total, pass, pass1, s_per_step, a stage..."
+    ),
 ) -> None:
     """Per case: p50 ratio NEW/BASE and absolute limits; exits 1 when anything regresses."""
     from rich.table import Table
@@ -152,17 +164,31 @@ def env(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write
 
 
 def tune(
-    budget: str = typer.Option("20m", "--budget", help="Time budget, e.g. 20m, 1h, 90s (a running candidate finishes)."),
-    buckets: Optional[str] = typer.Option(None, "--buckets", help="FRAMESxWIDTHxHEIGHT list (default: 3 production buckets on a GPU, 5x80x64 on CPU)."),
-    attention: Optional[str] = typer.Option(None, "--attention", help="Backends to try (comma list; default: all that can run)."),
+    budget: str = typer.Option(
+        "20m", "--budget", help="Time budget, e.g. 20m, 1h, 90s (a running candidate finishes)."
+    ),
+    buckets: Optional[str] = typer.Option(
+        None, "--buckets", help="FRAMESxWIDTHxHEIGHT list (default: 3 production buckets on a GPU, 5x80x64 on CPU)."
+    ),
+    attention: Optional[str] = typer.Option(
+        None, "--attention", help="Backends to try (comma list; default: all that can run)."
+    ),
     precision: Optional[str] = typer.Option(None, "--precision", help="Precisions to try (default fp8,bf16 on a GPU)."),
     compile: Optional[str] = typer.Option(None, "--compile", help="Compile modes to try (default off,default)."),
     memory_plan: Optional[str] = typer.Option(None, "--memory-plan", help="Memory plans to try (default auto)."),
     repeats: int = typer.Option(2, "--repeats", help="Timed renders per candidate (after one warm-up)."),
-    models: Optional[Path] = typer.Option(None, "--models", help="Model folder, or 'random' for full-size random weights on a GPU (default: the demo models on CPU)."),
+    models: Optional[Path] = typer.Option(
+        None,
+        "--models",
+        help="Model folder, or 'random' for full-size random weights on a GPU (default: the demo models on CPU).",
+    ),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
-    work: Optional[Path] = typer.Option(None, "--work", help="Folder for measurements and logs (default: bench-results/tune-DEVICE)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Profile YAML (default: $WANRENDER_HOME/profiles/DEVICE.yaml)."),
+    work: Optional[Path] = typer.Option(
+        None, "--work", help="Folder for measurements and logs (default: bench-results/tune-DEVICE)."
+    ),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Profile YAML (default: $WANRENDER_HOME/profiles/DEVICE.yaml)."
+    ),
 ) -> None:
     """Search attention, precision, compile and memory plan on this device; write a GPU profile that generate uses."""
     import torch
@@ -176,8 +202,10 @@ def tune(
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = dev.startswith("cuda")
         if on_gpu and models is None:
-            raise WanrenderError("tune on a GPU needs models — pass --models DIR ('wanrender models fetch' gets them) "
-                                 "or --models random (full-size random weights: speed and memory only)")
+            raise WanrenderError(
+                "tune on a GPU needs models — pass --models DIR ('wanrender models fetch' gets them) "
+                "or --models random (full-size random weights: speed and memory only)"
+            )
         random_models = models is not None and str(models) == "random" and not models.exists()
         if random_models and not on_gpu:
             raise WanrenderError("--models random builds two full-size 14B experts — it needs a CUDA GPU")

@@ -118,7 +118,9 @@ def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: l
             metrics: tuple[str, ...] = ("total",)) -> Comparison:  # fmt: skip
     for m in metrics:
         if m not in TIME_METRICS and m not in ALIASES:
-            raise WanrenderError(f"--metric {m!r} is unknown — use one of {', '.join(list(ALIASES) + list(TIME_METRICS))}")
+            raise WanrenderError(
+                f"--metric {m!r} is unknown — use one of {', '.join(list(ALIASES) + list(TIME_METRICS))}"
+            )
     metrics = tuple(x for m in metrics for x in ALIASES.get(m, (m,)))
     limits = limits or []
     n_rows, b_rows = new.latest_by_case(), base.latest_by_case()

@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
-from wanrender.spec import parse_bytes, tokens as dit_tokens
+from wanrender.spec import parse_bytes
+from wanrender.spec import tokens as dit_tokens
 
 PASS_ORDERS = ("high-low", "low-high")
 INJECT = ("none", "oom", "hang", "crash")
@@ -282,7 +283,9 @@ def expand(doc: dict, path: Path | None = None) -> Matrix:
         raise WanrenderError(f"{where}: a matrix is a mapping with defaults/axes/cases — see benchmarks/matrices/")
     unknown = set(doc) - {"name", "defaults", "axes", "cases", "exclude", "description"}
     if unknown:
-        raise WanrenderError(f"{where}: unknown section {sorted(unknown)[0]!r} — use name, defaults, axes, exclude, cases")
+        raise WanrenderError(
+            f"{where}: unknown section {sorted(unknown)[0]!r} — use name, defaults, axes, exclude, cases"
+        )
     base_dir = path.parent if path else None
     base = _apply(Case(), doc.get("defaults") or {}, f"{where} defaults")
     axes = doc.get("axes") or {}

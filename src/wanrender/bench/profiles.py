@@ -178,11 +178,11 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
 
 
 def write_profile(path: Path, doc: dict, header: str) -> Path:
+    import json
+
     import yaml
 
     from wanrender.media.atomic import atomic_write_text
-
-    import json
 
     doc = json.loads(json.dumps(doc, default=str))  # plain types only (torch's version is a str subclass)
     parse_profile(doc, str(path))  # never write a profile this module could not read back

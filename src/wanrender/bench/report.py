@@ -15,8 +15,8 @@ from pathlib import Path
 
 from wanrender.bench import results as res
 from wanrender.bench.runner import STAGES
-from wanrender.bench.telemetry import peak_mib
 from wanrender.bench.svg import PALETTE, Band, HLine, Series, stacked_bars, xy_chart
+from wanrender.bench.telemetry import peak_mib
 from wanrender.media.atomic import atomic_write_text
 
 GIB = 2**30
@@ -109,7 +109,9 @@ def _summary_table(rows: list[dict]) -> str:
                  _f(e.get("p50"), 1), _f(r.get("warmup_s"), 2)]  # fmt: skip
         if tags:
             cells.append(escape(tags[r.get("env_fingerprint", "?")]))
-        out.append("<tr>" + "".join(f'<td class="{"l" if i < 2 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
+        out.append(
+            "<tr>" + "".join(f'<td class="{"l" if i < 2 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>"
+        )
     out.append("</tbody></table>")
     return "".join(out)
 
@@ -208,7 +210,15 @@ def _scaling_section(rows: list[dict]) -> str:
     series = _grouped(measured, lambda r: r["memory"][key] / GIB)
     peak = max((p[1] for s in series for p in s.points), default=0.0)
     lines, off = _limits(rows, peak, gpu)
-    v = xy_chart(series, plot="vram-vs-frames", title=f"{what} vs frames", x_label="frames", y_label="GiB", hlines=lines, width=720)
+    v = xy_chart(
+        series,
+        plot="vram-vs-frames",
+        title=f"{what} vs frames",
+        x_label="frames",
+        y_label="GiB",
+        hlines=lines,
+        width=720,
+    )
     note = f'<p class="muted">Limits off the scale: {escape(", ".join(off))}.</p>' if off else ""
     return f'<div class="grid">{t}{v}</div>{note}'
 
@@ -259,10 +269,12 @@ def _telemetry_section(rows: list[dict]) -> str:
             extra.append(f"max temperature {tel['temp_max_c']} °C")
         if tel.get("note"):
             extra.append(tel["note"])
-        cap = f'{escape(r.get("label", r["key"]))} {_status(r["status"])}'
+        cap = f"{escape(r.get('label', r['key']))} {_status(r['status'])}"
         body = "".join(charts) or '<p class="muted">no samples</p>'
         note = f'<p class="muted">{escape("; ".join(extra))}</p>' if extra else ""
-        parts.append(f'<figure class="timeline"><figcaption>{cap}</figcaption><div class="grid">{body}</div>{note}</figure>')
+        parts.append(
+            f'<figure class="timeline"><figcaption>{cap}</figcaption><div class="grid">{body}</div>{note}</figure>'
+        )
     return "".join(parts)
 
 
@@ -292,9 +304,15 @@ def _env_diff(env: dict, base: dict) -> str:
     if cpus[0] != cpus[1]:
         diffs.append(f"CPU {cpus[0]} -> {cpus[1]}")
     ep, bp = env.get("packages") or {}, base.get("packages") or {}
-    diffs += [f"{k} {bp.get(k, 'absent')} -> {ep.get(k, 'absent')}" for k in sorted(set(ep) | set(bp)) if ep.get(k) != bp.get(k)]
+    diffs += [
+        f"{k} {bp.get(k, 'absent')} -> {ep.get(k, 'absent')}"
+        for k in sorted(set(ep) | set(bp))
+        if ep.get(k) != bp.get(k)
+    ]
     ev, bv = env.get("env_vars") or {}, base.get("env_vars") or {}
-    diffs += [f"{k} {bv.get(k, 'unset')} -> {ev.get(k, 'unset')}" for k in sorted(set(ev) | set(bv)) if ev.get(k) != bv.get(k)]
+    diffs += [
+        f"{k} {bv.get(k, 'unset')} -> {ev.get(k, 'unset')}" for k in sorted(set(ev) | set(bv)) if ev.get(k) != bv.get(k)
+    ]
     return "; ".join(diffs) or "nothing recorded (another machine of the same kind)"
 
 
@@ -320,7 +338,9 @@ def _env_section(rows: list[dict]) -> str:
             items.insert(0, ("name", tags[fp]))
             if env is not first:
                 items.insert(1, ("differs from env 1", _env_diff(env, first)))
-        body = "".join(f'<tr><th class="l">{escape(k)}</th><td class="l wrap">{escape(str(v))}</td></tr>' for k, v in items)
+        body = "".join(
+            f'<tr><th class="l">{escape(k)}</th><td class="l wrap">{escape(str(v))}</td></tr>' for k, v in items
+        )
         out.append(f'<table class="env">{body}</table>')
     return "".join(out)
 

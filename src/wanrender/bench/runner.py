@@ -146,7 +146,9 @@ def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     root = Path(wanrender.__file__).resolve().parents[1]
     installed = {Path(p).resolve() for p in site.getsitepackages() + [site.getusersitepackages()]}
-    if root in installed:  # an installed package: the child finds it anyway (site-packages before the stdlib would be wrong)
+    if (
+        root in installed
+    ):  # an installed package: the child finds it anyway (site-packages before the stdlib would be wrong)
         return env
     parts = [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join([str(root)] + [p for p in parts if p != str(root)])

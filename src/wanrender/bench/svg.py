@@ -77,9 +77,11 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
     n_points = len(pts)
     head = (f'<svg class="plot" data-plot="{escape(plot)}" data-points="{n_points}" xmlns="http://www.w3.org/2000/svg" '
             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">')  # fmt: skip
-    out = [head, f'<title>{escape(title)}</title>', f'<rect width="{width}" height="{height}" fill="#fff"/>']
+    out = [head, f"<title>{escape(title)}</title>", f'<rect width="{width}" height="{height}" fill="#fff"/>']
     if not pts:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>')
+        out.append(
+            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>'
+        )
         return "".join(out)
     # The legend takes what its longest name needs (~6.5 px a character), at most 250 px.
     names = [min(len(s.name), 38) for s in series]
@@ -121,7 +123,9 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
                        f'<text x="{X(t)}" y="{top + ph + 16}" text-anchor="middle" {FONT}>{fmt(t)}</text>')  # fmt: skip
     out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#333"/>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 6}" text-anchor="middle" {FONT}>{escape(x_label)}</text>')
-    out.append(f'<text transform="translate(13,{top + ph / 2}) rotate(-90)" text-anchor="middle" {FONT}>{escape(y_label)}</text>')
+    out.append(
+        f'<text transform="translate(13,{top + ph / 2}) rotate(-90)" text-anchor="middle" {FONT}>{escape(y_label)}</text>'
+    )
     for h in hlines:
         out.append(f'<line class="limit" x1="{left}" x2="{left + pw}" y1="{Y(h.y)}" y2="{Y(h.y)}" stroke="{h.color}" '
                    f'stroke-dasharray="6 4" stroke-width="1.5"/><text x="{left + pw - 4}" y="{Y(h.y) - 4}" '
@@ -131,7 +135,9 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
         if not p:
             continue
         d = " ".join(f"{'M' if i == 0 else 'L'}{X(x)},{Y(y)}" for i, (x, y) in enumerate(p))
-        out.append(f'<path class="series" data-series="{escape(s.name)}" d="{d}" fill="none" stroke="{s.color}" stroke-width="1.8"/>')
+        out.append(
+            f'<path class="series" data-series="{escape(s.name)}" d="{d}" fill="none" stroke="{s.color}" stroke-width="1.8"/>'
+        )
         if s.markers:
             for x, y in p:
                 out.append(f'<circle cx="{X(x)}" cy="{Y(y)}" r="3.2" fill="{s.color}"><title>{escape(s.name)}: '
@@ -157,12 +163,16 @@ def stacked_bars(rows: list[tuple[str, dict[str, float]]], stages: list[str], *,
     out = [head, f"<title>{escape(title)}</title>", f'<rect width="{width}" height="{height}" fill="#fff"/>',
            f'<text x="8" y="15" {FONT} font-weight="bold">{escape(title)}</text>']  # fmt: skip
     if not n_points:
-        out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>')
+        out.append(
+            f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>'
+        )
         return "".join(out)
     colors = {s: PALETTE[i % len(PALETTE)] for i, s in enumerate(stages)}
     x = 8
     for s in stages:
-        out.append(f'<rect x="{x}" y="22" width="10" height="10" fill="{colors[s]}"/><text x="{x + 13}" y="31" {FONT}>{escape(s)}</text>')
+        out.append(
+            f'<rect x="{x}" y="22" width="10" height="10" fill="{colors[s]}"/><text x="{x + 13}" y="31" {FONT}>{escape(s)}</text>'
+        )
         x += 20 + 7 * len(s)
     total_max = max(sum(v.get(s) or 0 for s in stages) for _, v in rows) or 1.0
     pw = width - left - 70

@@ -10,14 +10,13 @@ Weights are normal with std 0.02 (norm gains near 1): never zeros.
 
 from __future__ import annotations
 
-import random
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from wanrender.bench.dit import randomize_
+from wanrender.models.random_init import init_random_
 
 _WORDS = "snow winter bear cub fur light soft gentle camera motion slow dolly cinematic scene crisp calm".split()
 
@@ -93,13 +92,13 @@ def random_engine(device: str | torch.device = "cuda", memory=None, presets: tup
     with torch.device("meta"):
         te = UMT5Encoder(TextEncoderConfig.preset(te_p))
     te = te.to_empty(device=dev).to(torch.bfloat16)
-    randomize_(te, seed=2, std=0.05)
+    init_random_(te, seed=2, std=0.05)
     to_fp8_(te)
     te.compute_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     te = park(te).to(te_dev)
     high, low = high.to(expert_dev), low.to(expert_dev)
     vae = WanVAE(VAEConfig.preset(vae_p)).to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
-    randomize_(vae, seed=3)
+    init_random_(vae, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(Path(tmp))
     return Engine(high, low, vae, te, tok, dev, None)  # in-memory: no files to hash or reload

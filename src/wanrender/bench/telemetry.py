@@ -77,7 +77,9 @@ class _Nvml:
         util = self._q(nv.nvmlDeviceGetUtilizationRates)
         mem = self._q(nv.nvmlDeviceGetMemoryInfo)
         power = self._q(nv.nvmlDeviceGetPowerUsage)
-        reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        reasons_fn = (
+            getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        )
         return [
             util.gpu if util else None, util.memory if util else None,
             round(mem.used / 2**20, 1) if mem else None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -115,4 +115,3 @@ def interpolate_video(
         # Throughput of the method alone, in generated frames per second.
         "new_frames_per_second": new_frames / stats.seconds_model if stats.seconds_model > 0 else None,
     }
-

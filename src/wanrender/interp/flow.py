@@ -208,9 +208,7 @@ def _drive(
                 yield from flush()
         prev = frame
     if prev is None or st.frames_in < 2:
-        raise WanrenderError(
-            f"interpolation needs at least 2 frames, got {st.frames_in} — give a longer clip"
-        )
+        raise WanrenderError(f"interpolation needs at least 2 frames, got {st.frames_in} — give a longer clip")
     yield from flush()
     tail = 1 + (len(ts) if keep_duration else 0)
     for _ in range(tail):

@@ -358,4 +358,3 @@ class RifeInterpolator:
         """One in-between frame at time ``t`` in (0, 1)."""
         check_pair(img0, img1)
         return self.interpolate_pairs(img0[None], img1[None], [check_t(t)])[0, 0]
-

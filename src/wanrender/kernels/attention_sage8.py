@@ -92,7 +92,6 @@ from wanrender.kernels.sage8_math import (  # noqa: F401 - re-exported: tests an
     sage8_reference,
 )
 
-
 # --------------------------------------------------------------------------------------
 # Capability check
 # --------------------------------------------------------------------------------------
@@ -305,7 +304,9 @@ def _kernels():
                 v_ptrs = V + bh64 * D * LP + offs_d[:, None] * LP + offs_n[None, :]
                 v_step = BLOCK_N
             else:
-                v_ptrs = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd
+                v_ptrs = (
+                    V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + offs_n[:, None] * s_vl + offs_d[None, :] * s_vd
+                )
                 v_step = BLOCK_N * s_vl
         qs = tl.load(QS + bh64 * LP + offs_m)
 
@@ -395,7 +396,13 @@ def _kernels():
             out = acc * (vs[None, :] / l_i[:, None])
         else:
             out = acc / l_i[:, None]
-        o_ptrs = OUT + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + offs_m[:, None].to(tl.int64) * s_ol + offs_d[None, :] * s_od
+        o_ptrs = (
+            OUT
+            + b.to(tl.int64) * s_ob
+            + h.to(tl.int64) * s_oh
+            + offs_m[:, None].to(tl.int64) * s_ol
+            + offs_d[None, :] * s_od
+        )
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=(offs_m < L)[:, None])
 
     return {"quant_rows": quant_rows_kernel, "quant_v": quant_v_kernel, "fwd": attn_fwd_kernel}

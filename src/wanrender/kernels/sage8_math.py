@@ -143,7 +143,6 @@ def make_realistic_qkv(
 # --------------------------------------------------------------------------------------
 
 
-
 def _equalizer(q_amax: torch.Tensor, k_amax: torch.Tensor) -> torch.Tensor:
     """Per-channel factors a with Q·K^T = (Q a)(K / a)^T that balance the ranges.
 

@@ -51,7 +51,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
         if w * h > MAX_PIXELS:
             raise _err(p, f"image is {w}x{h} ({w * h / 1e6:.0f} MP)", f"resize it below {MAX_PIXELS // 1_000_000} MP")
         if min(w, h) < MIN_SIDE:
-            raise _err(p, f"image is only {w}x{h}", f"use an image at least {MIN_SIDE}x{MIN_SIDE} (ideally near the render size)")
+            raise _err(
+                p,
+                f"image is only {w}x{h}",
+                f"use an image at least {MIN_SIDE}x{MIN_SIDE} (ideally near the render size)",
+            )
         try:
             img.load()
             img = ImageOps.exif_transpose(img)

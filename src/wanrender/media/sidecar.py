@@ -37,7 +37,9 @@ def _weight_files(p: Path) -> list[Path]:
     """Every file a model entry stands for: a folder's weights and tokenizer, a shard
     index's shards (and the index), or the file itself."""
     if p.is_dir():
-        return sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".safetensors", ".pth", ".model", ".json"))
+        return sorted(
+            q for q in p.rglob("*") if q.is_file() and q.suffix in (".safetensors", ".pth", ".model", ".json")
+        )
     if p.name.endswith(".index.json"):
         try:
             shards = sorted(set(json.loads(p.read_text())["weight_map"].values()))

@@ -409,11 +409,11 @@ def official_key_from_diffusers(key: str) -> str | None:
         _, idx, rest = key.split(".", 2)
         for old, new in _DIFFUSERS_BLOCK_RENAMES:
             if rest.startswith(old):
-                return f"blocks.{idx}.{new}{rest[len(old):]}"
+                return f"blocks.{idx}.{new}{rest[len(old) :]}"
         return None
     for old, new in _DIFFUSERS_TOP_RENAMES:
         if key.startswith(old):
-            return new + key[len(old):]
+            return new + key[len(old) :]
     return None
 
 

@@ -59,7 +59,9 @@ def convert_state(
             out[layer + ".scale_weight"] = scale.reshape(1)
         else:
             out[layer + ".weight_scale"] = scale
-            out[layer + ".comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8)
+            out[layer + ".comfy_quant"] = torch.tensor(
+                list(json.dumps({"format": "float8_e4m3fn"}).encode()), dtype=torch.uint8
+            )
             layers[layer] = {"format": "float8_e4m3fn"}
     if fmt == "fp8_scaled":
         # Older ComfyUI marker: an fp8 tensor whose presence means "scaled fp8 file".

@@ -191,7 +191,11 @@ def inspect_checkpoint(path: str | os.PathLike, ck: Checkpoint | None = None) ->
     if role == "dit":
         variant, notes = _dit_variant(ck, prefix, layout == "diffusers", None)
     elif role == "vae":
-        z = ck.shape_of(f"{prefix}conv2.weight")[0] if layout == "official" else ck.shape_of("post_quant_conv.weight")[0]
+        z = (
+            ck.shape_of(f"{prefix}conv2.weight")[0]
+            if layout == "official"
+            else ck.shape_of("post_quant_conv.weight")[0]
+        )
         variant = {16: "wan2.1", 48: "wan2.2"}.get(z, f"z={z}")
         if z == 48:
             notes.append("the Wan 2.2 VAE (for TI2V-5B); the A14B experts need the Wan 2.1 VAE")

@@ -207,6 +207,11 @@ def resolve_files(
             )
         picked.require_complete(models_dir)
     return ModelFiles(
-        high=picked.high, low=picked.low, vae=picked.vae, text_encoder=picked.text_encoder,  # type: ignore[arg-type]
-        tokenizer=picked.tokenizer, lora_high=picked.lora_high, lora_low=picked.lora_low,  # type: ignore[arg-type]
+        high=picked.high,
+        low=picked.low,
+        vae=picked.vae,
+        text_encoder=picked.text_encoder,  # type: ignore[arg-type]
+        tokenizer=picked.tokenizer,
+        lora_high=picked.lora_high,
+        lora_low=picked.lora_low,  # type: ignore[arg-type]
     )

@@ -37,7 +37,9 @@ DeviceLike = str | torch.device
 def _open(source: str | os.PathLike) -> tuple[Path, Checkpoint, CheckpointInfo, dict | None]:
     p = Path(source)
     if not p.exists():
-        raise ModelFileError(p, "file not found", "check the path (wanrender models check DIR lists what a folder holds)")
+        raise ModelFileError(
+            p, "file not found", "check the path (wanrender models check DIR lists what a folder holds)"
+        )
     config = None
     if p.is_dir():
         config = read_config(p)
@@ -80,7 +82,7 @@ def canonical_state(
     for key in ck:
         if prefix and not key.startswith(prefix):
             continue
-        name = key[len(prefix):]
+        name = key[len(prefix) :]
         if name == "scaled_fp8" or name == "spiece_model" or name.endswith(QUANT_AUX_SUFFIXES):
             if name.endswith(".comfy_quant"):
                 _check_comfy_quant(ck, key)
@@ -190,8 +192,11 @@ def load_dit(
             raise ModelFileError(path, str(e.args[0]), "check it is a Wan 2.2 diffusers transformer folder") from None
         if config is None:
             # A folder has config.json; a bare weights file is read from its shapes.
-            config = ditmod.config_from_diffusers(folder_cfg) if folder_cfg else ditmod.config_from_state_dict(
-                {k: tuple(v.shape) for k, v in weights.items()})
+            config = (
+                ditmod.config_from_diffusers(folder_cfg)
+                if folder_cfg
+                else ditmod.config_from_state_dict({k: tuple(v.shape) for k, v in weights.items()})
+            )
         cfg = config
     else:
         weights, scales = canonical_state(ck, info.prefix)
@@ -221,16 +226,16 @@ def describe(source: str | os.PathLike) -> CheckpointInfo:
     return inspect_checkpoint(source)
 
 
-def load_vae(
-    source: str | os.PathLike, *, device: DeviceLike = "cpu", dtype: torch.dtype | None = None
-):
+def load_vae(source: str | os.PathLike, *, device: DeviceLike = "cpu", dtype: torch.dtype | None = None):
     """Load the Wan 2.1 VAE (official/ComfyUI file, ``.pth``, or a diffusers ``vae/`` folder)."""
     from wanrender.models import vae as vaemod
 
     path, ck, info, folder_cfg = _open(source)
     _expect_role(path, info, "vae", "the Wan 2.1 VAE")
     if info.variant != "wan2.1":
-        raise ModelFileError(path, info.notes[0] if info.notes else f"unsupported VAE ({info.variant})", "use wan_2.1_vae.safetensors")
+        raise ModelFileError(
+            path, info.notes[0] if info.notes else f"unsupported VAE ({info.variant})", "use wan_2.1_vae.safetensors"
+        )
     weights, scales = canonical_state(ck, info.prefix)
     if info.layout == "diffusers":
         weights = vaemod.official_keys_from_diffusers(weights)

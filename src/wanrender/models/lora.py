@@ -199,7 +199,7 @@ def _diffusers_name(official: str) -> str | None:
         head, table, rest = "", _DIFFUSERS_TOP_RENAMES, official + "."
     for old, new in table:
         if rest.startswith(new):
-            cand = (head + old + rest[len(new):]).rstrip(".")
+            cand = (head + old + rest[len(new) :]).rstrip(".")
             # dit.py stays the single source of truth: keep only names it maps back.
             if official_key_from_diffusers(cand + ".weight") == official + ".weight":
                 return cand
@@ -244,7 +244,7 @@ def _split_key(key: str) -> tuple[str, str | None]:
         changed = False
         for p in _PREFIXES:
             if stem.startswith(p) and len(stem) > len(p):
-                stem, changed = stem[len(p):], True
+                stem, changed = stem[len(p) :], True
                 break
     for suffix, role in _SUFFIXES:
         if stem.endswith(suffix):
@@ -459,7 +459,9 @@ class LoraUndo:
     originals: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def apply_lora(model: nn.Module, lora: Lora, strength: float, mode: str = "merge", undo: LoraUndo | None = None) -> LoraReport:
+def apply_lora(
+    model: nn.Module, lora: Lora, strength: float, mode: str = "merge", undo: LoraUndo | None = None
+) -> LoraReport:
     """Apply ``lora`` to ``model`` at ``strength``; returns the report of what was done.
 
     ``merge``: ``W += strength * delta`` computed in fp32, then stored in the weight's

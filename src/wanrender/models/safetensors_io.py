@@ -73,7 +73,9 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ModelFileError(self.path, "not a valid safetensors file (unreadable header)", _REDOWNLOAD) from None
+                raise ModelFileError(
+                    self.path, "not a valid safetensors file (unreadable header)", _REDOWNLOAD
+                ) from None
         if not isinstance(header, dict):
             raise ModelFileError(self.path, "not a valid safetensors file", _REDOWNLOAD)
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
@@ -92,7 +94,9 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
                     self.path, f"truncated: tensor {name!r} ends past the end of the file", _REDOWNLOAD
                 )
             if any(d < 0 for d in info.shape) or info.nbytes != math.prod(info.shape) * DTYPES[info.dtype].itemsize:
-                raise ModelFileError(self.path, f"tensor {name!r}: its byte range does not match its shape", _REDOWNLOAD)
+                raise ModelFileError(
+                    self.path, f"tensor {name!r}: its byte range does not match its shape", _REDOWNLOAD
+                )
             self.infos[name] = info
         self._mm: mmap.mmap | None = None
 
@@ -104,7 +108,9 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
                 with open(self.path, "rb") as f:
                     self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             except OSError as e:
-                raise ModelFileError(self.path, f"cannot map the file ({e.strerror})", "check the disk and free memory") from None
+                raise ModelFileError(
+                    self.path, f"cannot map the file ({e.strerror})", "check the disk and free memory"
+                ) from None
         return self._mm
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -116,7 +122,9 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
             # The views are read-only by design: nothing may write into the user's file
             # (LoRA merges and casts always make new tensors).
             warnings.filterwarnings("ignore", message="The given buffer is not writable")
-            raw = torch.frombuffer(self._map(), dtype=torch.uint8, count=info.nbytes, offset=self._data_start + info.start)
+            raw = torch.frombuffer(
+                self._map(), dtype=torch.uint8, count=info.nbytes, offset=self._data_start + info.start
+            )
         return raw.view(dtype).reshape(info.shape)
 
     def __iter__(self) -> Iterator[str]:

@@ -101,8 +101,13 @@ class TextEncoderConfig:
             raise ValueError(f"not a UMT5 encoder state dict: missing {err}") from None
         ids = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.block\.(\d+)\.", k))}
         fields: dict[str, Any] = dict(
-            vocab=vocab, dim=dim, dim_ff=dim_ff, heads=heads, d_kv=inner // heads,
-            layers=max(ids) + 1, num_buckets=num_buckets,
+            vocab=vocab,
+            dim=dim,
+            dim_ff=dim_ff,
+            heads=heads,
+            d_kv=inner // heads,
+            layers=max(ids) + 1,
+            num_buckets=num_buckets,
         )
         fields.update(overrides)
         return cls(**fields)
@@ -309,9 +314,7 @@ class UMT5Encoder(nn.Module):
         cfg = self.config
         x = self.shared(input_ids, dtype)
         # Buckets depend only on the length: compute once, each block looks up its own table.
-        buckets = relative_position_buckets(
-            input_ids.shape[1], cfg.num_buckets, cfg.max_distance, input_ids.device
-        )
+        buckets = relative_position_buckets(input_ids.shape[1], cfg.num_buckets, cfg.max_distance, input_ids.device)
         if attention_mask is None:
             mask_bias = torch.zeros((), device=x.device)
         else:
@@ -494,9 +497,7 @@ class Tokenizer:
     def serialized(self) -> bytes:
         return bytes(self.sp.serialized_model_proto())
 
-    def encode(
-        self, prompts: Sequence[str] | str, max_len: int = 512
-    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    def encode(self, prompts: Sequence[str] | str, max_len: int = 512) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """Token ids ``[B, max_len]`` (EOS appended, padded with 0), mask ``[B, max_len]`` and,
         per prompt, whether it was truncated (to ``max_len - 1`` tokens + EOS, like
         the official Wan tokenizer) so the caller can warn.

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -38,7 +39,7 @@ def image_condition(vae, image: torch.Tensor, frames: int) -> torch.Tensor:
     _, h, w = image.shape
     p = next(vae.parameters())
     video = torch.zeros(1, 3, frames, h, w, dtype=p.dtype, device=p.device)
-    video[:, :, 0] = (image.to(p.device, p.dtype) * 2 - 1)
+    video[:, :, 0] = image.to(p.device, p.dtype) * 2 - 1
     latent = vae.encode(video).float()
     mask = torch.zeros(1, 4, *latent.shape[2:], device=latent.device)
     mask[:, :, 0] = 1.0

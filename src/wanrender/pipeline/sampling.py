@@ -115,6 +115,7 @@ def cfg_velocity(
     if cfg != 1.0 and negative is None:
         raise ValueError("cfg != 1 needs a negative prompt embedding")
     if cfg == 1.0:
+
         def single(x: torch.Tensor, sigma: float) -> torch.Tensor:
             t = torch.full((x.shape[0],), sigma * 1000.0, device=x.device)
             return model(x, t, context, cond)

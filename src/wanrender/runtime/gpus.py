@@ -84,9 +84,13 @@ _NAME_PATTERNS = (
 
 def named(name: str) -> GPUSpec:
     key = name.strip().lower().replace("_", "-").replace(" ", "")
-    key = {"4090": "rtx4090", "5090": "rtx5090", "a100": "a100-80g", "a10080g": "a100-80g", "a10040g": "a100-40g"}.get(key, key)
+    key = {"4090": "rtx4090", "5090": "rtx5090", "a100": "a100-80g", "a10080g": "a100-80g", "a10040g": "a100-40g"}.get(
+        key, key
+    )
     if key not in NAMED:
-        raise WanrenderError(f"unknown GPU {name!r} — choose one of {', '.join(NAMED)} or give --vram, e.g. --vram 24GiB")
+        raise WanrenderError(
+            f"unknown GPU {name!r} — choose one of {', '.join(NAMED)} or give --vram, e.g. --vram 24GiB"
+        )
     return NAMED[key]
 
 
@@ -112,7 +116,13 @@ def probe(device: str = "cuda", measure_copy: bool = True) -> GPUSpec:
     notes: list[str] = []
     if key is None:
         # Unknown card: borrow the figures of the same generation; memory is still read live.
-        base = NAMED["h100"] if props.major >= 9 else NAMED["rtx4090"] if (props.major, props.minor) >= (8, 9) else NAMED["a100-40g"]
+        base = (
+            NAMED["h100"]
+            if props.major >= 9
+            else NAMED["rtx4090"]
+            if (props.major, props.minor) >= (8, 9)
+            else NAMED["a100-40g"]
+        )
         notes.append(f"{props.name} is not in the table: throughput borrowed from {base.name} (estimate)")
     else:
         base = NAMED[key]

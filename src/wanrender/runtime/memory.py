@@ -395,7 +395,9 @@ def _dit_bytes(path: Path, precision: str) -> tuple[int, list[int]]:
             continue
         dtype, shape = ck.dtype_of(key), tuple(ck.shape_of(key))
         size = _numel(shape) * dtype.itemsize
-        wide_linear = len(shape) == 2 and key.endswith(".weight") and dtype.itemsize > 1 and "embedding" not in key.split(".")[-2]
+        wide_linear = (
+            len(shape) == 2 and key.endswith(".weight") and dtype.itemsize > 1 and "embedding" not in key.split(".")[-2]
+        )
         if precision == "fp8" and wide_linear and not _kept_on_bf16(key):
             size = _numel(shape) + shape[0] * 4  # fp8 weight + per-channel fp32 scale
         elif dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and len(shape) != 2:

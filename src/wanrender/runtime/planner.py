@@ -166,7 +166,9 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
     install_gbs = timing.PAGEABLE_GBS
     if ctx.host_ram_gib is not None and plan.experts != "resident" and host > ctx.host_ram_gib * GIB:
         link = install_gbs = timing.DISK_GBS
-        notes.append(f"host RAM {ctx.host_ram_gib:.0f} GiB < {host / GIB:.0f} GiB needed: weights are re-read from disk")
+        notes.append(
+            f"host RAM {ctx.host_ram_gib:.0f} GiB < {host / GIB:.0f} GiB needed: weights are re-read from disk"
+        )
     # --- time
     parts = timing.dit_step_seconds(gpu, work, ctx.path, plan.chunks, lora_unmerged=plan.experts != "resident")
     step = parts["total"]
@@ -183,7 +185,9 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
         "video_encode": timing.video_encode_seconds(work),
     }
     if plan.experts != "resident":
-        installed = w.expert_top + lora + (w.num_blocks if plan.experts == "swap" else plan.resident_blocks or 0) * w.block
+        installed = (
+            w.expert_top + lora + (w.num_blocks if plan.experts == "swap" else plan.resident_blocks or 0) * w.block
+        )
         install = installed / (install_gbs * 1e9)
         # Each render installs the high expert before pass 1 and the low one at the switch;
         # a prefetched install hides behind the last high step.
@@ -344,7 +348,9 @@ def resolve_precision(precision: str, gpu: GPUSpec, compile: str = "off") -> str
     return auto_precision(gpu.fp8_matmul, compile) if precision == "auto" else precision
 
 
-def plan_render(req, files, device, gpu: GPUSpec | None = None, weights: Weights | None = None) -> Decision | MemoryPlan:
+def plan_render(
+    req, files, device, gpu: GPUSpec | None = None, weights: Weights | None = None
+) -> Decision | MemoryPlan:
     """The memory plan for a render (a ``spec.RenderRequest``: ``.render``, ``.sampling``,
     ``.knobs``), decided before any model is loaded.
 

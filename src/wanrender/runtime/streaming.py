@@ -137,7 +137,9 @@ class BlockStreamer:
         self._adapters = [a for b in blocks[self.resident :] for a in _adapters_to(b, self.device)]
         size = max((n for _, n in self.layouts), default=0)
         self.slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(buffers)] if size else []
-        self.staging = [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(buffers)] if size else []
+        self.staging = (
+            [torch.empty(size, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(buffers)] if size else []
+        )
         self.copies = 0  # blocks copied in, for tests and the sidecar
         if self.cuda:
             self.side = torch.cuda.Stream(self.device)

@@ -77,7 +77,9 @@ def forward_flops(work: Workload, dims: DiTDims = WAN_14B, blocks: int = 40) -> 
     return gemm_flops(work, dims, blocks) + attention_flops(work, dims, blocks)
 
 
-def dit_step_seconds(gpu: GPUSpec, work: Workload, path: str, chunks: int = 1, lora_unmerged: bool = False) -> dict[str, float]:
+def dit_step_seconds(
+    gpu: GPUSpec, work: Workload, path: str, chunks: int = 1, lora_unmerged: bool = False
+) -> dict[str, float]:
     """One DiT forward (= one sampling step), split into its parts."""
     fp8 = path in ("fp8-eager", "compiled-fp8")
     gemm_rate = (gpu.fp8_tflops * GEMM_EFF_FP8) if fp8 and gpu.fp8_tflops else gpu.bf16_tflops * GEMM_EFF_BF16
@@ -86,7 +88,8 @@ def dit_step_seconds(gpu: GPUSpec, work: Workload, path: str, chunks: int = 1, l
     parts = {
         "attention": attention_flops(work) / (gpu.attention_tflops * 1e12),
         "gemm": gemm_flops(work) / (gemm_rate * 1e12) * (1 + (LORA_UNMERGED_PENALTY if lora_unmerged else 0)),
-        "elementwise": EW_SECONDS_L0[path] * scale_l * bw + (FP8_QUANT_SECONDS_L0 * scale_l * bw if path == "fp8-eager" else 0),
+        "elementwise": EW_SECONDS_L0[path] * scale_l * bw
+        + (FP8_QUANT_SECONDS_L0 * scale_l * bw if path == "fp8-eager" else 0),
     }
     parts["total"] = sum(parts.values()) * (1 + CHUNK_PENALTY * max(0, chunks - 1))
     return parts
