@@ -320,13 +320,17 @@ def expand(doc: dict, path: Path | None = None) -> Matrix:
     return Matrix(str(doc.get("name") or (path.stem if path else "matrix")), path, tuple(cases), tuple(_labels(cases)))
 
 
-def load(path: Path) -> Matrix:
+def read_yaml(path: Path, what: str) -> object:
+    """A YAML document (a matrix, a profile), with one-line errors that name the file."""
     import yaml
 
     try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
-        raise WanrenderError(f"{path}: cannot read the matrix ({e.strerror}) — check the path") from None
+        raise WanrenderError(f"{path}: cannot read the {what} ({e.strerror}) — check the path") from None
     except yaml.YAMLError as e:
         raise WanrenderError(f"{path}: not valid YAML ({str(e).splitlines()[0]}) — fix the file") from None
-    return expand(doc, Path(path))
+
+
+def load(path: Path) -> Matrix:
+    return expand(read_yaml(path, "matrix"), Path(path))

@@ -88,15 +88,9 @@ def parse_profile(doc: object, path: str) -> Profile:
 
 
 def load_profile(path: Path) -> Profile:
-    import yaml
+    from wanrender.bench.matrix import read_yaml
 
-    try:
-        doc = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise WanrenderError(f"{path}: cannot read the profile ({e.strerror}) — check the path") from None
-    except yaml.YAMLError as e:
-        raise _fail(path, f"not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_profile(doc, str(path))
+    return parse_profile(read_yaml(path, "profile"), str(path))
 
 
 def user_dir() -> Path:

@@ -26,13 +26,27 @@ from wanrender.bench import results as res
 from wanrender.bench.matrix import Case, Matrix
 from wanrender.bench.telemetry import Sampler
 from wanrender.errors import WanrenderError
+from wanrender.spec import Stage
 
 LOG_TAIL_LINES = 40
 LOG_TAIL_CHARS = 4000
 STACK_DUMP_WAIT_S = 1.0
-STAGES = ("text_encode", "vae_encode", "expert_install", "pass1", "pass2", "vae_decode", "interpolate", "video_encode")
+# The rows' stage names (schema 1): the render's stages, with the two passes shortened.
+_STAGE_OF = {Stage.PASS1_HIGH.value: "pass1", Stage.PASS2_LOW.value: "pass2"}
+STAGES = tuple(
+    _STAGE_OF.get(s.value, s.value)
+    for s in (
+        Stage.TEXT_ENCODE,
+        Stage.VAE_ENCODE,
+        Stage.EXPERT_INSTALL,
+        Stage.PASS1_HIGH,
+        Stage.PASS2_LOW,
+        Stage.VAE_DECODE,
+        Stage.INTERPOLATE,
+        Stage.VIDEO_ENCODE,
+    )
+)
 # Engine.render's timing names -> the lab's (passes are numbered: pass order is an axis).
-_STAGE_OF = {"pass1_high": "pass1", "pass2_low": "pass2"}
 
 # (event, detail) -> None; events: "start", "skip", "done" with the case, label, row.
 Events = Callable[[str, dict], None]

@@ -21,6 +21,7 @@ import torch
 
 from wanrender.runtime.planner import MemoryPlan
 from wanrender.runtime.streaming import BlockStreamer, Placement
+from wanrender.spec import Stage
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +80,14 @@ class MemoryRuntime:
         if self.plan.experts == "resident" and self.plan.text_encoder != "release":
             yield
             return
-        if name == "text_encode" and self.plan.text_encoder == "release":
+        if name == Stage.TEXT_ENCODE and self.plan.text_encoder == "release":
             placed = Placement(self.text_encoder, self.device)
             try:
                 yield
             finally:
                 placed.restore()
             return
-        if name == "vae_decode":
+        if name == Stage.VAE_DECODE:
             self._join_prefetch()
             self._drop()  # the decode gets the experts' memory; host copies stay
         yield
@@ -94,7 +95,7 @@ class MemoryRuntime:
     def after_step(self, stage: str, i: int, n: int) -> None:
         """Prefetch the low expert when the last high step starts (plans that allow it;
         with a single high step there is nothing to overlap)."""
-        if stage == "pass1_high" and self.plan.prefetch and i + 2 == n:
+        if stage == Stage.PASS1_HIGH and self.plan.prefetch and i + 2 == n:
             self._start_prefetch()
 
     def begin_sampling(self) -> float:

@@ -35,7 +35,7 @@ from wanrender.runtime import memory as mem
 from wanrender.runtime import timing
 from wanrender.runtime.gpus import GIB, GPUSpec
 from wanrender.runtime.memory import Weights, Workload
-from wanrender.spec import SpecError
+from wanrender.spec import SpecError, Stage
 
 MODES = ("auto", "resident", "swap", "stream")
 EXPERTS = ("resident", "swap", "stream")
@@ -152,10 +152,10 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
         else:
             dit_weights = w.expert_top + lora + (plan.resident_blocks or 0) * w.block + STAGING_BUFFERS * w.block
     stages = {
-        "text_encode": base - te_gpu + te_stage + (mem.TE_WORK_BYTES if te_stage else 0),
-        "vae_encode": base + mem.vae_encode_bytes(work),
-        "sampling": base + dit_weights + act,
-        "vae_decode": base + mem.vae_decode_bytes(work, plan.tiled_decode),
+        Stage.TEXT_ENCODE.value: base - te_gpu + te_stage + (mem.TE_WORK_BYTES if te_stage else 0),
+        Stage.VAE_ENCODE.value: base + mem.vae_encode_bytes(work),
+        Stage.SAMPLING.value: base + dit_weights + act,
+        Stage.VAE_DECODE.value: base + mem.vae_decode_bytes(work, plan.tiled_decode),
     }
     # --- host memory: weights not on the GPU live in the page cache (mmap), plus pinned staging
     host = HOST_BASE_GIB * GIB + (2 * w.expert if plan.experts != "resident" else 0)
@@ -177,12 +177,12 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
         step += timing.stream_overhead(parts["total"], w.block, w.num_blocks - n, n, link)
     high_steps, low_steps = work.switch, work.steps - work.switch
     seconds = {
-        "text_encode": timing.text_encode_seconds(gpu, plan.text_encoder, w.text_encoder),
-        "vae_encode": timing.vae_seconds(gpu, work, decode=False),
-        "pass1_high": high_steps * step,
-        "pass2_low": low_steps * step,
-        "vae_decode": timing.vae_seconds(gpu, work, decode=True, tiled=plan.tiled_decode),
-        "video_encode": timing.video_encode_seconds(work),
+        Stage.TEXT_ENCODE.value: timing.text_encode_seconds(gpu, plan.text_encoder, w.text_encoder),
+        Stage.VAE_ENCODE.value: timing.vae_seconds(gpu, work, decode=False),
+        Stage.PASS1_HIGH.value: high_steps * step,
+        Stage.PASS2_LOW.value: low_steps * step,
+        Stage.VAE_DECODE.value: timing.vae_seconds(gpu, work, decode=True, tiled=plan.tiled_decode),
+        Stage.VIDEO_ENCODE.value: timing.video_encode_seconds(work),
     }
     if plan.experts != "resident":
         installed = (
@@ -191,7 +191,7 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
         install = installed / (install_gbs * 1e9)
         # Each render installs the high expert before pass 1 and the low one at the switch;
         # a prefetched install hides behind the last high step.
-        seconds["expert_install"] = install + (max(0.0, install - step) if plan.prefetch else install)
+        seconds[Stage.EXPERT_INSTALL.value] = install + (max(0.0, install - step) if plan.prefetch else install)
     holes = mem.allocator_holes(work, plan.chunks)
     fits = mem.device_bytes(need_bytes(stages, holes)) - int(mem.CUDA_CONTEXT_GIB * GIB) <= ctx.budget_bytes
     return Prediction(plan, stages, seconds, step, int(host), fits, tuple(notes), holes)
@@ -199,14 +199,14 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
 
 def need_bytes(stages: dict[str, int], holes: int) -> int:
     """The allocated peak a plan must have room for: sampling also leaves allocator holes."""
-    return max(v + (holes if k == "sampling" else 0) for k, v in stages.items())
+    return max(v + (holes if k == Stage.SAMPLING else 0) for k, v in stages.items())
 
 
 def _stream_blocks(ctx: Context, work: Workload, plan: MemoryPlan) -> int:
     """The most blocks that can stay resident under the budget (-1: not even zero)."""
     probe = predict(replace(plan, resident_blocks=0), ctx, work)
-    room = ctx.budget_bytes / (1 + mem.FRAGMENTATION) - probe.stage_bytes["sampling"] - probe.holes_bytes
-    if any(v * (1 + mem.FRAGMENTATION) > ctx.budget_bytes for k, v in probe.stage_bytes.items() if k != "sampling"):
+    room = ctx.budget_bytes / (1 + mem.FRAGMENTATION) - probe.stage_bytes[Stage.SAMPLING] - probe.holes_bytes
+    if any(v * (1 + mem.FRAGMENTATION) > ctx.budget_bytes for k, v in probe.stage_bytes.items() if k != Stage.SAMPLING):
         return -1
     return min(ctx.weights.num_blocks - 1, int(room // ctx.weights.block)) if room >= 0 else -1
 
