@@ -14,6 +14,9 @@
 #   forward  one Q/K/V GEMM vs three (gpu_qkv_fusion.py), then the peer vs the fp8
 #            path (sage8, compile) at all three shapes
 #   checks   the GPU tests, then the full-size turbo parity (bf16 eager vs fast path)
+#   lifecycle  one process, several renders (benchmarks/second_render.py): the demo with
+#            compile, then full-size random weights on the fast path; then one capped
+#            random-weight sweep case through the bench child (ONLY= picks it)
 #   tune     a measured GPU profile from random full-size weights (e.g. on an H100);
 #            BUCKETS, ATTN, PREC, COMP narrow the search (comma lists)
 #   real     with real checkpoints under models/: the full matrix
@@ -65,6 +68,13 @@ EOF
       timeout 240 python3 -m pytest -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -15
       timeout 60 python3 benchmarks/gpu_pipeline_parity.py --tiny --attention sage8 2>&1 | tail -4
       timeout "$(left)" python3 benchmarks/gpu_pipeline_parity.py --attention sage8 --compile default 2>&1 | tail -10 ;;
+  lifecycle)
+      timeout 120 python3 benchmarks/second_render.py --models demo --device cuda --compile default --renders 3 2>&1 | tail -8
+      timeout 330 python3 benchmarks/second_render.py --models random --device cuda --precision fp8 \
+          --attention "${ATTN:-sage8}" --compile default --renders 2 2>&1 | tail -8
+      mkdir -p "$OUT/sweep"
+      timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
+          bench run benchmarks/matrices/gpu-random.yaml --out "$OUT/sweep" --only "${ONLY:-33f-rtx4090}" 2>&1 | tail -12 ;;
   tune)
       timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
           tune --models random --budget "${TUNE_BUDGET:-8m}" --repeats 1 --out "$OUT/profile.yaml" --work "$OUT/tune" \
