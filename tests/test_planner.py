@@ -170,6 +170,8 @@ def test_spec_errors_name_flags_on_the_command_line() -> None:
     assert flagged(SpecError("shift_low", "shift_low 0 is invalid")) == "--shift 0 is invalid"
     assert flagged(SpecError("frames", "the frames must be 4k+1")) == "the frames must be 4k+1"  # no leading field
     assert flagged(WanrenderError("frames 6 is invalid")) == "frames 6 is invalid"  # untyped: left alone
+    advice = SpecError("attention", "attention 'sage8' cannot run here: needs a CUDA GPU — use attention auto")
+    assert flagged(advice) == "--attention 'sage8' cannot run here: needs a CUDA GPU — use --attention auto"
 
 
 def test_step_down_needs_less_memory_and_fits_what_is_free_now() -> None:

@@ -31,6 +31,9 @@ def flagged(err: BaseException) -> str:
     if isinstance(err, PlanRefused):
         return err.describe(flag)
     msg = str(err)
-    if isinstance(err, SpecError) and err.field in FLAGS and msg.startswith(err.field + " "):
-        return FLAGS[err.field] + msg[len(err.field) :]
+    if isinstance(err, SpecError) and err.field in FLAGS:
+        if msg.startswith(err.field + " "):
+            msg = FLAGS[err.field] + msg[len(err.field) :]
+        # the advice after the dash names the field too: "— use precision bf16"
+        msg = msg.replace(f"— use {err.field} ", f"— use {FLAGS[err.field]} ")
     return msg

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from wanrender.errors import WanrenderError
+from wanrender.spec import SpecError
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # Kernel options, frozen: (name, value) pairs sorted by name, values JSON scalars.
@@ -231,9 +232,13 @@ def generation(t: Target) -> str:
     return key if key in PRIORITY else "default"
 
 
+def _unknown(name: str) -> SpecError:
+    return SpecError("attention", f"attention {name!r} is unknown — choose auto or one of {', '.join(REGISTRY)}")
+
+
 def reasons(name: str, target: Target) -> list[str]:
     if name not in REGISTRY:
-        raise WanrenderError(f"unknown attention backend {name!r} — choose auto or one of {', '.join(REGISTRY)}")
+        raise _unknown(name)
     return REGISTRY[name].check(target)
 
 
@@ -243,7 +248,7 @@ def freeze_options(name: str, options: Mapping[str, Any] | None) -> Options:
     if not options:
         return ()
     if name not in REGISTRY:
-        raise WanrenderError(f"unknown attention backend {name!r} — choose auto or one of {', '.join(REGISTRY)}")
+        raise _unknown(name)
     known = REGISTRY[name].option_names()
     if not known:
         raise WanrenderError(f"attention backend {name!r} takes no kernel options (got {', '.join(sorted(options))})")
@@ -271,7 +276,7 @@ def select(name: str, target: Target, eight_bit: bool = False, options: Mapping[
     if name != "auto":
         why = reasons(name, target)
         if why:
-            raise WanrenderError(f"attention backend {name!r} cannot run here: {'; '.join(why)} — use --attention auto")
+            raise SpecError("attention", f"attention {name!r} cannot run here: {'; '.join(why)} — use attention auto")
         return _choose(REGISTRY[name], freeze_options(name, options))
     rejected: dict[str, list[str]] = {}
     gen = generation(target)
