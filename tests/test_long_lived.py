@@ -150,3 +150,26 @@ def test_cuda_memory_returns_to_baseline(demo, tmp_path: Path) -> None:
         assert torch.cuda.memory_allocated() == before, (
             f"render {i} left {torch.cuda.memory_allocated() - before} bytes"
         )
+
+
+def test_a_loaded_engine_does_not_count_against_its_own_plan(monkeypatch) -> None:
+    """On a GPU a runner with a loaded engine plans on free memory plus what its own
+    allocator holds: otherwise a second render on a 32 GB card would see the loaded
+    experts as taken and step down or refuse. (No GPU here: the probe and the
+    allocator's count are stand-ins for what a GPU reports.)"""
+    from dataclasses import replace
+
+    from wanrender.runner import Runner
+    from wanrender.runtime import gpus, planner
+
+    card = replace(gpus.named("rtx5090"), free_gib=2.0)  # 29 GiB of it held by this process
+    monkeypatch.setattr(gpus, "probe", lambda *a, **k: card)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, **k: 29 * 2**30)
+    seen = []
+    monkeypatch.setattr(planner, "plan_render", lambda req, files, dev, gpu=None, weights=None: seen.append(gpu))
+    runner = Runner("cuda")
+    runner._decide(None, None)
+    runner.engine = object()  # a loaded engine
+    runner._decide(None, None)
+    assert seen[0] is None  # nothing loaded: plan_render probes the device itself
+    assert seen[1].free_gib == pytest.approx(31.0)

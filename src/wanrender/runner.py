@@ -121,7 +121,20 @@ class Runner:
     def _decide(self, req: RenderRequest, files: ModelFiles | None):
         from wanrender.runtime.planner import plan_render
 
-        return plan_render(req, files, self.device, gpu=self.gpu, weights=self.weights)  # refuses here
+        gpu = self.gpu if self.gpu is not None or self.engine is None else self._live_gpu()
+        return plan_render(req, files, self.device, gpu=gpu, weights=self.weights)  # refuses here
+
+    def _live_gpu(self):
+        """This GPU as the next render finds it: what the device has free plus what this
+        process's allocator holds (the loaded engine, cached blocks), which the render
+        may reuse. Planning on free memory alone would count the loaded models against
+        themselves and push a second render on a small card to a leaner plan, or refuse it."""
+        from wanrender.runtime import gpus
+
+        if self.device.type != "cuda":
+            return None
+        live = gpus.probe(self.device)
+        return replace(live, free_gib=live.free_gib + torch.cuda.memory_reserved(self.device) / 2**30)
 
     # --- 3: load or reuse
     def ensure_engine(
@@ -192,7 +205,6 @@ class Runner:
         return result
 
     def _step_down(self, memory: MemoryRecord, progress: Progress | None):
-        from wanrender.runtime import gpus
         from wanrender.runtime.planner import step_down
 
         failed = memory.plan
@@ -200,7 +212,7 @@ class Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        lower = step_down(memory.decision, failed, gpus.probe(self.device) if self.device.type == "cuda" else None)
+        lower = step_down(memory.decision, failed, self._live_gpu())
         if lower is None:
             raise WanrenderError(
                 f"the GPU ran out of memory on plan '{failed.short()}' and no leaner plan fits the memory free now "
