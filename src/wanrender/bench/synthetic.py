@@ -23,12 +23,12 @@ _WORDS = "snow winter bear cub fur light soft gentle camera motion slow dolly ci
 
 def to_fp8_(model: nn.Module) -> nn.Module:
     """Store every ``Linear`` weight as e4m3 + a per-tensor scale (frees the bf16 copy)."""
-    from wanrender.models.common import Linear, quantize_fp8
+    from wanrender.models.common import Linear, quantize_fp8, set_tensor
 
     for mod in model.modules():
         if isinstance(mod, Linear) and mod.weight.element_size() > 1:
             q, s = quantize_fp8(mod.weight)
-            mod._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+            set_tensor(mod, "weight", q)
             mod.weight_scale = s
     return model
 

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from wanrender.models.common import Linear, quantize_fp8
+from wanrender.models.common import Linear, quantize_fp8, set_tensor
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max
@@ -107,7 +107,7 @@ def enable_fp8(model: nn.Module, include: Iterable[str] | None = None, exclude: 
             continue  # _scaled_mm needs multiples of 16
         if mod.weight.dtype != FP8:
             q, s = weight_rowwise(mod)
-            mod._parameters["weight"] = nn.Parameter(q, requires_grad=False)
+            set_tensor(mod, "weight", q)
             mod.weight_scale = s.reshape(-1, 1)
         mod.kernel = fp8_rowwise
         done.append(name)

@@ -16,6 +16,16 @@ def is_fp8(dtype: torch.dtype) -> bool:
     return dtype in FP8_DTYPES
 
 
+def set_tensor(mod: nn.Module, name: str, t: torch.Tensor) -> None:
+    """Give ``mod`` a new tensor ``name`` (parameter or buffer, as it is now): the one
+    way the loaders, the LoRA merge, fp8 conversion and weight streaming swap a tensor.
+    Never an in-place write: the old tensor may be a view of the user's file."""
+    if name in mod._parameters:
+        mod._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[name] = t
+
+
 class RuntimeAdapter(NamedTuple):
     """A LoRA term added at run time: ``y += scale * (x @ down.T) @ up.T``.
 

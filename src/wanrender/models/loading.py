@@ -19,7 +19,7 @@ from torch import nn
 
 from wanrender.errors import ModelFileError
 from wanrender.models import dit as ditmod
-from wanrender.models.common import Linear, is_fp8
+from wanrender.models.common import Linear, is_fp8, set_tensor
 from wanrender.models.formats import (
     QUANT_AUX_SUFFIXES,
     CheckpointInfo,
@@ -156,10 +156,7 @@ def assign_weights(
                 t = t * _normalise_scale(scale, t.shape[0]).to(device).to(fallback).reshape(-1, *[1] * (t.dim() - 1))
         else:
             t = t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
-        if attr in mod._parameters:
-            mod._parameters[attr] = nn.Parameter(t, requires_grad=False)
-        else:
-            mod._buffers[attr] = t
+        set_tensor(mod, attr, t)
     # Linear layers without a scale in the file keep weight_scale None (unscaled).
     leftover = sorted(set(scales) - set(expected))
     if leftover:
@@ -304,4 +301,4 @@ def _place(model: nn.Module, device: DeviceLike, dtype: torch.dtype | None) -> N
                 new = t.to(device)
                 if dtype is not None and new.is_floating_point() and not is_fp8(new.dtype):
                     new = new.to(dtype)
-                store[name] = nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+                set_tensor(mod, name, new)

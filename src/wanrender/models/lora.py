@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 from wanrender.errors import ModelFileError
-from wanrender.models.common import Linear, RuntimeAdapter, is_fp8, quantize_fp8
+from wanrender.models.common import Linear, RuntimeAdapter, is_fp8, quantize_fp8, set_tensor
 from wanrender.models.dit import _DIFFUSERS_BLOCK_RENAMES, _DIFFUSERS_TOP_RENAMES, official_key_from_diffusers
 from wanrender.models.safetensors_io import open_checkpoint
 
@@ -432,7 +432,7 @@ def _check_shape(source: str, p: Patch, target: str, param: torch.Tensor) -> Non
 
 def _set_param(mod: nn.Module, attr: str, value: torch.Tensor) -> None:
     # A new Parameter, never an in-place write: the old tensor may be a view of the user's file.
-    mod._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    set_tensor(mod, attr, value)
 
 
 def _merge(mod: nn.Module, attr: str, delta: torch.Tensor, target: str) -> None:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from wanrender.models.common import Linear
+from wanrender.models.common import Linear, set_tensor
 
 ALIGN = 256  # slot offsets: keeps every view aligned for vectorised kernels
 
@@ -45,10 +45,7 @@ def _tensors(module: nn.Module, recurse: bool = True) -> Iterator[tuple[nn.Modul
 
 
 def _set(mod: nn.Module, name: str, is_param: bool, t: torch.Tensor) -> None:
-    if is_param:
-        mod._parameters[name] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
-    else:
-        mod._buffers[name] = t
+    set_tensor(mod, name, t)
 
 
 def _adapters_to(module: nn.Module, device: torch.device) -> list[tuple[Linear, tuple]]:
