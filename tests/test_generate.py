@@ -172,3 +172,46 @@ def test_cli_interpolate_and_bench(tmp_path: Path) -> None:
     res = runner.invoke(app, ["bench", "interp", "--methods", "blend,repeat"])
     assert res.exit_code == 0, res.output
     assert "blend" in res.output and "PSNR" in res.output
+
+
+def test_a_failed_commit_puts_every_earlier_file_back(demo_files, engine, tmp_path: Path, monkeypatch) -> None:
+    """The rename step itself fails (disk error, Ctrl-C) after the video is in place:
+    the earlier video, sidecar and frames folder come back; nothing temporary stays."""
+    import os
+
+    from wanrender import outputs
+    from wanrender.request import with_fields
+
+    files, image = demo_files
+    req = with_fields(_req(image, tmp_path / "z.mp4"), save_frames=True)
+    first = engine.render(req, files)
+    before = {p.name: p.read_bytes() for p in (first.video, first.sidecar)}
+    frames_before = sorted(p.name for p in outputs.frames_folder(first.video).iterdir())
+    real = os.replace
+
+    def flaky(src, dst):
+        if str(src).endswith(".z.json.partial"):  # the new sidecar's rename fails; putting old files back works
+            raise OSError("disk error while renaming")
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk error"):
+        engine.render(with_fields(req, seed=5), files)
+    monkeypatch.setattr(outputs.os, "replace", real)
+    assert {p.name: p.read_bytes() for p in (first.video, first.sidecar)} == before
+    assert sorted(p.name for p in outputs.frames_folder(first.video).iterdir()) == frames_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["z.json", "z.mp4", "z_frames"]
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_rendering(demo_files, tmp_path: Path, monkeypatch) -> None:
+    from wanrender.engine import Engine
+    from wanrender.runner import Runner
+
+    files, image = demo_files
+    monkeypatch.setattr(Engine, "load", classmethod(lambda *a, **k: pytest.fail("loaded before refusing")))
+    (tmp_path / "w.json").mkdir()  # the sidecar's name is a folder
+    with pytest.raises(WanrenderError, match="w.json: is a folder"):
+        Runner("cpu").render(_req(image, tmp_path / "w.mp4"), files)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(WanrenderError, match="cannot create the output folder"):
+        Runner("cpu").render(_req(image, tmp_path / "file" / "x.mp4"), files)

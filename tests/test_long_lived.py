@@ -173,3 +173,27 @@ def test_a_loaded_engine_does_not_count_against_its_own_plan(monkeypatch) -> Non
     runner._decide(None, None)
     assert seen[0] is None  # nothing loaded: plan_render probes the device itself
     assert seen[1].free_gib == pytest.approx(31.0)
+
+
+def test_released_or_half_configured_engines_recover(demo, tmp_path: Path, monkeypatch) -> None:
+    """A released memory runtime is installed again for the next render of the same
+    config; a reconfiguration that fails halfway leaves the engine marked broken, and
+    the next configure reloads it fully (same result as before the failure)."""
+    from wanrender.models import loading
+    from wanrender.runner import Runner
+
+    files, image, _ = demo
+    runner = Runner("cpu")
+    swap = (5, 80, 64, 1, 1.0, "sdpa", "swap")
+    first = _digest(runner.render(_request(image, tmp_path / "a.mp4", swap), files))
+    runner.engine.release()  # what a step-down that found no leaner plan leaves behind
+    assert _digest(runner.render(_request(image, tmp_path / "b.mp4", swap), files)) == first
+    assert runner.engine.memory is not None
+
+    real = loading.load_dit
+    monkeypatch.setattr(loading, "load_dit", lambda *a, **k: (_ for _ in ()).throw(OSError("file vanished")))
+    other = (5, 80, 64, 1, 0.5, "sdpa", "resident")  # another layout: needs a reload, which fails
+    with pytest.raises(OSError, match="file vanished"):
+        runner.render(_request(image, tmp_path / "c.mp4", other), files)
+    monkeypatch.setattr(loading, "load_dit", real)
+    assert _digest(runner.render(_request(image, tmp_path / "d.mp4", swap), files)) == first

@@ -78,6 +78,9 @@ class Engine:
         self.memory = None  # runtime.offload.MemoryRuntime of config.memory
         self.loads = 0  # times the experts were read from their files, for tests and the sidecar
         self._undo: dict[str, object] = {}
+        # Where the models were placed when built in memory (a MemoryPlan; None: on the device).
+        self.placed_for = None
+        self._broken = False  # a configure failed halfway: only a full reload makes the models known again
         self._converted = False  # fp8 conversion replaced wider weights: bf16 needs a reload
 
     @property
@@ -116,9 +119,7 @@ class Engine:
             raise WanrenderError(
                 "this engine's models were built in memory: a change that needs a reload cannot be made"
             )
-        self.high = self.low = None  # the old experts' memory goes before the new ones arrive
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        self._drop_experts()
         from wanrender.runtime.offload import load_devices
 
         expert_dev, _, _ = load_devices(config.memory, dev)
@@ -134,6 +135,22 @@ class Engine:
         self.lora_report, self._undo, self._converted = {}, {}, False
         self._apply_loras(config)
         self.loads += 1
+
+    def _drop_experts(self) -> None:
+        """Free the experts before new ones arrive. Compiled blocks hold their weights in
+        reference cycles (the compiled call refers to its module), so the cycles are cut
+        and collected before the allocator's cache is emptied."""
+        import gc
+
+        from wanrender.runtime.plan import compile_blocks
+
+        for m in (self.high, self.low):
+            if m is not None:
+                compile_blocks(m, "off")
+        self.high = self.low = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _apply_loras(self, config: EngineConfig) -> None:
         from wanrender.models.lora import LoraUndo, apply_lora, parse_lora
@@ -159,37 +176,61 @@ class Engine:
     # --- configuring ------------------------------------------------------------------
     def configure(self, config: EngineConfig) -> dict[str, float]:
         """Bring the models to ``config`` from the recorded one; returns what it cost
-        (``load_models`` seconds when experts had to be read again)."""
+        (``load_models`` seconds when experts had to be read again). A failure halfway
+        leaves the engine marked broken: the next configure reloads everything."""
         from wanrender.runtime.offload import load_devices
 
         old = self.config
         if old is None:  # models as built (in memory, or loaded without a configuration)
+            if load_devices(self.placed_for, self.device) != load_devices(config.memory, self.device):
+                raise WanrenderError(
+                    f"the models were placed for memory plan '{_short(self.placed_for)}' but this render plans "
+                    f"'{_short(config.memory)}' — build them for that plan (or ask for memory "
+                    f"{self.placed_for.experts if self.placed_for else 'resident'})"
+                )
             self._apply(config, reloaded=True)
             return {}
-        if old == config:
+        if old == config and not self._broken:
+            if config.memory is not None and self.memory is None:  # released (a step-down that found no plan)
+                self._install_memory(config)
             return {}
-        t0 = time.perf_counter()
-        self._release_memory()
         was, now = load_devices(old.memory, self.device), load_devices(config.memory, self.device)
         loras_changed = (old.lora_high, old.lora_low) != (config.lora_high, config.lora_low)
-        merged = was[2] == "merge" and bool(old.lora_high or old.lora_low)
-        reload = was != now or (loras_changed and merged) or (self._converted and config.plan.precision != "fp8")
+        # A merged LoRA changed weight values; merging into weights already converted to
+        # fp8 would differ from a fresh load (which merges first, then converts).
+        merged = was[2] == "merge" and (bool(old.lora_high or old.lora_low) or self._converted)
+        reload = (
+            self._broken
+            or was != now
+            or (loras_changed and merged)
+            or (self._converted and config.plan.precision != "fp8")
+        )
+        if reload and self.files is None:
+            raise WanrenderError(
+                "this engine's models were built in memory: the change asked for needs a reload from files "
+                f"(memory {_short(old.memory)} -> {_short(config.memory)}, LoRA {old.lora_high:g}/{old.lora_low:g} -> "
+                f"{config.lora_high:g}/{config.lora_low:g}, precision {old.plan.precision} -> {config.plan.precision})"
+            )
+        t0 = time.perf_counter()
+        self._broken = True  # until the new state is complete
+        self._release_memory()
         if reload:
-            self._unapply()
-            if was[1] != now[1]:
-                self.text_encoder = loading.load_text_encoder(self.files.text_encoder, device=now[1],
-                                                              dtype=getattr(self, "_dtype", None))  # fmt: skip
+            if was[1] != now[1] or self.text_encoder is None:
+                self.text_encoder = None
+                self.text_encoder = loading.load_text_encoder(
+                    self.files.text_encoder, device=now[1], dtype=getattr(self, "_dtype", None)
+                )
             self._load_experts(config)
         elif loras_changed:
             self._remove_loras()
             self._apply_loras(config)
         self._apply(config, reloaded=reload)
+        self._broken = False
         return {Stage.LOAD_MODELS.value: time.perf_counter() - t0} if reload else {}
 
     def _apply(self, config: EngineConfig, reloaded: bool) -> None:
         """Attention, precision, compile and the memory runtime, as ``config`` says."""
         from wanrender.kernels import attention as attn
-        from wanrender.runtime.offload import MemoryRuntime
         from wanrender.runtime.plan import apply_precision, compile_blocks
 
         plan, old = config.plan, (None if reloaded else self.config)
@@ -204,16 +245,15 @@ class Engine:
             for m in experts:
                 if plan.compile != "off" or old is not None:
                     compile_blocks(m, plan.compile)
-        if config.memory is not None:
-            self.memory = MemoryRuntime(self.high, self.low, self.text_encoder, self.device, config.memory)
         self.config = config
+        self._install_memory(config)
         log.info("engine: %s; memory %s", plan, config.memory.short() if config.memory is not None else "as loaded")
 
-    def _unapply(self) -> None:
-        from wanrender.kernels.linear import disable_fp8
+    def _install_memory(self, config: EngineConfig) -> None:
+        from wanrender.runtime.offload import MemoryRuntime
 
-        for m in (self.high, self.low):
-            disable_fp8(m)
+        if config.memory is not None:
+            self.memory = MemoryRuntime(self.high, self.low, self.text_encoder, self.device, config.memory)
 
     def _release_memory(self) -> None:
         if self.memory is not None:
@@ -280,6 +320,10 @@ class Engine:
 
         if self.config is None:
             raise WanrenderError("the engine has no configuration yet — load it with Engine.load or call configure")
+        if self._broken:
+            raise WanrenderError("a reconfiguration of this engine failed halfway — configure it again (it reloads)")
+        if swap_experts and self.memory is not None and self.memory.plan.experts != "resident":
+            raise WanrenderError("swapping the experts' passes needs both experts resident — use memory resident")
         r, s = req.render, req.sampling
         timings: dict[str, float] = {}
         if self.device.type == "cuda":
@@ -333,3 +377,7 @@ class Engine:
         if self.device.type == "cuda":
             result.peak_vram_bytes = int(torch.cuda.max_memory_allocated(self.device))
         return result
+
+
+def _short(memory) -> str:
+    return memory.short() if memory is not None else "resident"

@@ -1,10 +1,11 @@
 """A render's outputs — the video (interpolated if asked), optional PNG frames, the JSON
 sidecar — written all or nothing.
 
-Each file is made under a temporary name first; only when all of them exist are they
-renamed onto their final names. An error or Ctrl-C before that leaves no new file and
-every file that was there before untouched; a frames folder that wanrender did not
-write is never replaced.
+Each file is made under a temporary name first. Only when all of them exist are they
+put in place: files already at those names are first moved aside, the new ones renamed
+in, and the old ones deleted last; a failure at any point puts the old ones back. So an
+error or Ctrl-C leaves either the complete new set or every earlier file untouched,
+and a frames folder that wanrender did not write is never replaced.
 """
 
 from __future__ import annotations
@@ -40,10 +41,19 @@ def check_out(req: RenderRequest) -> None:
         raise WanrenderError("the request has no output path — set output.out (the runner fills a default)")
     if out.suffix.lower() != ".mp4":
         raise WanrenderError(f"{out}: the video is written as MP4 — use a name ending in .mp4")
-    if out.is_dir():
-        raise WanrenderError(f"{out}: is a folder — give a file name ending in .mp4")
+    for p in (out, out.with_suffix(".json")):
+        if p.is_dir():
+            raise WanrenderError(f"{p}: is a folder — give another output name (the video and its .json sidecar)")
     if req.output.save_frames:
         check_frames_folder(out)
+    try:  # the folder is made now, so a name that cannot be written fails before the render
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WanrenderError(
+            f"{out.parent}: cannot create the output folder ({e.strerror}) — choose another output"
+        ) from None
+    if not os.access(out.parent, os.W_OK):
+        raise WanrenderError(f"{out.parent}: not writable — choose another output folder")
 
 
 def check_frames_folder(out: Path) -> None:
@@ -96,14 +106,13 @@ def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, 
 
     out = req.output.out
     assert out is not None
-    out.parent.mkdir(parents=True, exist_ok=True)
     final = {"video": out, "sidecar": out.with_suffix(".json")}
     if req.output.save_frames:
         final["frames"] = frames_folder(out)
     tmp = {k: p.with_name(f".{p.name}.partial") for k, p in final.items()}
     try:
         for p in tmp.values():
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(p)
         if progress:
             progress(Stage.VIDEO_ENCODE.value, None, None, "start")
         t0 = time.perf_counter()
@@ -116,12 +125,40 @@ def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, 
         write_sidecar(tmp["sidecar"], sidecar())
         if "frames" in final and final["frames"].exists():
             check_frames_folder(out)  # still ours: checked before rendering, checked again before replacing
-            shutil.rmtree(final["frames"])
-        for k in ("video", "frames", "sidecar"):
-            if k in tmp:
-                os.replace(tmp[k], final[k])
+        _commit(tmp, final)
     finally:
         for p in tmp.values():
-            if p.exists():
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(p)
     return final["video"], final["sidecar"]
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _commit(tmp: dict[str, Path], final: dict[str, Path]) -> None:
+    """Rename every ``tmp`` onto its ``final`` name as one step: earlier files there are
+    moved aside first and put back if any rename fails, deleted once all succeeded."""
+    aside = {k: p.with_name(f".{p.name}.previous") for k, p in final.items()}
+    moved: list[str] = []
+    placed: list[str] = []
+    try:
+        for k, p in final.items():
+            _remove(aside[k])
+            if p.exists() or p.is_symlink():
+                os.replace(p, aside[k])
+                moved.append(k)
+        for k in final:
+            os.replace(tmp[k], final[k])
+            placed.append(k)
+    except BaseException:
+        for k in placed:
+            _remove(final[k])
+        for k in moved:
+            os.replace(aside[k], final[k])
+        raise
+    for k in moved:
+        _remove(aside[k])

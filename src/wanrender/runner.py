@@ -82,19 +82,31 @@ def check_lora_needs(req: RenderRequest, files: ModelFiles | None) -> None:
             )
 
 
+_LOAD_OOM = (
+    "the GPU ran out of memory while loading the models — free GPU memory (another process may hold it) "
+    "or use --memory stream"
+)
+
+
 class Runner:
     """Renders requests on one device, keeping its engine between them.
 
     ``engine``: an engine built elsewhere (random weights, tests) to render with;
     ``gpu`` and ``weights``: what the planner assumes instead of probing the device and
-    reading file headers (an emulated card, models built in memory).
+    reading file headers (an emulated card, models built in memory). ``step_down``:
+    recover from an out-of-memory error on a leaner plan (the bench lab turns it off: a
+    case records the plan it was given, or its failure).
     """
 
     def __init__(self, device: str | torch.device | None = None, *, engine: Engine | None = None,
-                 gpu=None, weights=None) -> None:  # fmt: skip
+                 gpu=None, weights=None, step_down: bool = True) -> None:  # fmt: skip
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.engine = engine
         self.gpu, self.weights = gpu, weights
+        self.step_down = step_down
+        # Plans that ran out of memory here -> the plan stepped down to: later renders of
+        # a long-lived runner keep to the lower one instead of failing (and reloading) again.
+        self._fell_back: dict = {}
 
     # --- 1 and 2: check and plan, before anything is loaded
     def prepare(self, req: RenderRequest, files: ModelFiles | None) -> Prepared:
@@ -102,6 +114,7 @@ class Runner:
         from wanrender.outputs import check_out, default_out
         from wanrender.runtime.plan import make_plan
 
+        files = self._files(files)
         check_lora_needs(req, files)
         rgb = imagemod.load_image(req.render.image)
         if req.output.interpolate == "rife":
@@ -113,10 +126,16 @@ class Runner:
             req = replace(req, output=replace(req.output, out=default_out(req)))
         check_out(req)
         memory = MemoryRecord(self._decide(req, files))
+        if memory.plan in self._fell_back:
+            memory.after, memory.fallback = self._fell_back[memory.plan]
         k = req.knobs
         plan, _ = make_plan(self.device, k.precision, k.attention, k.compile)
         lora = (req.render.lora_strength_high, req.render.lora_strength_low)
         return Prepared(req, image, memory, EngineConfig(plan, memory.plan, *lora))
+
+    def _files(self, files: ModelFiles | None) -> ModelFiles | None:
+        """The request's files, or those of the engine in hand."""
+        return files if files is not None or self.engine is None else self.engine.files
 
     def _decide(self, req: RenderRequest, files: ModelFiles | None):
         from wanrender.runtime.planner import plan_render
@@ -142,7 +161,10 @@ class Runner:
     ) -> dict[str, float]:
         """Load the models for ``config``, or configure the loaded engine; returns seconds spent loading."""
         if self.engine is not None and (files is None or self.engine.files == files):
-            spent = self.engine.configure(config)
+            try:
+                spent = self.engine.configure(config)
+            except torch.cuda.OutOfMemoryError:
+                raise WanrenderError(_LOAD_OOM) from None
             if spent and progress:
                 progress(Stage.LOAD_MODELS.value, None, None, f"{spent[Stage.LOAD_MODELS.value]:.2f}s")
             return spent
@@ -154,10 +176,7 @@ class Runner:
         try:
             self.engine = Engine.load(files, self.device, config)
         except torch.cuda.OutOfMemoryError:
-            raise WanrenderError(
-                "the GPU ran out of memory while loading the models — free GPU memory (another process may hold it) "
-                "or use --memory stream"
-            ) from None
+            raise WanrenderError(_LOAD_OOM) from None
         if progress:
             progress(Stage.LOAD_MODELS.value, None, None, f"{self.engine.load_seconds:.2f}s")
         return {Stage.LOAD_MODELS.value: self.engine.load_seconds}
@@ -174,12 +193,17 @@ class Runner:
     # --- the whole path
     def render(self, req: RenderRequest, files: ModelFiles | None = None, progress: Progress | None = None,
                write: bool = True, swap_experts: bool = False) -> RenderResult:  # fmt: skip
+        files = self._files(files)
         prep = self.prepare(req, files)
         req = prep.req
         loading = self.ensure_engine(prep.config, files, progress)
         try:
             result = self.engine.render(req, prep.image, progress, swap_experts)
-        except torch.cuda.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError as e:
+            if not self.step_down:  # the allocator's error stays attached: the bench logs its words
+                raise WanrenderError(
+                    f"the GPU ran out of memory at {req.render.label()} on plan '{prep.memory.plan.short()}'"
+                ) from e
             if not hasattr(prep.memory.decision, "chosen"):  # not planned against a GPU's memory
                 raise WanrenderError(
                     f"the GPU ran out of memory at {req.render.label()} — try fewer frames, a smaller size or "
@@ -212,7 +236,7 @@ class Runner:
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        lower = step_down(memory.decision, failed, self._live_gpu())
+        lower = step_down(memory.decision, failed, self.gpu if self.gpu is not None else self._live_gpu())
         if lower is None:
             raise WanrenderError(
                 f"the GPU ran out of memory on plan '{failed.short()}' and no leaner plan fits the memory free now "
@@ -222,6 +246,7 @@ class Runner:
         log.warning(msg)
         memory.fallback = {"from": failed.to_json(), "to": lower.plan.to_json(), "message": msg}
         memory.after = lower
+        self._fell_back[failed] = (lower, memory.fallback)
         if progress:
             progress(Stage.MEMORY.value, None, None, msg)
         return lower

@@ -192,7 +192,8 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
                 "models: random builds two full-size 14B experts — it needs a CUDA GPU; use models: demo on a CPU"
             )
         weights = Weights.standard(lora=False)  # the planner counts the standard fp8_scaled set: what is built
-    runner = Runner(dev, gpu=spec, weights=weights)
+    # No step-down: a case records the plan it was given, and an OOM is its result.
+    runner = Runner(dev, gpu=spec, weights=weights, step_down=False)
     prep = runner.prepare(req, files)  # the plan and its prediction go into the result now, so a failure
     mem = prep.memory.plan  # while loading or rendering still reports what was attempted
     res["memory_plan"] = mem.describe()

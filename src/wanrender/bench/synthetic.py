@@ -101,4 +101,6 @@ def random_engine(device: str | torch.device = "cuda", memory=None, presets: tup
     init_random_(vae, seed=3)
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(Path(tmp))
-    return Engine(high, low, vae, te, tok, dev, None)  # in-memory: no files to hash or reload
+    engine = Engine(high, low, vae, te, tok, dev, None)  # in-memory: no files to hash or reload
+    engine.placed_for = memory
+    return engine
