@@ -77,6 +77,7 @@ class Engine:
         self.lora_report: dict[str, str] = {}
         self.memory = None  # runtime.offload.MemoryRuntime of config.memory
         self.loads = 0  # times the experts were read from their files, for tests and the sidecar
+        self.load_parts: dict[str, float] = {}  # seconds per model and LoRA of the last load (sidecar)
         self._undo: dict[str, object] = {}
         # Where the models were placed when built in memory (a MemoryPlan; None: on the device).
         self.placed_for = None
@@ -98,10 +99,16 @@ class Engine:
 
         dev = torch.device(device)
         _, te_dev, _ = load_devices(config.memory, dev)
-        vae = loading.load_vae(files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None))
-        te = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
-        tok = loading.load_tokenizer(files.tokenizer)
+        parts: dict[str, float] = {}
+        with _timed(parts, "vae", dev):
+            vae = loading.load_vae(
+                files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None)
+            )
+        with _timed(parts, "text_encoder", te_dev):
+            te = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
+            tok = loading.load_tokenizer(files.tokenizer)
         engine = cls(None, None, vae, te, tok, dev, files)
+        engine.load_parts = parts
         engine._dtype = dtype  # kept for reloads
         engine._load_experts(config)
         if te.config.dim != engine.high.cfg.text_dim:
@@ -125,8 +132,10 @@ class Engine:
         expert_dev, _, _ = load_devices(config.memory, dev)
         act = torch.bfloat16 if dev.type == "cuda" else torch.float32
         dtype = getattr(self, "_dtype", None)
-        high = loading.load_dit(files.high, device=expert_dev, dtype=dtype, compute_dtype=act)
-        low = loading.load_dit(files.low, device=expert_dev, dtype=dtype, compute_dtype=act)
+        with _timed(self.load_parts, "high", expert_dev):
+            high = loading.load_dit(files.high, device=expert_dev, dtype=dtype, compute_dtype=act)
+        with _timed(self.load_parts, "low", expert_dev):
+            low = loading.load_dit(files.low, device=expert_dev, dtype=dtype, compute_dtype=act)
         if high.cfg != low.cfg:
             raise WanrenderError(
                 f"{files.low}: the low-noise expert's architecture differs from the high-noise one — use a matching pair"
@@ -162,7 +171,8 @@ class Engine:
             if path is None or strength == 0.0:
                 continue
             undo = self._undo.setdefault(name, LoraUndo())
-            rep = apply_lora(model, parse_lora(path, model), strength, mode=mode, undo=undo)
+            with _timed(self.load_parts, f"lora_{name}", self.device):
+                rep = apply_lora(model, parse_lora(path, model), strength, mode=mode, undo=undo)
             self.lora_report[name] = rep.summary()
             log.info("LoRA %s (strength %g): %s", path.name, strength, rep.summary())
 
@@ -377,6 +387,15 @@ class Engine:
         if self.device.type == "cuda":
             result.peak_vram_bytes = int(torch.cuda.max_memory_allocated(self.device))
         return result
+
+
+@contextmanager
+def _timed(into: dict[str, float], name: str, device: torch.device) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    into[name] = time.perf_counter() - t0
 
 
 def _short(memory) -> str:

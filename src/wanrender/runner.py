@@ -107,6 +107,7 @@ class Runner:
         # Plans that ran out of memory here -> the plan stepped down to: later renders of
         # a long-lived runner keep to the lower one instead of failing (and reloading) again.
         self._fell_back: dict = {}
+        self._hashes = None  # media.sidecar.FileHashes of the files last rendered with
 
     # --- 1 and 2: check and plan, before anything is loaded
     def prepare(self, req: RenderRequest, files: ModelFiles | None) -> Prepared:
@@ -196,6 +197,8 @@ class Runner:
         files = self._files(files)
         prep = self.prepare(req, files)
         req = prep.req
+        if write:
+            self._hash_in_background(files)
         loading = self.ensure_engine(prep.config, files, progress)
         try:
             result = self.engine.render(req, prep.image, progress, swap_experts)
@@ -251,18 +254,40 @@ class Runner:
             progress(Stage.MEMORY.value, None, None, msg)
         return lower
 
+    def _hash_in_background(self, files: ModelFiles | None) -> None:
+        """Start the sidecar's checksums now, off the critical path (once per file set)."""
+        from wanrender.media.sidecar import FileHashes
+
+        wanted = files.as_dict() if files is not None else {}
+        if self._hashes is None or self._hashes.files != {k: v for k, v in wanted.items() if v is not None}:
+            self._hashes = FileHashes(wanted)
+
     # --- 6: outputs
     def _write(self, req: RenderRequest, result: RenderResult, memory: MemoryRecord, progress: Progress | None) -> None:
         from wanrender.outputs import interpolate, write_outputs
 
         frames = interpolate(req, result.frames, self.device, result.timings, result.meta, progress)
         result.video, result.sidecar = write_outputs(
-            req, frames, result.frames, result.timings, lambda: sidecar(req, self.engine, result, memory), progress
+            req,
+            frames,
+            result.frames,
+            result.timings,
+            lambda: sidecar(req, self.engine, result, memory, self._hashes),
+            progress,
         )
 
 
-def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: MemoryRecord | None = None) -> dict:
+def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: MemoryRecord | None = None,
+            hashes=None) -> dict:  # fmt: skip
+    """``hashes``: a media.sidecar.FileHashes already under way for the engine's files."""
     from wanrender.media.sidecar import describe_files, versions
+
+    if engine.files is None:
+        models = {}
+    elif hashes is not None and hashes.files == {k: v for k, v in engine.files.as_dict().items() if v is not None}:
+        models = hashes.describe()
+    else:
+        models = describe_files(engine.files.as_dict())
     from wanrender.pipeline.i2v import passes
     from wanrender.runtime.gpus import peak_rss_bytes
 
@@ -280,7 +305,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
             "lora": engine.lora_report,
             "runtime": runtime,
         },
-        "models": describe_files(engine.files.as_dict()) if engine.files is not None else {},
+        "models": models,
         "seed": req.render.seed,
         "noise": "torch.randn on the CPU, fp32, torch.Generator().manual_seed(seed), shape [1,16,T,H/8,W/8]",
         "frames": int(result.frames.shape[0]),
@@ -290,6 +315,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         "render_s": round(sum(v for k, v in result.timings.items() if k != Stage.SAMPLING.value), 3),
         "seconds_per_step": round(sum(s) / len(s), 4) if s else None,
         "load_models_s": round(result.meta.get("load", {}).get(Stage.LOAD_MODELS.value, 0.0), 3),
+        "load_parts_s": {k: round(v, 3) for k, v in engine.load_parts.items()},
         "peak_vram_bytes": result.peak_vram_bytes,
         "peak_host_rss_bytes": peak_rss_bytes(),
         "versions": versions(),

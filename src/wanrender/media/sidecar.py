@@ -2,35 +2,81 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import platform
 import sys
+import threading
 from pathlib import Path
 
 from wanrender.media.atomic import atomic_write_text
 from wanrender.paths import home, sha256_file
 
+_CACHE_LOCK = threading.Lock()  # one writer of the cache file per process
+
+
+def _fingerprint(path: Path, st: os.stat_result) -> str:
+    """(path, size, mtime, first MiB): a file rewritten in place within the mtime's
+    resolution, or copied with its mtime kept, still changes its key when its header does."""
+    with open(path, "rb") as fh:
+        head = hashlib.sha256(fh.read(1 << 20)).hexdigest()[:16]
+    return f"{path}|{st.st_size}|{st.st_mtime_ns}|{head}"
+
 
 def cached_sha256(path: Path, cache: Path | None = None) -> str:
-    """SHA-256 of a file, cached by (path, size, mtime): hashing 14 GB takes a while."""
+    """SHA-256 of a file, cached by its fingerprint: hashing 14 GB takes a while."""
     path = Path(path).resolve()
-    st = path.stat()
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    key = _fingerprint(path, path.stat())
     cache_file = (cache or home()) / "sha256.json"
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        known = {}
+    known = _read_cache(cache_file)
     if key in known:
         return known[key]
     digest = sha256_file(path)
-    known[key] = digest
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache_file, json.dumps(known, indent=1))
-    except OSError:
-        pass  # a read-only cache only costs time
+    with _CACHE_LOCK:
+        known = _read_cache(cache_file)  # another thread may have added entries meanwhile
+        known[key] = digest
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache_file, json.dumps(known, indent=1))
+        except OSError:
+            pass  # a read-only cache only costs time
     return digest
+
+
+def _read_cache(cache_file: Path) -> dict[str, str]:
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+class FileHashes:
+    """The sidecar's file checksums, computed on a background thread from the moment
+    the files are known: hashing 37 GB takes ~20 s of one core, which the load and the
+    render hide (hashlib and file reads release the GIL). ``describe()`` waits for it."""
+
+    def __init__(self, files: dict[str, Path | None], cache: Path | None = None) -> None:
+        self.files = {role: Path(p) for role, p in files.items() if p is not None}
+        self._cache = cache
+        self._result: dict[str, dict] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="wanrender-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._result = describe_files(self.files, self._cache)
+        except BaseException as e:  # reported by describe(), on the caller's thread
+            self._error = e
+
+    def describe(self) -> dict[str, dict]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return self._result
 
 
 def _weight_files(p: Path) -> list[Path]:
@@ -49,7 +95,7 @@ def _weight_files(p: Path) -> list[Path]:
     return [p]
 
 
-def describe_files(files: dict[str, Path | None]) -> dict[str, dict]:
+def describe_files(files: dict[str, Path | None], cache: Path | None = None) -> dict[str, dict]:
     out: dict[str, dict] = {}
     for role, p in files.items():
         if p is None:
@@ -57,7 +103,7 @@ def describe_files(files: dict[str, Path | None]) -> dict[str, dict]:
         paths = _weight_files(p)
         out[role] = {
             "path": str(p),
-            "files": [{"name": q.name, "bytes": q.stat().st_size, "sha256": cached_sha256(q)} for q in paths],
+            "files": [{"name": q.name, "bytes": q.stat().st_size, "sha256": cached_sha256(q, cache)} for q in paths],
         }
     return out
 

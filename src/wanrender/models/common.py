@@ -121,25 +121,52 @@ class FP32LayerNorm(nn.LayerNorm):
 
 
 def quantize_fp8(
-    w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, generator: torch.Generator | None = None
+    w: torch.Tensor, dtype: torch.dtype = torch.float8_e4m3fn, seed: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor absmax quantisation: returns (fp8 weight, fp32 0-d scale).
 
     ``w ~= q.float() * scale``; the scale maps the largest magnitude onto the
-    format's largest finite value (448 for e4m3fn). With a ``generator`` the
-    rounding is stochastic (unbiased): a small change such as a LoRA delta, below
-    half an fp8 step, survives on average instead of rounding back to the old value.
+    format's largest finite value (448 for e4m3fn). With a ``seed`` the rounding is
+    stochastic (unbiased): a small change such as a LoRA delta, below half an fp8
+    step, survives on average instead of rounding back to the old value. The random
+    numbers come from a counter hash of (seed, element index) computed where ``w``
+    lives, so a merge on the GPU gives the same bytes as one on the CPU.
     """
-    wf = w.float()
-    amax = wf.abs().max().clamp(min=1e-12)
+    amax = w.abs().amax().float().clamp(min=1e-12)
     scale = (amax / torch.finfo(dtype).max).to(torch.float32)
-    v = (wf / scale).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
-    q = v.to(dtype) if generator is None else _stochastic_round(v, dtype, generator)
-    return q, scale
+    if seed is None:
+        v = (w.float() / scale).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+        return v.to(dtype), scale
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    flat_w, flat_out = w.reshape(-1), out.view(-1)
+    # Chunks bound the int64 temporaries of the hash (~40 bytes an element).
+    step = 1 << 24
+    for lo in range(0, flat_w.numel(), step):
+        v = (flat_w[lo : lo + step].float() / scale).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
+        flat_out[lo : lo + step] = _stochastic_round(v, dtype, uniform_hash(seed, lo, v.numel(), v.device))
+    return out, scale
 
 
-def _stochastic_round(v: torch.Tensor, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """Round each value to one of its two fp8 neighbours with probability by distance."""
+_MASK32 = 0xFFFFFFFF
+
+
+def uniform_hash(seed: int, start: int, n: int, device: torch.device | str) -> torch.Tensor:
+    """n floats in [0, 1) for element indices start..start+n-1: a 32-bit integer hash
+    (two rounds of multiply-xorshift) of index and seed. Pure integer arithmetic on
+    int64 with masking, so every device computes the same values; a generator's
+    stream would differ between the CPU and each GPU kind."""
+    x = torch.arange(start, start + n, dtype=torch.int64, device=device)
+    x = (x ^ (seed * 0x9E3779B1)) & _MASK32
+    for mul in (0x7FEB352D, 0x846CA68B):
+        x = x ^ (x >> 16)
+        x = (x * mul) & _MASK32  # wraps mod 2^64 first: the low 32 bits stay exact
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _stochastic_round(v: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
+    """Round each value to one of its two fp8 neighbours with probability by distance
+    (``r``: uniform numbers in [0, 1), one per value)."""
     a = v.abs()
     near = a.to(dtype)
     bits = near.view(torch.uint8).to(torch.int16)
@@ -153,6 +180,5 @@ def _stochastic_round(v: torch.Tensor, dtype: torch.dtype, generator: torch.Gene
     hi = hi_bits.to(torch.uint8).view(dtype).float()
     gap = hi - lo
     p_hi = torch.where(gap > 0, (a - lo) / gap.clamp(min=1e-30), torch.zeros_like(a))
-    r = torch.rand(a.shape, generator=generator, device="cpu").to(a.device)
     mag = torch.where(r < p_hi, hi, lo)
     return (mag * torch.sign(v)).to(dtype)

@@ -443,8 +443,7 @@ def _merge(mod: nn.Module, attr: str, delta: torch.Tensor, target: str) -> None:
         # rounded stochastically as ComfyUI does when it patches fp8 weights: e4m3
         # has 3 mantissa bits, so round-to-nearest would drop most of a small delta.
         # Seeded by the tensor's name: the same LoRA merges to the same weights every run.
-        gen = torch.Generator().manual_seed(zlib.crc32(target.encode()))
-        q, s = quantize_fp8(mod.dequantized_weight(torch.float32) + delta, old.dtype, gen)
+        q, s = quantize_fp8(mod.dequantized_weight(torch.float32) + delta, old.dtype, seed=zlib.crc32(target.encode()))
         _set_param(mod, attr, q)
         mod.weight_scale = s.to(old.device)
     else:

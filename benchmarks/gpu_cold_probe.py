@@ -1,0 +1,189 @@
+"""Where a cold start's seconds go, part by part, on random full-size models.
+
+Parts (each prints one table row per measurement; run the compile part twice, in two
+processes sharing one cache folder, to see what a later process pays):
+  merge    a rank-64 LoRA merged into a full-size fp8 expert on the GPU
+  compile  one forward at 81x832x1216: eager, then the first and second compiled
+  vae      text encode, VAE encode of the condition video, VAE decode (variants), MP4 encode
+
+Usage: PYTHONPATH=src python benchmarks/gpu_cold_probe.py PART [--frames 81] [--size 832x1216]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+def timed(fn, sync=True):
+    if sync:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if sync:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def row(name: str, seconds: float, note: str = "") -> None:
+    print(f"| {name:<44} | {seconds:8.3f} s | {note}", flush=True)
+
+
+def lora_for(model, rank: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    from wanrender.models.common import Linear
+
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, Linear) and name.startswith("blocks."):
+            sd[f"diffusion_model.{name}.lora_down.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.02
+            sd[f"diffusion_model.{name}.lora_up.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.002
+            sd[f"diffusion_model.{name}.alpha"] = torch.tensor(float(rank))
+    return sd
+
+
+def part_merge(args) -> None:
+    from wanrender.bench.synthetic import random_dit
+    from wanrender.models.common import quantize_fp8
+    from wanrender.models.lora import apply_lora, parse_lora
+
+    dev = torch.device("cuda")
+    t, m = timed(lambda: random_dit(dev, seed=0))
+    row("random fp8 expert built on the GPU", t)
+    sd = lora_for(m)
+    t, lora = timed(lambda: parse_lora(sd, m), sync=False)
+    row("parse_lora (CPU)", t, f"{len(lora.patches)} targets")
+    t, rep = timed(lambda: apply_lora(m, lora, 1.0, mode="merge"))
+    row("merge rank-64 LoRA into the fp8 expert (GPU)", t, rep.summary()[:60])
+    w = torch.randn(5120, 13824, generator=torch.Generator().manual_seed(3))
+    t, (qc, sc) = timed(lambda: quantize_fp8(w, seed=7), sync=False)
+    row("stochastic fp8 quantise 70.8M on the CPU", t)
+    wg = w.cuda()
+    t, (qg, sg) = timed(lambda: quantize_fp8(wg, seed=7))
+    same = bool(torch.equal(qc.view(torch.uint8), qg.cpu().view(torch.uint8))) and float(sc) == float(sg)
+    row("the same on the GPU", t, f"bytes identical to the CPU's: {same}")
+
+
+def part_compile(args) -> None:
+    from wanrender.bench.synthetic import random_dit
+    from wanrender.kernels import attention as attn
+    from wanrender.runtime.plan import compile_blocks, compiled_scope
+
+    frames, (w, h) = args.frames, map(int, args.size.split("x"))
+    dev = torch.device("cuda")
+    m = random_dit(dev, seed=0)
+    m.attention = attn.select("sage8", attn.Target.of(dev, torch.bfloat16, 128), eight_bit=True).fn
+    from wanrender.kernels.linear import enable_fp8
+    from wanrender.spec import FP8_EXCLUDE
+
+    enable_fp8(m, exclude=FP8_EXCLUDE)
+    t_lat = (frames - 1) // 4 + 1
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(1, 16, t_lat, h // 8, w // 8, generator=g, device="cuda")
+    cond = torch.randn(1, 20, t_lat, h // 8, w // 8, generator=g, device="cuda")
+    ctx = torch.randn(1, 512, 4096, generator=g, device="cuda") * 0.1
+    ts = torch.tensor([900.0], device="cuda")
+
+    def fwd():
+        with torch.no_grad():
+            return m(x, ts, ctx, cond)
+
+    if not args.skip_eager:
+        timed(fwd)
+        t, _ = timed(fwd)
+        row("eager fp8 forward (sage8)", t)
+    compile_blocks(m, "default")
+    with compiled_scope():
+        t, _ = timed(fwd)
+        row(f"first compiled forward (cache {os.environ.get('TORCHINDUCTOR_CACHE_DIR', '?')[-24:]})", t)
+        t, _ = timed(fwd)
+        row("second compiled forward", t)
+
+
+def part_vae(args) -> None:
+    import numpy as np
+
+    from wanrender.bench.synthetic import tiny_tokenizer
+    from wanrender.media.video import write_video
+    from wanrender.models.random_init import init_random_
+    from wanrender.models.text_encoder import TextEncoderConfig, UMT5Encoder, encode_text
+    from wanrender.models.vae import VAEConfig, WanVAE
+    from wanrender.pipeline import i2v
+
+    frames, (w, h) = args.frames, map(int, args.size.split("x"))
+    dev = torch.device("cuda")
+    with torch.device("meta"):
+        te = UMT5Encoder(TextEncoderConfig.preset("umt5-xxl"))
+    te = te.to_empty(device=dev).to(torch.bfloat16)
+    init_random_(te, seed=2, std=0.05)
+    te.compute_dtype = torch.bfloat16
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tiny_tokenizer(Path(tmp))
+    with torch.no_grad():
+        encode_text(te, tok, ["warm"], text_len=512)
+        t, _ = timed(lambda: encode_text(te, tok, ["a slow dolly-in on an astronaut"], text_len=512))
+    row("text encode (umt5-xxl bf16)", t)
+    te = None  # free it before the VAE
+    vae = WanVAE(VAEConfig.preset("wan2.1")).to(dev, torch.bfloat16).eval()
+    init_random_(vae, seed=3)
+    image = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0))
+    t, cond = timed(lambda: i2v.image_condition(vae, image, frames))
+    row("VAE encode of the condition (1st, cold)", t)
+    t, cond = timed(lambda: i2v.image_condition(vae, image, frames))
+    row("VAE encode of the condition (2nd)", t)
+    lat = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8, generator=torch.Generator().manual_seed(4))
+    for label, bench in (("plain", False), ("cudnn.benchmark", True)):
+        torch.backends.cudnn.benchmark = bench
+        t1, _ = timed(lambda: i2v.decode(vae, lat))
+        t2, fr = timed(lambda: i2v.decode(vae, lat))
+        row(f"VAE decode {frames}f, {label}", t2, f"first call {t1:.2f} s")
+    try:
+        vae_cl = vae.to(memory_format=torch.channels_last_3d)
+        t1, _ = timed(lambda: i2v.decode(vae_cl, lat))
+        t2, _ = timed(lambda: i2v.decode(vae_cl, lat))
+        row("VAE decode, channels_last_3d weights + benchmark", t2, f"first {t1:.2f} s")
+    except Exception as e:  # noqa: BLE001
+        print("channels_last failed:", e)
+    torch.backends.cudnn.benchmark = False
+    # where the decode's time goes: the decoder itself vs the uint8 conversion and copy
+    p = next(vae.parameters())
+    t, video = timed(lambda: vae.decode(lat.to(p.device)))
+    row("vae.decode only (no uint8/host copy)", t)
+    t, _ = timed(
+        lambda: ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).cpu().numpy()
+    )
+    row("to uint8 + host copy", t)
+    fr = np.ascontiguousarray(fr)
+    out = Path(tempfile.mkdtemp()) / "probe.mp4"
+    for preset in ("medium", "fast", "veryfast"):
+        t0 = time.perf_counter()
+        write_video(fr, out, fps=16, crf=18, preset=preset)
+        row(
+            f"MP4 encode {fr.shape[0]}x{fr.shape[2]}x{fr.shape[1]} preset {preset}",
+            time.perf_counter() - t0,
+            f"{out.stat().st_size / 1e6:.1f} MB; cpus {os.cpu_count()}",
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("part", choices=("merge", "compile", "vae"))
+    ap.add_argument("--frames", type=int, default=81)
+    ap.add_argument("--size", default="832x1216")
+    ap.add_argument("--skip-eager", action="store_true")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    {"merge": part_merge, "compile": part_compile, "vae": part_vae}[args.part](args)
+    row(f"part {args.part} total", time.perf_counter() - t0)
+
+
+if __name__ == "__main__":
+    main()

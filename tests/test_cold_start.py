@@ -1,0 +1,76 @@
+"""Cold-start pieces of the user's path: the LoRA merge's device-independent random
+numbers, and the sidecar's checksums computed in the background and cached."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from wanrender.media.sidecar import FileHashes, cached_sha256, describe_files
+from wanrender.models.common import quantize_fp8, uniform_hash
+from wanrender.paths import sha256_file
+
+
+def test_uniform_hash_is_a_function_of_seed_and_index() -> None:
+    u = uniform_hash(7, 0, 1 << 16, "cpu")
+    assert torch.equal(u, uniform_hash(7, 0, 1 << 16, "cpu"))
+    # any window of indices gives the same numbers: chunked merges equal whole ones
+    assert torch.equal(uniform_hash(7, 1000, 50, "cpu"), u[1000:1050])
+    assert not torch.equal(u, uniform_hash(8, 0, 1 << 16, "cpu"))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    # uniform: each tenth of [0, 1) holds 10% +- 0.5% of 65536 draws (4 sigma is ~0.47%)
+    hist = torch.histc(u, bins=10, min=0.0, max=1.0) / u.numel()
+    assert torch.all((hist - 0.1).abs() < 0.005), hist
+    # neighbours are uncorrelated (|r| < 4 / sqrt(n) ~ 0.016)
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.016
+
+
+def test_seeded_quantisation_is_reproducible_and_unbiased() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 700, generator=g)
+    q1, s1 = quantize_fp8(w, seed=5)
+    q2, s2 = quantize_fp8(w, seed=5)
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8)) and float(s1) == float(s2)
+    q3, _ = quantize_fp8(w, seed=6)
+    assert not torch.equal(q1.view(torch.uint8), q3.view(torch.uint8))
+    # unbiased: the mean rounding error is far below one fp8 step's (scale * 2^-3 relative)
+    err = q1.float() * s1 - w
+    assert float(err.mean().abs()) < 1e-4 * float(w.abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU to compare with the CPU")
+def test_gpu_and_cpu_stochastic_quantisation_agree_bit_for_bit() -> None:
+    w = torch.randn(1024, 3000, generator=torch.Generator().manual_seed(1))
+    qc, sc = quantize_fp8(w, seed=9)
+    qg, sg = quantize_fp8(w.cuda(), seed=9)
+    assert torch.equal(qc.view(torch.uint8), qg.cpu().view(torch.uint8)) and float(sc) == float(sg.cpu())
+
+
+def test_background_hashes_equal_the_direct_ones_and_are_cached(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    a.write_bytes(os.urandom(3 << 20))
+    b.write_bytes(os.urandom(1000))
+    cache = tmp_path / "cache"
+    files = {"high": a, "low": b, "lora_high": None}
+    bg = FileHashes(files, cache)
+    got = bg.describe()
+    assert got == describe_files(files, cache)
+    assert got["high"]["files"][0]["sha256"] == sha256_file(a)
+    assert "lora_high" not in got
+    known = json.loads((cache / "sha256.json").read_text())
+    assert len(known) == 2 and any(k.startswith(str(a.resolve())) for k in known)
+
+
+def test_a_file_rewritten_in_place_with_its_mtime_kept_is_hashed_again(tmp_path: Path) -> None:
+    f = tmp_path / "x.safetensors"
+    f.write_bytes(b"A" * 4096)
+    st = f.stat()
+    first = cached_sha256(f, tmp_path)
+    f.write_bytes(b"B" + b"A" * 4095)  # same size; the header (first bytes) changed
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert cached_sha256(f, tmp_path) == sha256_file(f) != first
