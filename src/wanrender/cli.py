@@ -486,6 +486,35 @@ def models_fetch(
         _fail(e)
 
 
+@models_app.command("random")
+def models_random(
+    folder: Path = typer.Option(..., "--dir", help="Where to write the files (created if needed)."),
+    size: str = typer.Option("full", "--size", help="full (the real sizes, ~37 GB) or tiny (seconds, for tests)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the values (the two experts and two LoRAs differ)."),
+    device: str = typer.Option(
+        "auto",
+        "--device",
+        help="auto (cuda if present), cpu or cuda: where values are generated. A file's bytes depend on the seed "
+        "and on the device kind (CUDA's random stream differs from the CPU's); both are recorded in the file.",
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace files under the standard names that differ (never done otherwise)."
+    ),
+) -> None:
+    """Write RANDOM-weight stand-ins for the standard file set: the names and formats of
+    'models fetch' (fp8_scaled experts and UMT5, rank-64 4-step LoRAs, bf16 VAE, tokenizer),
+    so 'generate --models DIR' runs and times the user's whole path without the real weights.
+
+    Streamed tensor by tensor; identical files already there are skipped, different ones
+    (e.g. real weights) are refused unless --overwrite. The video made from them is noise."""
+    from wanrender.cli_random import random_command
+
+    try:
+        random_command(folder, size, seed, device, overwrite, console)
+    except WanrenderError as e:
+        _fail(e)
+
+
 def main() -> None:  # pragma: no cover - console entry
     try:
         app()
