@@ -92,18 +92,19 @@ class Prepared:
 
 
 @functools.cache
-def _hadamard_cpu(d: int) -> torch.Tensor:
+def _hadamard(d: int, device: str) -> torch.Tensor:
     h = torch.ones(1, 1)
     while h.shape[0] < d:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(d)
+    return (h / math.sqrt(d)).to(device)
 
 
 def hadamard(d: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The orthonormal Sylvester-Hadamard matrix of order ``d`` (a power of two), fp32."""
+    """The orthonormal Sylvester-Hadamard matrix of order ``d`` (a power of two), fp32,
+    made once per device (no host-to-device copy per attention call)."""
     if d & (d - 1):
         raise ValueError(f"head dim {d} is not a power of two")
-    return _hadamard_cpu(d).to(device)
+    return _hadamard(d, str(torch.device(device)))
 
 
 def _codes(x: torch.Tensor, descale: torch.Tensor, on: bool) -> torch.Tensor:
