@@ -148,7 +148,9 @@ def generate(
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
     precision: str = typer.Option("auto", "--precision", help="auto, fp8 (compute capability >= 8.9) or bf16."),
     attention: str = typer.Option(
-        "auto", "--attention", help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8."
+        "auto",
+        "--attention",
+        help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8, cudnn-fp8.",
     ),
     compile: str = typer.Option(
         "off", "--compile", help="off, default or max-autotune (regional: the repeated block)."

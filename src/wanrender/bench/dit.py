@@ -124,7 +124,7 @@ def attention_rows(n: int, shape: str, repeats: int, sage8_options: dict | None 
         ref = attn.reference_attention(q[:, idx].float(), k.float(), v.float())
     rows, base = [], None
     target = attn.Target.of("cuda", torch.bfloat16, 128)
-    for name in ("sdpa-cudnn", "sdpa-flash", "sdpa", "flash-attn", "sage", "sage8"):
+    for name in ("sdpa-cudnn", "sdpa-flash", "sdpa", "flash-attn", "sage", "sage8", "cudnn-fp8"):
         why = attn.reasons(name, target)
         if why:
             rows.append({"shape": shape, "backend": name, "skipped": "; ".join(why)})

@@ -7,6 +7,9 @@ list measured per GPU generation (``PRIORITY``) and reports the winner and the
 rejected candidates with their reasons; an explicit choice that cannot run raises
 with its reasons.
 
+``cudnn-fp8`` (``attention_cudnn``) is cuDNN's fp8 kernel from NVIDIA's PyPI
+frontend; its plain-PyTorch twin is ``cudnn_fp8_math.cudnn_fp8_reference``.
+
 Kernel options (today only ``sage8`` takes any: tiling, formats) travel with the
 choice: ``select(..., options=...)`` builds the backend's function bound to them and
 records them, frozen, in ``Choice.options`` (for a sidecar or a plan). Nothing at
@@ -183,6 +186,24 @@ def _sage8_option_names() -> frozenset[str]:
     return kernel_options()
 
 
+def _cudnn_fp8() -> AttentionFn:
+    from wanrender.kernels.attention_cudnn import custom_op
+
+    op, exact = custom_op(), _sdpa(None)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Self-attention only, as for sage8: cross-attention stays on exact SDPA.
+        return op(q, k, v) if q.shape == k.shape == v.shape else exact(q, k, v)
+
+    return run
+
+
+def _cudnn_fp8_check(t: Target) -> list[str]:
+    from wanrender.kernels.attention_cudnn import can_run
+
+    return can_run(t.device, t.capability, t.dtype, t.head_dim)
+
+
 def _sage8_check(t: Target) -> list[str]:
     try:
         from wanrender.kernels.attention_sage8 import can_run
@@ -206,6 +227,8 @@ REGISTRY: dict[str, Backend] = {
                 lambda t: _needs_cuda(t) + _half(t) + _package("sageattention", "sageattention")),
         Backend("sage8", "wanrender's 8-bit Triton kernel (SageAttention recipe)", _sage8, _sage8_check,
                 _sage8_option_names),
+        Backend("cudnn-fp8", "cuDNN's fp8 attention via nvidia-cudnn-frontend (K/V smoothed, Q/K rotated)",
+                _cudnn_fp8, _cudnn_fp8_check),
     )
 }  # fmt: skip
 
@@ -214,7 +237,9 @@ REGISTRY: dict[str, Backend] = {
 # (precision fp8, which auto picks with --compile on): on an H200 the whole forward
 # with sage8 ran 10.10 s against the peer's 12.81 s in one run (fp8 + cuDNN: 12.45
 # s against 12.80), output cosine 0.9953 to the peer, turbo latents 0.99977 to the
-# bf16 path. sm89 (RTX 4090) is unmeasured: exact attention there.
+# bf16 path. sm89 (RTX 4090) is unmeasured: exact attention there. "cudnn-fp8" is in
+# no list yet: it joins "sm90-8bit" (ahead of sage8 only if faster) once a whole DiT
+# forward with it has been measured on an H200 (benchmarks/gpu_cudnn_attention.py).
 PRIORITY: dict[str, tuple[str, ...]] = {
     "sm90-8bit": ("sage8", "sdpa-cudnn", "sdpa-flash", "sdpa"),
     "sm90": ("sdpa-cudnn", "sdpa-flash", "sdpa"),
