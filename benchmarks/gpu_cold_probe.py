@@ -173,15 +173,77 @@ def part_vae(args) -> None:
         )
 
 
+def part_load(args) -> None:
+    """Engine.load on the files of ``--models`` under cProfile: where the seconds go."""
+    import cProfile
+    import pstats
+
+    from wanrender.engine import Engine, EngineConfig
+    from wanrender.models.inventory import resolve_files
+    from wanrender.runtime.plan import make_plan
+
+    files = resolve_files(Path(args.models))
+    plan, _ = make_plan("cuda", "fp8", "sage8", "off")
+    torch.zeros(1, device="cuda")
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    engine = Engine.load(files, "cuda", EngineConfig(plan, None, 1.0, 1.0))
+    prof.disable()
+    row(
+        "Engine.load, LoRAs at 1.0",
+        time.perf_counter() - t0,
+        str({k: round(v, 2) for k, v in engine.load_parts.items()}),
+    )
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(28)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
+def part_vae2(args) -> None:
+    """VAE decode with every conv in channels-last (NDHWC / NHWC) memory."""
+    from wanrender.models.random_init import init_random_
+    from wanrender.models.vae import VAEConfig, WanVAE
+    from wanrender.pipeline import i2v
+
+    frames, (w, h) = args.frames, map(int, args.size.split("x"))
+    vae = WanVAE(VAEConfig.preset("wan2.1")).to("cuda", torch.bfloat16).eval()
+    init_random_(vae, seed=3)
+    lat = torch.randn(1, 16, (frames - 1) // 4 + 1, h // 8, w // 8, generator=torch.Generator().manual_seed(4))
+    t1, ref = timed(lambda: i2v.decode(vae, lat))
+    t2, ref = timed(lambda: i2v.decode(vae, lat))
+    row("VAE decode, as is", t2, f"first {t1:.2f} s")
+    for mod in vae.modules():
+        if isinstance(mod, torch.nn.Conv3d):
+            mod.weight.data = mod.weight.data.to(memory_format=torch.channels_last_3d)
+        elif isinstance(mod, torch.nn.Conv2d):
+            mod.weight.data = mod.weight.data.to(memory_format=torch.channels_last)
+    for bench in (False, True):
+        torch.backends.cudnn.benchmark = bench
+        t1, _ = timed(lambda: i2v.decode(vae, lat))
+        t2, out = timed(lambda: i2v.decode(vae, lat))
+        diff = (out.astype("int16") - ref.astype("int16")).__abs__().max()
+        row(f"VAE decode, channels-last weights, benchmark={bench}", t2, f"first {t1:.2f} s; max |diff| {diff}")
+    torch.backends.cudnn.benchmark = False
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        i2v.decode(vae, lat)
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=("merge", "compile", "vae"))
+    ap.add_argument("part", choices=("merge", "compile", "vae", "load", "vae2"))
+    ap.add_argument("--models", default="/tmp/wr-models")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--size", default="832x1216")
     ap.add_argument("--skip-eager", action="store_true")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    {"merge": part_merge, "compile": part_compile, "vae": part_vae}[args.part](args)
+    {"merge": part_merge, "compile": part_compile, "vae": part_vae, "load": part_load, "vae2": part_vae2}[args.part](
+        args
+    )
     row(f"part {args.part} total", time.perf_counter() - t0)
 
 

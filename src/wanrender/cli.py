@@ -109,7 +109,7 @@ def _run_render(req, files, device) -> None:
 
     bar, on_event = _progress_printer()
     with bar:
-        result = Runner(device).render(req, files, progress=on_event)
+        result = Runner(device, one_shot=True).render(req, files, progress=on_event)
     _summary(result, req)
 
 

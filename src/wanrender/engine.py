@@ -95,22 +95,31 @@ class Engine:
         """Load every model onto ``device`` and apply ``config``. ``dtype`` casts non-fp8
         weights (None keeps the file's); activations run in bf16 on CUDA, fp32 on the CPU."""
         t0 = time.perf_counter()
+        from concurrent.futures import ThreadPoolExecutor
+
         from wanrender.runtime.offload import load_devices
 
         dev = torch.device(device)
         _, te_dev, _ = load_devices(config.memory, dev)
-        parts: dict[str, float] = {}
-        with _timed(parts, "vae", dev):
-            vae = loading.load_vae(
-                files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None)
-            )
-        with _timed(parts, "text_encoder", te_dev):
-            te = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
-            tok = loading.load_tokenizer(files.tokenizer)
-        engine = cls(None, None, vae, te, tok, dev, files)
-        engine.load_parts = parts
+        engine = cls(None, None, None, None, None, dev, files)
         engine._dtype = dtype  # kept for reloads
-        engine._load_experts(config)
+        # The experts (28 GB of copies and the LoRA merges) load on a second thread while
+        # this one loads the VAE and the text encoder, whose first use also imports most
+        # of torch's compile stack: measured on an H200, the two took 10.9 s and 6.4 s.
+        with ThreadPoolExecutor(1, thread_name_prefix="wanrender-experts") as pool:
+            experts = pool.submit(engine._load_experts, config)
+            try:
+                with _timed(engine.load_parts, "vae", dev):
+                    engine.vae = loading.load_vae(
+                        files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None)
+                    )
+                with _timed(engine.load_parts, "text_encoder", te_dev):
+                    engine.text_encoder = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
+                    engine.tokenizer = loading.load_tokenizer(files.tokenizer)
+            finally:
+                experts.exception()  # never leave the other thread copying onto the GPU
+            experts.result()
+        te = engine.text_encoder
         if te.config.dim != engine.high.cfg.text_dim:
             raise WanrenderError(
                 f"{files.text_encoder}: text encoder width {te.config.dim} does not fit the DiT ({engine.high.cfg.text_dim}) — use umt5-xxl"

@@ -99,11 +99,14 @@ class Runner:
     """
 
     def __init__(self, device: str | torch.device | None = None, *, engine: Engine | None = None,
-                 gpu=None, weights=None, step_down: bool = True) -> None:  # fmt: skip
+                 gpu=None, weights=None, step_down: bool = True, one_shot: bool = False) -> None:  # fmt: skip
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.engine = engine
         self.gpu, self.weights = gpu, weights
         self.step_down = step_down
+        # One video and exit (the CLI's generate): a compile chosen by a profile is
+        # weighed against what it costs this one job (runtime.plan.compile_pays).
+        self.one_shot = one_shot
         # Plans that ran out of memory here -> the plan stepped down to: later renders of
         # a long-lived runner keep to the lower one instead of failing (and reloading) again.
         self._fell_back: dict = {}
@@ -131,8 +134,28 @@ class Runner:
             memory.after, memory.fallback = self._fell_back[memory.plan]
         k = req.knobs
         plan, _ = make_plan(self.device, k.precision, k.attention, k.compile)
+        plan = self._compile_for_job(req, plan)
         lora = (req.render.lora_strength_high, req.render.lora_strength_low)
         return Prepared(req, image, memory, EngineConfig(plan, memory.plan, *lora))
+
+    def _compile_for_job(self, req: RenderRequest, plan):
+        """A one-video process drops a compile its GPU profile chose when the compile
+        would cost more than it saves in this job (the user's --compile is kept)."""
+        from wanrender.runtime.plan import compile_key, compile_pays, compiled_before
+
+        applied = (req.extra.get("profile") or {}).get("applied") or {}
+        if not self.one_shot or plan.compile == "off" or "compile" not in applied:
+            return plan
+        forwards = req.sampling.steps * (1 if req.sampling.cfg == 1.0 else 2)
+        cached = compiled_before(compile_key(self.device, req.render.tokens, plan))
+        if compile_pays(forwards, cached):
+            return plan
+        note = (
+            f"compile off: the first compile of {req.render.label()} in this cache costs more than it saves "
+            f"on {forwards} forwards (pass --compile default to compile anyway and keep it cached)"
+        )
+        log.info(note)
+        return replace(plan, compile="off", notes=(*plan.notes, note))
 
     def _files(self, files: ModelFiles | None) -> ModelFiles | None:
         """The request's files, or those of the engine in hand."""
@@ -227,6 +250,10 @@ class Runner:
                 ) from None
         result.meta["load"] = loading
         result.meta["memory_record"] = prep.memory
+        if self.engine.plan.compile != "off":
+            from wanrender.runtime.plan import compile_key, remember_compiled
+
+            remember_compiled(compile_key(self.device, req.render.tokens, self.engine.plan))
         if write:
             self._write(req, result, prep.memory, progress)
         return result

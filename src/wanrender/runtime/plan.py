@@ -8,10 +8,13 @@ settings so a compiled block serves both without recompiling.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -68,6 +71,64 @@ def compile_cache_dir() -> str:
     from wanrender.paths import home
 
     return str(home() / "inductor-cache")
+
+
+# What compiling costs and saves, measured on an H200 at 81x832x1216 (fp8, sage8;
+# docs/benchmarks.md, 2026-12-02): the first compile of a shape 15-24 s, a later
+# process that finds Inductor's cache 3.5-5.4 s; each compiled forward 1.9 s faster
+# than eager (10.0 against 11.9 s). A 4-step video has 4 forwards: with an empty cache
+# a one-video process is faster eager, with a warm one compiled.
+COMPILE_COLD_S, COMPILE_WARM_S, COMPILE_SAVES_PER_FORWARD = 20.0, 4.5, 1.9
+
+
+def compile_key(device: str | torch.device, tokens: int, plan: RenderPlan) -> str:
+    """What makes a compiled block reusable from the cache: torch, the GPU, the shape
+    and the knobs the block's graph depends on."""
+    dev = torch.device(device)
+    cap = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
+    return (
+        f"torch {torch.__version__}|{dev.type} {cap}|tokens {tokens}|{plan.precision}|{plan.attention}|{plan.compile}"
+    )
+
+
+def _index_path() -> Path:
+    import os
+
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compile_cache_dir()) / "wanrender-compiled.json"
+
+
+def compiled_before(key: str) -> bool:
+    """Has a render in this cache folder compiled this key (so Inductor's cache is warm)?"""
+    try:
+        return key in json.loads(_index_path().read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def remember_compiled(key: str) -> None:
+    """Record a key whose compile finished; a cache that cannot be written only costs time."""
+    from wanrender.media.atomic import atomic_write_text
+
+    path = _index_path()
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return
+    known[key] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(known, indent=1))
+    except OSError:
+        pass
+
+
+def compile_pays(forwards: int, cached: bool) -> bool:
+    """Whole-job cost: does compiling save more than it costs for ``forwards`` DiT forwards?"""
+    return forwards * COMPILE_SAVES_PER_FORWARD > (COMPILE_WARM_S if cached else COMPILE_COLD_S)
 
 
 def apply_precision(experts: list[nn.Module], precision: str) -> bool:

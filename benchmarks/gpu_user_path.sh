@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The user's path, timed from the command: full-size random files in the users'
+# formats (`models random --size full`), then `generate` twice in fresh processes:
+# the first after "installation" (empty wanrender home: no compile cache, no checksum
+# cache), the second a later process. Files stay in the page cache between runs.
+# Run from the repository root on a GPU machine with PYTHONPATH=src; results in $OUT.
+#   bash benchmarks/gpu_user_path.sh [EXTRA GENERATE FLAGS...]
+set -uo pipefail
+OUT=${OUT:-bench_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+M=${MODELS:-/tmp/wr-models}
+export WANRENDER_HOME=${WANRENDER_HOME:-/tmp/wr-home}
+IMG=$OUT/input.png
+wr() { python3 -m wanrender.cli "$@"; }
+now() { date +%s.%N; }
+python3 -c "import skimage.data, PIL.Image; PIL.Image.fromarray(skimage.data.astronaut()).save('$IMG')"
+t0=$(now)
+timeout 300 python3 -m wanrender.cli models random --dir "$M" --size full 2>&1 | tail -12
+echo "models random --size full: $(python3 -c "print(f'{$(now) - $t0:.1f}')") s"
+for run in 1 2; do
+    t0=$(now)
+    timeout 250 python3 -m wanrender.cli generate "$IMG" --prompt "an astronaut waves at the camera, slow dolly-in" \
+        --models "$M" --frames 81 --size 832x1216 --seed 42 -o "/tmp/wr-out/run$run.mp4" "$@" 2>&1 | grep -v "Warning\|warn(" | tail -22
+    echo "process $run, command to MP4: $(python3 -c "print(f'{$(now) - $t0:.1f}')") s"
+    cp "/tmp/wr-out/run$run.json" "$OUT/" 2>/dev/null; python3 - "$OUT/run$run.json" <<'PY'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except Exception as e:
+    print("no sidecar:", e); raise SystemExit
+print("  load_models_s", d.get("load_models_s"), "parts", d.get("load_parts_s"))
+print("  timings", {k: round(v, 2) for k, v in d["timings_s"].items()})
+print("  plan", d["plan"]["runtime"] and {k: d["plan"]["runtime"].get(k) for k in ("precision", "attention", "compile")})
+PY
+done
