@@ -50,8 +50,8 @@ def bench_run(
 ) -> None:
     """Run every case of MATRIX in its own process (timeout, telemetry); append rows to OUT/results.jsonl.
 
-    Relative paths (MATRIX, --out) are taken from the current folder. An oom, a timeout or an error is
-    a case's result: the sweep records it and goes on. Exit status: 0 when the sweep ran; 1 when a case
+    MATRIX and --out are relative to the current folder (paths inside MATRIX to its own folder). An oom,
+    a timeout or an error is a case's result: the sweep records it and goes on. Exit status: 0 when the sweep ran; 1 when a case
     crashed (its process died without a result: a segfault, a kill, or the harness could not start it)
     or when no case that ran finished ok — failures a case's inject test hook asks for count as
     results; 2 for bad input; 130 when interrupted (finished cases are kept: continue with --resume).
