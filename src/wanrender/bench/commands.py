@@ -41,12 +41,21 @@ def bench_run(
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="With --resume: run again cases whose last row is not ok."
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: bench-results/MATRIX_NAME)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Results folder, relative to the current one (default: bench-results/MATRIX_NAME)."
+    ),
     only: Optional[str] = typer.Option(
         None, "--only", help="Run only the cases whose label matches, e.g. '81f-*,sage8-*'."
     ),
 ) -> None:
-    """Run every case of MATRIX in its own process (timeout, telemetry); append rows to OUT/results.jsonl."""
+    """Run every case of MATRIX in its own process (timeout, telemetry); append rows to OUT/results.jsonl.
+
+    MATRIX and --out are relative to the current folder (paths inside MATRIX to its own folder). An oom,
+    a timeout or an error is a case's result: the sweep records it and goes on. Exit status: 0 when the sweep ran; 1 when a case
+    crashed (its process died without a result: a segfault, a kill, or the harness could not start it)
+    or when no case that ran finished ok — failures a case's inject test hook asks for count as
+    results; 2 for bad input; 130 when interrupted (finished cases are kept: continue with --resume).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from wanrender.bench import matrix as mx
@@ -90,12 +99,18 @@ def bench_run(
     counts = ", ".join(f"{n} {s}" for s, n in sorted(result.counts().items())) or "nothing run"
     skipped = f", {len(result.skipped)} skipped (already done)" if result.skipped else ""
     Console().print(f"{counts}{skipped}\nresults: {result.results}", highlight=False)
+    why = result.failure()
+    if why:
+        console.print(f"[bold red]error:[/] {why}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 def bench_compare(
-    new: Path = typer.Argument(..., help="New results (JSONL)."),
-    base: Path = typer.Argument(..., help="Baseline results (JSONL)."),
-    max_slowdown: str = typer.Option("5%", "--max-slowdown", help="Largest accepted p50 slowdown per case."),
+    new: Path = typer.Argument(..., help="New results: OUT/results.jsonl of 'bench run', or its OUT folder."),
+    base: Path = typer.Argument(..., help="Baseline results: a results file or a 'bench run' folder."),
+    max_slowdown: str = typer.Option(
+        "5%", "--max-slowdown", help="Largest accepted p50 slowdown per case (0% or more, e.g. 5% or 0.05)."
+    ),
     limit: Optional[list[str]] = typer.Option(
         None,
         "--limit",
@@ -104,8 +119,17 @@ def bench_compare(
     metric: str = typer.Option(
         "total", "--metric", help="Metrics held to --max-slowdown: total, pass, pass1, s_per_step, a stage..."
     ),
+    allow_missing: bool = typer.Option(
+        False, "--allow-missing", help="Pass although cases of BASE are missing from NEW (a partial run)."
+    ),
 ) -> None:
-    """Per case: p50 ratio NEW/BASE and absolute limits; exits 1 when anything regresses."""
+    """Per case: p50 ratio NEW/BASE and absolute limits, cases matched by configuration.
+
+    Exit status: 0 when every case of BASE was compared and none regressed; 1 when a case regressed
+    (slower than --max-slowdown, over a --limit, or ok in BASE and not in NEW), when nothing was compared,
+    or when cases of BASE are missing from NEW (unless --allow-missing); 2 for bad input (an invalid
+    option, or a file that is missing, unreadable or not the results of 'bench run').
+    """
     from rich.table import Table
 
     from wanrender.bench.compare import compare_files
@@ -115,6 +139,7 @@ def bench_compare(
     except WanrenderError as e:
         _fail(e)
         return
+    gate = cmp.gate_failure(allow_missing)
     table = Table(title=f"{new} vs {base}", title_justify="left")
     for col in ("case", "status", "base p50 s", "new p50 s", "ratio", "verdict"):
         table.add_column(col)
@@ -131,16 +156,22 @@ def bench_compare(
             out.print(f"[red]REGRESSION[/] {v.label}: {p}", highlight=False)
     for note in cmp.notes:
         out.print(f"note: {note}", highlight=False)
-    out.print(("[bold red]" if cmp.regressions else "[bold green]") + cmp.summary() + "[/]", highlight=False)
-    if cmp.regressions:
+    bad = bool(cmp.regressions or gate)
+    out.print(("[bold red]" if bad else "[bold green]") + cmp.summary() + "[/]", highlight=False)
+    if gate:
+        console.print(f"[bold red]error:[/] {gate}", highlight=False, soft_wrap=True)
+    if bad:
         raise typer.Exit(1)
 
 
 def bench_report(
-    results: Path = typer.Argument(..., help="Results (JSONL) from 'bench run'."),
-    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Output HTML file."),
+    results: Path = typer.Argument(..., help="Results from 'bench run': OUT/results.jsonl, or the OUT folder."),
+    out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Output HTML file (replaced if it exists)."),
 ) -> None:
-    """One static, offline HTML report: tables, stage breakdown, scaling, telemetry, failures."""
+    """One static, offline HTML report: tables, stage breakdown, scaling, telemetry, failures.
+
+    Exits 2, writing nothing, when RESULTS is missing, unreadable or not the results of 'bench run'.
+    """
     from wanrender.bench.report import write_report
 
     try:

@@ -9,6 +9,7 @@ status regression (ok in BASE, not ok in NEW), and absolute limits on NEW
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,18 +60,34 @@ class Comparison:
     max_slowdown: float
     metrics: tuple[str, ...]
     notes: tuple[str, ...] = field(default_factory=tuple)
+    n_new: int = 0  # cases in NEW, in BASE
+    n_base: int = 0
 
     @property
     def regressions(self) -> list[CaseVerdict]:
         return [v for v in self.verdicts if v.regressed]
 
+    @property
+    def matched(self) -> list[CaseVerdict]:
+        return [v for v in self.verdicts if v.base_status is not None]
+
+    def gate_failure(self, allow_missing: bool = False) -> str | None:
+        """Why a gate must fail although no case regressed, in one line, or None: a
+        comparison of nothing, or of fewer cases than the baseline, proves nothing."""
+        if not self.matched:
+            return (f"nothing compared: none of the {self.n_new} case(s) in NEW is in BASE ({self.n_base} case(s)) — "
+                    "compare two runs of the same matrix")  # fmt: skip
+        if self.only_base and not allow_missing:
+            names = ", ".join(self.only_base[:3]) + (", ..." if len(self.only_base) > 3 else "")
+            return (f"{len(self.only_base)} case(s) of BASE missing from NEW ({names}) — run them "
+                    "('bench run --resume' finishes a sweep), or pass --allow-missing")  # fmt: skip
+        return None
+
     def summary(self) -> str:
-        n, bad = len(self.verdicts), len(self.regressions)
-        ratios = [v.ratios.get("total") for v in self.verdicts if v.ratios.get("total") is not None]
+        n, bad = len(self.matched), len(self.regressions)
+        ratios = [v.ratios.get("total") for v in self.verdicts if (v.ratios.get("total") or 0) > 0]
         geo = None
         if ratios:
-            import math
-
             geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
         head = f"{bad} regression{'s' if bad != 1 else ''} in {n} matched case{'s' if n != 1 else ''}"
         head += f" (max slowdown {self.max_slowdown:.1%} on {', '.join(self.metrics)})"
@@ -84,12 +101,15 @@ class Comparison:
 
 
 def parse_percent(text: str) -> float:
-    """'5%' or '0.05' -> 0.05."""
+    """'5%' or '0.05' -> 0.05: zero or more, finite (a nan threshold would pass everything)."""
     t = str(text).strip()
     try:
-        return float(t[:-1]) / 100 if t.endswith("%") else float(t)
+        value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
     except ValueError:
-        raise WanrenderError(f"--max-slowdown {text!r} is invalid — use a percentage such as 5%") from None
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise WanrenderError(f"--max-slowdown {text!r} is invalid — use a percentage of 0 or more, such as 5%")
+    return value
 
 
 def parse_limit(text: str) -> list[Limit]:
@@ -98,7 +118,10 @@ def parse_limit(text: str) -> list[Limit]:
         raise WanrenderError(f"--limit {text!r} is invalid — use METRIC=VALUE, e.g. pass=85s or vram=40GiB")
     name, value = m.groups()
     if name in MEMORY:
-        return [Limit(name, float(parse_bytes(value, f"--limit {name}")), text)]
+        size = float(parse_bytes(value, f"--limit {name}"))
+        if size <= 0:
+            raise WanrenderError(f"--limit {text!r} is invalid — use a size above zero, e.g. {name}=40GiB")
+        return [Limit(name, size, text)]
     names = ALIASES.get(name, (name,))
     for n in names:
         if n not in TIME_METRICS:
@@ -114,13 +137,17 @@ def _metric_value(row: dict, metric: str) -> float | None:
     return res.p50(row, metric)
 
 
-def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: list[Limit] | None = None,
-            metrics: tuple[str, ...] = ("total",)) -> Comparison:  # fmt: skip
+def _check_metrics(metrics: tuple[str, ...]) -> None:
     for m in metrics:
         if m not in TIME_METRICS and m not in ALIASES:
             raise WanrenderError(
                 f"--metric {m!r} is unknown — use one of {', '.join(list(ALIASES) + list(TIME_METRICS))}"
             )
+
+
+def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: list[Limit] | None = None,
+            metrics: tuple[str, ...] = ("total",)) -> Comparison:  # fmt: skip
+    _check_metrics(metrics)
     metrics = tuple(x for m in metrics for x in ALIASES.get(m, (m,)))
     limits = limits or []
     n_rows, b_rows = new.latest_by_case(), base.latest_by_case()
@@ -137,6 +164,8 @@ def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: l
                 problems.append(f"status {brow['status']} -> {nrow['status']}")
             for m in metrics:
                 r = ratios[m]
+                if nrow["status"] == "ok" and new_p[m] is None and base_p[m] is not None:
+                    problems.append(f"{m}: no p50 in NEW to hold against BASE's {base_p[m]:.3f}s")
                 if r is not None and r > 1 + max_slowdown:
                     problems.append(f"{m} p50 {base_p[m]:.3f}s -> {new_p[m]:.3f}s ({r:.3f}x > {1 + max_slowdown:.3f}x)")
         for lim in limits:
@@ -154,11 +183,17 @@ def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: l
     for name, rows in (("NEW", new), ("BASE", base)):
         if rows.skipped_lines:
             notes.append(f"{name}: {rows.skipped_lines} unreadable line(s) skipped (a torn write)")
-    return Comparison(tuple(verdicts), only_base, only_new, max_slowdown, metrics, tuple(notes))
+    return Comparison(tuple(verdicts), only_base, only_new, max_slowdown, metrics, tuple(notes), len(n_rows),
+                      len(b_rows))  # fmt: skip
 
 
 def compare_files(new: Path, base: Path, max_slowdown: str = "5%", limits: list[str] | None = None,
                   metrics: str = "total") -> Comparison:  # fmt: skip
+    # Every option is checked before a file is read: a typo fails fast, whatever the files hold.
+    slowdown = parse_percent(max_slowdown)
     parsed = [lim for text in limits or [] for lim in parse_limit(text)]
     wanted = tuple(m.strip() for m in metrics.split(",") if m.strip())
-    return compare(res.read_rows(new), res.read_rows(base), parse_percent(max_slowdown), parsed, wanted)
+    if not wanted:
+        raise WanrenderError(f"--metric {metrics!r} names no metric — use e.g. total or pass,total")
+    _check_metrics(wanted)
+    return compare(res.read_results(new), res.read_results(base), slowdown, parsed, wanted)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -127,17 +128,26 @@ KEYS = ("name", "image", "prompt", "models", "preset", "frames", "resolution", "
 
 def parse_seconds(text: str | int | float, what: str = "duration") -> float:
     """'20m', '90s', '1h30m', '250ms', or a plain number of seconds."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool):
-        return float(text)
-    parts = re.findall(r"([0-9]*\.?[0-9]+)\s*(ms|h|m|s)", str(text).lower())
-    rebuilt = "".join(n + u for n, u in parts)
-    if not parts or rebuilt != re.sub(r"\s+", "", str(text).lower()):
-        try:
-            return float(text)
-        except ValueError:
-            raise WanrenderError(f"{what} {text!r} is invalid — use e.g. 90s, 20m or 1h30m") from None
-    scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-    return sum(float(n) * scale[u] for n, u in parts)
+    bad = WanrenderError(f"{what} {text!r} is invalid — use a positive duration, e.g. 90s, 20m or 1h30m")
+    if isinstance(text, bool):
+        raise bad
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        parts = re.findall(r"([0-9]*\.?[0-9]+)\s*(ms|h|m|s)", str(text).lower())
+        rebuilt = "".join(n + u for n, u in parts)
+        if parts and rebuilt == re.sub(r"\s+", "", str(text).lower()):
+            scale = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+            value = sum(float(n) * scale[u] for n, u in parts)
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise bad from None
+    # nan compares false with everything: a nan limit or timeout would never fire.
+    if not math.isfinite(value) or value <= 0:
+        raise bad
+    return value
 
 
 def parse_resolution(text: str) -> tuple[int, int]:
@@ -313,11 +323,16 @@ def expand(doc: dict, path: Path | None = None) -> Matrix:
         except WanrenderError as e:
             raise WanrenderError(f"{where}: case {label!r}: {e}") from None
     seen: dict[str, str] = {}
-    for c, label in zip(cases, _labels(cases)):
+    labels = _labels(cases)
+    for c, label in zip(cases, labels):
         if c.case_hash in seen:
             raise WanrenderError(f"{where}: cases {seen[c.case_hash]!r} and {label!r} are the same render — drop one")
         seen[c.case_hash] = label
-    return Matrix(str(doc.get("name") or (path.stem if path else "matrix")), path, tuple(cases), tuple(_labels(cases)))
+    # Reports, --only and compare's output name cases by label: two cases under one name cannot be told apart.
+    twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if twice:
+        raise WanrenderError(f"{where}: two different cases are labelled {twice[0]!r} — give each its own name")
+    return Matrix(str(doc.get("name") or (path.stem if path else "matrix")), path, tuple(cases), tuple(labels))
 
 
 def read_yaml(path: Path, what: str) -> object:
@@ -328,6 +343,8 @@ def read_yaml(path: Path, what: str) -> object:
         return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise WanrenderError(f"{path}: cannot read the {what} ({e.strerror}) — check the path") from None
+    except UnicodeDecodeError:
+        raise WanrenderError(f"{path}: not a text file (invalid UTF-8) — pass the {what} YAML file") from None
     except yaml.YAMLError as e:
         raise WanrenderError(f"{path}: not valid YAML ({str(e).splitlines()[0]}) — fix the file") from None
 

@@ -15,8 +15,9 @@ from pathlib import Path
 
 from wanrender.bench import results as res
 from wanrender.bench.runner import STAGES
-from wanrender.bench.svg import PALETTE, Band, HLine, Series, stacked_bars, xy_chart
+from wanrender.bench.svg import PALETTE, Band, HLine, Series, stacked_bars, style, xy_chart
 from wanrender.bench.telemetry import peak_mib
+from wanrender.errors import WanrenderError
 from wanrender.media.atomic import atomic_write_text
 
 GIB = 2**30
@@ -132,8 +133,23 @@ def _stage_section(ok: list[dict]) -> str:
     return chart + table
 
 
-def _series_names(rows: list[dict]) -> dict[str, str]:
-    """Rows that differ only in frames share a series; its name lists what else varies."""
+def _distinct_labels(rows: list[dict]) -> dict[str, str]:
+    """Each row's label, told apart where two rows share one: by environment, then by case hash."""
+    tags = _env_tags(rows)
+    out = {r["key"]: r.get("label") or r["key"] for r in rows}
+    for extra in (lambda r: tags.get(r.get("env_fingerprint", "?")), lambda r: r["case_hash"][:8]):
+        seen: dict[str, set[str]] = defaultdict(set)
+        for r in rows:
+            seen[out[r["key"]]].add(r["key"])
+        for r in rows:
+            if len(seen[out[r["key"]]]) > 1 and extra(r):
+                out[r["key"]] += f" ({extra(r)})"
+    return out
+
+
+def _series_names(rows: list[dict], tags: dict[str, str] | None = None) -> dict[str, str]:
+    """Rows that differ only in frames share a series; its name lists what else varies
+    (and the environment, when there are several: one series each)."""
     keys = sorted({k for r in rows for k in _case(r)} - set(_NOT_SERIES))
     varying = [k for k in keys if len({str(_case(r).get(k)) for r in rows}) > 1]
     if "width" in varying or "height" in varying:
@@ -144,6 +160,8 @@ def _series_names(rows: list[dict]) -> dict[str, str]:
     for r in rows:
         c = _case(r)
         parts = [_short(k, c) for k in varying if k in ("size", "vram_cap_bytes") or c.get(k) is not None]
+        if tags:
+            parts.append(f"({tags[r.get('env_fingerprint', '?')]})")
         out[r["key"]] = " ".join(p for p in parts if p) or "all cases"
     return out
 
@@ -162,20 +180,24 @@ def _short(key: str, c: dict) -> str:
     if key == "steps":
         return f"{v} steps"
     if key == "switch":
-        return ""  # implied by the steps
+        return f"switch {v}"
     if key in ("interpolate", "memory_plan"):
         return f"{key} {v}"
     return f"{key}={v}"
 
 
-def _grouped(rows: list[dict], value) -> list[Series]:
-    names = _series_names(rows)
+def _grouped(rows: list[dict], value, tags: dict[str, str]) -> list[Series]:
+    names = _series_names(rows, tags)
     groups: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in rows:
         v = value(r)
         if v is not None:
             groups[names[r["key"]]].append((float(_case(r).get("frames", 0)), v))
-    return [Series(n, tuple(p), PALETTE[i % len(PALETTE)]) for i, (n, p) in enumerate(sorted(groups.items()))]
+    out = []
+    for i, (n, p) in enumerate(sorted(groups.items())):
+        color, dash = style(i)
+        out.append(Series(n, tuple(p), color, dash=dash))
+    return out
 
 
 def _limits(rows: list[dict], peak: float, gpu: bool) -> tuple[tuple[HLine, ...], list[str]]:
@@ -200,14 +222,15 @@ def _limits(rows: list[dict], peak: float, gpu: bool) -> tuple[tuple[HLine, ...]
 
 def _scaling_section(rows: list[dict]) -> str:
     ok = [r for r in rows if r["status"] == "ok"]
-    t = xy_chart(_grouped(ok, lambda r: res.p50(r, "total")), plot="time-vs-frames", width=720, title="Render time vs frames (p50)",
+    tags = _env_tags(rows)
+    t = xy_chart(_grouped(ok, lambda r: res.p50(r, "total"), tags), plot="time-vs-frames", width=720, title="Render time vs frames (p50)",
                  x_label="frames", y_label="seconds (total, p50)")  # fmt: skip
     gpu = any((r.get("memory") or {}).get("torch_allocated_peak") for r in rows)
     key = "torch_allocated_peak" if gpu else "host_rss_peak"
     what = "peak VRAM (torch allocated)" if gpu else "peak host RSS (CPU run: no VRAM)"
     # Failed cases count too: an OOM at N frames is exactly the point this chart is for.
     measured = [r for r in rows if (r.get("memory") or {}).get(key)]
-    series = _grouped(measured, lambda r: r["memory"][key] / GIB)
+    series = _grouped(measured, lambda r: r["memory"][key] / GIB, tags)
     peak = max((p[1] for s in series for p in s.points), default=0.0)
     lines, off = _limits(rows, peak, gpu)
     v = xy_chart(
@@ -346,7 +369,8 @@ def _env_section(rows: list[dict]) -> str:
 
 
 def render(rows: res.Rows, source: str = "") -> str:
-    latest = list(rows.latest_by_key().values())
+    labels = _distinct_labels(list(rows.latest_by_key().values()))
+    latest = [{**r, "label": labels[r["key"]]} for r in rows.latest_by_key().values()]
     counts: dict[str, int] = defaultdict(int)
     for r in latest:
         counts[r["status"]] += 1
@@ -370,6 +394,16 @@ def render(rows: res.Rows, source: str = "") -> str:
 
 
 def write_report(results: Path, out: Path) -> Path:
-    rows = res.read_rows(results)
-    atomic_write_text(out, render(rows, str(results)))
+    out = Path(out)
+    if out.is_dir():
+        raise WanrenderError(f"-o {out}: a folder — name the HTML file, e.g. -o {out / 'report.html'}")
+    rows = res.read_results(results)
+    src = Path(results) / "results.jsonl" if Path(results).is_dir() else Path(results)
+    if out.exists() and out.resolve() == src.resolve():
+        raise WanrenderError(f"-o {out} is the results file itself — write the report elsewhere, e.g. -o report.html")
+    html = render(rows, str(src))
+    try:
+        atomic_write_text(out, html)  # a failed write leaves an earlier report as it was
+    except OSError as e:
+        raise WanrenderError(f"-o {out}: cannot write the report ({e.strerror}) — pick a writable place") from None
     return out

@@ -58,24 +58,92 @@ def _ends_torn(fd: int) -> bool:
 
 
 def read_rows(path: Path) -> Rows:
+    """The rows of a results file; lines that are not rows (a torn write) are counted, not kept."""
+    rows, bad, _ = _parse(path)
+    return Rows(tuple(rows), bad)
+
+
+def read_results(path: Path) -> Rows:
+    """The rows of a results file given by the user (``compare``, ``report``): a results
+    file or the ``bench run`` folder holding one, with at least one row."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "results.jsonl").is_file():
+            raise WanrenderError(f"{path}: a folder without results.jsonl — pass OUT/results.jsonl of 'bench run' "
+                                 "or its OUT folder")  # fmt: skip
+        p = p / "results.jsonl"
+    rows, bad, why = _parse(p)
+    if not rows:
+        if not bad:
+            raise WanrenderError(f"{p}: empty, no case results in it — pass the results of a 'bench run' that ran")
+        raise WanrenderError(f"{p}: not a bench results file ({why}) — pass OUT/results.jsonl of 'bench run'")
+    return Rows(tuple(rows), bad)
+
+
+def _parse(path: Path) -> tuple[list[dict], int, str]:
+    """(rows, lines that are not rows, why the first of them is not)."""
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise WanrenderError(f"{path}: no such results file — run 'wanrender bench run MATRIX.yaml' first") from None
-    rows, bad = [], 0
-    for line in text.splitlines():
+    except IsADirectoryError:
+        raise WanrenderError(f"{path}: a folder, not a results file — pass OUT/results.jsonl of 'bench run'") from None
+    except OSError as e:
+        raise WanrenderError(
+            f"{path}: cannot read the results file ({e.strerror}) — check it and its permissions"
+        ) from None
+    rows, bad, why = [], 0, ""
+    # Undecodable bytes become U+FFFD: such a line then fails as JSON or as a row, like a torn one.
+    for n, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(row, dict) and "key" in row and "case_hash" in row:
+            problem = row_problem(row)
+        except (json.JSONDecodeError, RecursionError):
+            problem = "not JSON"
+        if problem is None:
             rows.append(row)
-        else:
-            bad += 1
-    return Rows(tuple(rows), bad)
+            continue
+        bad += 1
+        why = why or f"line {n}: {problem}"
+    return rows, bad, why
+
+
+_SECTIONS = {"case": dict, "stages": dict, "memory": dict, "telemetry": dict, "env": dict, "label": str,
+             "message": str, "log": str, "log_tail": str, "env_fingerprint": str}  # fmt: skip
+_STATS = ("total", "s_per_step", "wall", "energy_j")
+
+
+def row_problem(row: object) -> str | None:
+    """Why ``row`` is not a row that ``bench run`` writes (the parts compare and report read), or None."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    for k in ("key", "case_hash"):
+        if not isinstance(row.get(k), str):
+            return f"no {k}"
+    if row.get("status") not in STATUSES:
+        return f"status {row.get('status')!r} is not one of {', '.join(STATUSES)}"
+    schema = row.get("schema", SCHEMA)
+    if not isinstance(schema, int) or schema > SCHEMA:
+        return f"schema {schema!r}, newer than this wanrender reads ({SCHEMA}) — upgrade wanrender"
+    for k, kind in _SECTIONS.items():
+        if row.get(k) is not None and not isinstance(row[k], kind):
+            return f"{k} is not a {'mapping' if kind is dict else 'string'}"
+    stats = [(k, row.get(k)) for k in _STATS] + [(f"stage {k}", v) for k, v in (row.get("stages") or {}).items()]
+    for k, st in stats:
+        if st is None:
+            continue
+        if not isinstance(st, dict) or not all(_number(st.get(q)) for q in ("p50", "p90", "min", "max")):
+            return f"{k} is not a p50/p90 summary of numbers"
+    mem = row.get("memory") or {}
+    if not all(_number(v) for k, v in mem.items() if k != "plan"):
+        return "memory holds something other than numbers"
+    return None
+
+
+def _number(v: object) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
 
 
 def read_rows_if_any(path: Path) -> Rows:

@@ -48,6 +48,8 @@ STAGES = tuple(
 )
 # Engine.render's timing names -> the lab's (passes are numbered: pass order is an axis).
 
+# The status each ``inject`` test hook asks for: a result, not a failure of the sweep.
+INJECTED_STATUS = {"oom": "oom", "hang": "timeout", "crash": "crash"}
 # (event, detail) -> None; events: "start", "skip", "done" with the case, label, row.
 Events = Callable[[str, dict], None]
 
@@ -65,6 +67,31 @@ class SweepResult:
         for r in self.ran:
             out[r["status"]] = out.get(r["status"], 0) + 1
         return out
+
+    def failure(self) -> str | None:
+        """Why the sweep itself failed, in one line, or None.
+
+        An oom, a timeout or an error is a case's result and the sweep goes on. The
+        sweep fails when a case crashed (its process died without recording a result:
+        a segfault, a kill, or the harness could not start it) or when cases ran and
+        none finished ok: nothing was measured. Failures a case's ``inject`` test hook
+        asks for are results too.
+        """
+        if not self.ran:
+            return None  # everything was already done (--resume)
+        asked = [r for r in self.ran if INJECTED_STATUS.get((r.get("case") or {}).get("inject")) == r["status"]]
+        crashed = [r for r in self.ran if r["status"] == "crash" and r not in asked]
+        logs = self.out_dir / "logs"
+        n = len(self.ran)
+        if crashed:
+            where = f"log: {crashed[0]['log']}" if len(crashed) == 1 else f"logs in {logs}"
+            names = ", ".join(r["label"] for r in crashed[:3]) + (", ..." if len(crashed) > 3 else "")
+            return (f"{len(crashed)} of {n} case{'s' if n != 1 else ''} crashed ({names}): the process died without "
+                    f"a result — {where}")  # fmt: skip
+        if not any(r["status"] == "ok" for r in self.ran) and len(asked) < n:
+            counts = ", ".join(f"{c} {s}" for s, c in sorted(self.counts().items()))
+            return f"none of the {n} case{'s' if n != 1 else ''} that ran finished ok ({counts}) — logs in {logs}"
+        return None
 
 
 def case_key(case: Case, env_fp: str) -> str:
@@ -118,7 +145,9 @@ def classify(result: dict | None, returncode: int | None, timed_out: bool) -> tu
         sig = signal.Signals(-returncode).name if -returncode in signal.Signals._value2member_map_ else str(-returncode)
         why = " (the kernel's OOM killer sends SIGKILL: check host memory)" if -returncode == signal.SIGKILL else ""
         return "crash", f"killed by {sig}{why}"
-    return "crash", f"exited with code {returncode} without a result"
+    # The child records every failure of the case itself; an exit code without a
+    # result means it never got that far (its spec, its imports, its environment).
+    return "crash", f"the case's process exited with code {returncode} before recording a result — see its log"
 
 
 def _summarise(case: Case, result: dict | None) -> dict:
@@ -171,6 +200,9 @@ def _child_env() -> dict[str, str]:
 
 def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep_work: bool = False) -> dict:
     """Run one case in a child process and return its row (not yet written)."""
+    # The child runs in its own work folder: a path relative to the user's folder
+    # would point somewhere else there (every case once "crashed" that way).
+    out_dir = Path(out_dir).absolute()
     key = case_key(case, env["fingerprint"])
     work = out_dir / "work" / key
     logs = out_dir / "logs"
@@ -261,7 +293,7 @@ def run_sweep(
     """Run the matrix's cases one after another; rows are appended as cases end."""
     from wanrender.bench.env import snapshot
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # resolved here, against the user's folder, before any child starts
     results_path = out_dir / "results.jsonl"
     env = env or snapshot()
     done = res.read_rows_if_any(results_path).latest_by_key()
@@ -272,10 +304,14 @@ def run_sweep(
             f"{results_path} already has {len(already)} of these {len(keys)} cases — "
             "use --resume to skip them, or --out NEW_DIR for a fresh sweep"
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     from wanrender.media.atomic import atomic_write_text
 
-    atomic_write_text(out_dir / f"env-{env['fingerprint']}.json", json.dumps(env, indent=1, default=str))
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / f"env-{env['fingerprint']}.json", json.dumps(env, indent=1, default=str))
+    except OSError as e:
+        raise WanrenderError(f"--out {out_dir}: cannot write the results folder there ({e.strerror}) — "
+                             "pass --out a writable folder") from None  # fmt: skip
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     ran: list[dict] = []
     skipped: list[str] = []
@@ -288,8 +324,12 @@ def run_sweep(
             continue
         if events:
             events("start", {"index": i, "total": len(keys), "label": label, "key": key, "case": case})
-        row = run_case(case, label, out_dir, env, run_id)
-        res.append_row(results_path, row)
+        try:
+            row = run_case(case, label, out_dir, env, run_id)
+            res.append_row(results_path, row)
+        except OSError as e:  # a full disk, a folder made read-only: the finished rows are kept
+            raise WanrenderError(f"{out_dir}: cannot write case {label!r} ({e.strerror}) — free space or fix "
+                                 "permissions, then continue with --resume") from None  # fmt: skip
         ran.append(row)
         if events:
             events("done", {"index": i, "total": len(keys), "label": label, "key": key, "row": row})

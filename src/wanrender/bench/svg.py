@@ -11,8 +11,14 @@ import math
 from dataclasses import dataclass
 from html import escape
 
+from wanrender.bench.labels import fit_lines
+
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f", "#bcbd22")
 FONT = 'font-family="system-ui, sans-serif" font-size="11"'
+# Past the palette, series repeat its colours with another dash: still told apart.
+DASHES = ("", "7 3", "2 2", "9 3 2 3")
+# A legend line of 30 characters (~6.5 px each) beside the plot; three lines at most.
+LEGEND_CHARS, LEGEND_LINES, LINE_PX = 30, 3, 12
 
 
 @dataclass(frozen=True)
@@ -21,6 +27,7 @@ class Series:
     points: tuple[tuple[float, float], ...]
     color: str
     markers: bool = True
+    dash: str = ""  # stroke-dasharray
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,11 @@ class Band:
     x1: float
     label: str
     color: str = "#eef"
+
+
+def style(i: int) -> tuple[str, str]:
+    """The i-th series' colour and dash: distinct for len(PALETTE) * len(DASHES) series."""
+    return PALETTE[i % len(PALETTE)], DASHES[i // len(PALETTE) % len(DASHES)]
 
 
 def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
@@ -75,6 +87,13 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
     """A line/scatter chart; an empty one says so instead of drawing axes around nothing."""
     pts = [p for s in series for p in s.points if p[1] is not None and math.isfinite(p[1])]
     n_points = len(pts)
+    # The legend takes what its longest line needs (~6.5 px a character) and the height
+    # all its entries need: a series without its entry cannot be told from the others.
+    shown = fit_lines([s.name for s in series], LEGEND_CHARS, LEGEND_LINES)
+    with_legend = bool(pts) and legend and len(series) > 1
+    legend_w = 34 + int(6.5 * max(len(ln) for lines in shown for ln in lines)) if with_legend else 0
+    if with_legend:
+        height = max(height, 24 + 10 + sum(len(lines) * LINE_PX + 4 for lines in shown) + 10)
     head = (f'<svg class="plot" data-plot="{escape(plot)}" data-points="{n_points}" xmlns="http://www.w3.org/2000/svg" '
             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">')  # fmt: skip
     out = [head, f"<title>{escape(title)}</title>", f'<rect width="{width}" height="{height}" fill="#fff"/>']
@@ -83,9 +102,6 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
             f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" {FONT} fill="#888">no data</text></svg>'
         )
         return "".join(out)
-    # The legend takes what its longest name needs (~6.5 px a character), at most 250 px.
-    names = [min(len(s.name), 38) for s in series]
-    legend_w = min(250, 24 + int(6.5 * max(names))) if legend and len(series) > 1 else 0
     left, right, top, bottom = 62, 14 + legend_w, 24, 40
     xs = [p[0] for p in pts] + [b.x0 for b in bands] + [b.x1 for b in bands]
     ys = [p[1] for p in pts] + [h.y for h in hlines]
@@ -136,28 +152,44 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
             continue
         d = " ".join(f"{'M' if i == 0 else 'L'}{X(x)},{Y(y)}" for i, (x, y) in enumerate(p))
         out.append(
-            f'<path class="series" data-series="{escape(s.name)}" d="{d}" fill="none" stroke="{s.color}" stroke-width="1.8"/>'
+            f'<path class="series" data-series="{escape(s.name)}" d="{d}" fill="none" stroke="{s.color}" '
+            f'stroke-width="1.8"{_dash(s)}><title>{escape(s.name)}</title></path>'
         )
         if s.markers:
             for x, y in p:
                 out.append(f'<circle cx="{X(x)}" cy="{Y(y)}" r="3.2" fill="{s.color}"><title>{escape(s.name)}: '
                            f'{fmt(x)}, {fmt(y)}</title></circle>')  # fmt: skip
-    if legend and len(series) > 1:
-        lx = left + pw + 10
-        for i, s in enumerate(series[:16]):
-            y = top + 8 + i * 15
-            out.append(f'<rect x="{lx}" y="{y - 7}" width="10" height="10" fill="{s.color}"/>'
-                       f'<text x="{lx + 14}" y="{y + 2}" {FONT}>{escape(s.name if len(s.name) <= 38 else s.name[:37] + "…")}</text>')  # fmt: skip
+    if with_legend:
+        lx, y = left + pw + 10, top + 8
+        for s, lines in zip(series, shown):
+            out.append(f'<g class="legend"><title>{escape(s.name)}</title><line x1="{lx}" x2="{lx + 18}" y1="{y - 2}" '
+                       f'y2="{y - 2}" stroke="{s.color}" stroke-width="2.5"{_dash(s)}/>'
+                       f"<text y=\"{y + 2}\" {FONT}>{_tspans(lines, lx + 22)}</text></g>")  # fmt: skip
+            y += len(lines) * LINE_PX + 4
     out.append("</svg>")
     return "".join(out)
+
+
+def _dash(s: Series) -> str:
+    return f' stroke-dasharray="{s.dash}"' if s.dash else ""
+
+
+def _tspans(lines: list[str], x: float) -> str:
+    """Lines of one <text>, each below the last."""
+    return "".join(f'<tspan x="{x}" dy="{0 if i == 0 else LINE_PX}">{escape(ln)}</tspan>' for i, ln in enumerate(lines))
 
 
 def stacked_bars(rows: list[tuple[str, dict[str, float]]], stages: list[str], *, plot: str, title: str,
                  width: int = 760) -> str:  # fmt: skip
     """Horizontal stacked bars, one per case, one colour per stage (seconds)."""
     n_points = sum(1 for _, v in rows for s in stages if v.get(s))
-    bar_h, gap, left, top = 16, 6, 230, 40
-    height = top + len(rows) * (bar_h + gap) + 36
+    bar_h, gap, top = 16, 6, 40
+    # Labels of up to three lines of 40 characters beside the bars (~6.5 px a character);
+    # a row is as tall as its label.
+    shown = fit_lines([label for label, _ in rows], 40, 3)
+    left = 16 + int(6.5 * max((len(ln) for lines in shown for ln in lines), default=10))
+    row_h = [max(bar_h, len(lines) * LINE_PX + 2) for lines in shown]
+    height = top + sum(h + gap for h in row_h) + 36
     head = (f'<svg class="plot" data-plot="{escape(plot)}" data-points="{n_points}" xmlns="http://www.w3.org/2000/svg" '
             f'width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(title)}">')  # fmt: skip
     out = [head, f"<title>{escape(title)}</title>", f'<rect width="{width}" height="{height}" fill="#fff"/>',
@@ -176,18 +208,22 @@ def stacked_bars(rows: list[tuple[str, dict[str, float]]], stages: list[str], *,
         x += 20 + 7 * len(s)
     total_max = max(sum(v.get(s) or 0 for s in stages) for _, v in rows) or 1.0
     pw = width - left - 70
-    for i, (label, vals) in enumerate(rows):
-        y = top + i * (bar_h + gap)
-        out.append(f'<text x="{left - 6}" y="{y + bar_h - 4}" text-anchor="end" {FONT}>{escape(label[:36])}</text>')
+    y = top
+    for (label, vals), lines, h in zip(rows, shown, row_h):
+        first = y + h / 2 + 4 - (len(lines) - 1) * LINE_PX / 2  # the lines centred on the row
+        out.append(f'<text class="bar-label" y="{first:.1f}" text-anchor="end" {FONT}>'
+                   f"<title>{escape(label)}</title>{_tspans(lines, left - 6)}</text>")  # fmt: skip
+        y_bar = y + (h - bar_h) / 2
         x = float(left)
         for s in stages:
             v = vals.get(s) or 0.0
             w = v / total_max * pw
             if w > 0:
-                out.append(f'<rect class="bar" x="{x:.2f}" y="{y}" width="{max(w, 0.5):.2f}" height="{bar_h}" '
+                out.append(f'<rect class="bar" x="{x:.2f}" y="{y_bar:.1f}" width="{max(w, 0.5):.2f}" height="{bar_h}" '
                            f'fill="{colors[s]}"><title>{escape(label)} — {escape(s)}: {v:.3f} s</title></rect>')  # fmt: skip
             x += w
         total = sum(vals.get(s) or 0 for s in stages)
-        out.append(f'<text x="{x + 4:.2f}" y="{y + bar_h - 4}" {FONT}>{total:.2f} s</text>')
+        out.append(f'<text x="{x + 4:.2f}" y="{y_bar + bar_h - 4:.1f}" {FONT}>{total:.2f} s</text>')
+        y += h + gap
     out.append("</svg>")
     return "".join(out)
