@@ -98,7 +98,7 @@ def test_failing_sidecar_removes_video(demo_files, engine, tmp_path: Path, monke
     files, image = demo_files
     # Files from an earlier render to the same name: a failed render must not lose them.
     (tmp_path / "y.mp4").write_bytes(b"earlier video")
-    (tmp_path / "y.json").write_text("{}")
+    (tmp_path / "y.json").write_text('{"versions": {"wanrender": "0.1"}}')  # a sidecar: a render may replace it
     monkeypatch.setattr(sidecar, "write_sidecar", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
         engine.render(with_fields(_req(image, tmp_path / "y.mp4"), save_frames=True), files)

@@ -9,18 +9,50 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
 from wanrender.errors import WanrenderError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast Wan 2.2 image-to-video rendering.")
+DEBUG_ENV = "WANRENDER_DEBUG"
+
+
+class _Interrupted(Exception):
+    """Ctrl-C inside a command, carried past click (which would exit 130 without a word) to ``main``."""
+
+
+class _Group(TyperGroup):
+    def invoke(self, ctx):  # noqa: ANN001, ANN201 - click's signature
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise _Interrupted() from None
+
+
+# typer's own exception printer would show a traceback before main() could say one line.
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast Wan 2.2 image-to-video rendering.",
+                  cls=_Group, pretty_exceptions_enable=False)  # fmt: skip
 models_app = typer.Typer(no_args_is_help=True, help="Inspect and fetch model files.")
 app.add_typer(models_app, name="models")
 console = Console(stderr=True)
 
 
 @app.callback()
-def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def _main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    debug: bool = typer.Option(
+        False,
+        "--debug",
+        help=f"Show the Python traceback of an error (also {DEBUG_ENV}=1, which child processes inherit).",
+    ),
+) -> None:
+    """Errors are one line that says what to do (exit 2: bad input; 1: the environment or an
+    internal error; 130: interrupted); --debug adds the traceback."""
+    import os
+
     from wanrender.log import setup_logging
+
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
     from wanrender.runtime.memory import default_allocator_config
 
     setup_logging(verbose)
@@ -55,156 +87,10 @@ def version() -> None:
     typer.echo(__version__)
 
 
-def _progress_printer():
-    """A rich progress display driven by the engine's (stage, step, total, detail) events."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+# generate, demo and interpolate: the commands that render and write videos.
+from wanrender.cli_render import register as _register_render  # noqa: E402
 
-    bar = Progress(
-        TextColumn("[bold]{task.description:<12}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console, transient=False,
-    )  # fmt: skip
-    tasks: dict[str, int] = {}
-
-    def on_event(stage: str, step: int | None, total: int | None, detail: str) -> None:
-        if stage not in tasks:
-            tasks[stage] = bar.add_task(stage, total=total or 1, detail="")
-        tid = tasks[stage]
-        if step is None:
-            done = detail != "start"
-            bar.update(tid, completed=1 if done else 0, detail=detail if done else "…")
-        else:
-            bar.update(tid, total=total, completed=step, detail=detail)
-
-    return bar, on_event
-
-
-def _summary(result, req) -> None:
-    from rich.table import Table
-
-    t = Table(title="Render summary", title_justify="left", show_header=True)
-    t.add_column("stage")
-    t.add_column("seconds", justify="right")
-    for k, v in result.timings.items():
-        t.add_row(k, f"{v:.2f}")
-    t.add_row("[bold]total[/]", f"{sum(v for k, v in result.timings.items() if k != 'sampling'):.2f}")
-    Console().print(t)
-    steps = result.meta.get("step_seconds") or []
-    out = Console()
-    if steps:
-        out.print(f"s/step: {sum(steps) / len(steps):.3f} over {len(steps)} steps", highlight=False)
-    if result.peak_vram_bytes is not None:
-        out.print(f"peak VRAM: {result.peak_vram_bytes / 2**30:.2f} GiB", highlight=False)
-    from wanrender.runtime.gpus import peak_rss_bytes
-
-    mem = result.meta.get("memory")
-    out.print(
-        f"peak host RSS: {peak_rss_bytes() / 2**30:.2f} GiB" + (f"; memory plan: {mem['describe']}" if mem else ""),
-        highlight=False,
-    )
-    out.print(f"[bold green]video:[/] {result.video}  [dim](sidecar {result.sidecar})[/]", highlight=False)
-
-
-def _run_render(req, files, device) -> None:
-    from wanrender.runner import Runner
-
-    bar, on_event = _progress_printer()
-    with bar:
-        result = Runner(device, one_shot=True).render(req, files, progress=on_event)
-    _summary(result, req)
-
-
-@app.command()
-def generate(
-    image: Path = typer.Argument(..., help="Start image (PNG, JPEG, WebP)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What should happen in the video."),
-    negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt (used when cfg != 1)."),
-    preset: str = typer.Option("turbo", "--preset", help="turbo (4 steps + LoRAs), quality (20 steps, cfg 3.5)."),
-    frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4k+1 (81 = 5 s at 16 fps)."),
-    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16 (e.g. 832x1216)."),
-    steps: Optional[int] = typer.Option(None, "--steps"),
-    switch: Optional[int] = typer.Option(None, "--switch", help="Step where the low-noise expert takes over."),
-    boundary: Optional[float] = typer.Option(
-        None, "--boundary", help="Switch by the official rule instead: t >= B x 1000 -> high expert (0.9)."
-    ),
-    cfg: Optional[float] = typer.Option(None, "--cfg"),
-    shift: Optional[str] = typer.Option(None, "--shift", help="S or S_HIGH,S_LOW."),
-    sampler: Optional[str] = typer.Option(None, "--sampler", help="euler or dpmpp_2m."),
-    seed: int = typer.Option(0, "--seed"),
-    fit: str = typer.Option("crop", "--fit", help="crop (fill, like ComfyUI) or pad."),
-    interpolate: str = typer.Option("off", "--interpolate", help="off, rife or dis: raise the frame rate to --fps."),
-    fps: Optional[int] = typer.Option(None, "--fps", help="Output fps (16; 32 by default with --interpolate)."),
-    crf: int = typer.Option(18, "--crf", help="H.264 quality, lower is better."),
-    save_frames: bool = typer.Option(False, "--frames-png", help="Also save PNG frames."),
-    models: Optional[Path] = typer.Option(None, "--models", help="Folder with the model files."),
-    high: Optional[Path] = typer.Option(None, "--high"),
-    low: Optional[Path] = typer.Option(None, "--low"),
-    vae: Optional[Path] = typer.Option(None, "--vae"),
-    text_encoder: Optional[Path] = typer.Option(None, "--text-encoder"),
-    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer"),
-    lora_high: Optional[Path] = typer.Option(None, "--lora-high"),
-    lora_low: Optional[Path] = typer.Option(None, "--lora-low"),
-    lora_strength: Optional[str] = typer.Option(None, "--lora-strength", help="S or S_HIGH,S_LOW."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output .mp4 (default: outputs/...)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:1, cpu (default: cuda if present)."),
-    precision: str = typer.Option("auto", "--precision", help="auto, fp8 (compute capability >= 8.9) or bf16."),
-    attention: str = typer.Option(
-        "auto",
-        "--attention",
-        help="auto or a backend: sdpa, sdpa-cudnn, sdpa-flash, flash-attn, sage, sage8, cudnn-fp8.",
-    ),
-    compile: str = typer.Option(
-        "off", "--compile", help="off, default or max-autotune (regional: the repeated block)."
-    ),
-    profile: str = typer.Option(
-        "auto",
-        "--profile",
-        help="auto (the GPU profile matching this device fills the knobs you did not set), off, or a profile YAML.",
-    ),
-    ctx: typer.Context = None,  # which knobs were given on the command line (a profile fills only the others)
-    memory: str = typer.Option(
-        "auto", "--memory", help="auto, resident, swap or stream: where the weights live (see 'wanrender plan')."
-    ),
-    reserve_vram: Optional[float] = typer.Option(
-        None, "--reserve-vram", help="GiB of GPU memory to leave free (default 0.5)."
-    ),
-) -> None:
-    """Render a video from IMAGE and a prompt."""
-    from wanrender.models.inventory import resolve_files
-    from wanrender.request import from_preset
-
-    try:
-        from wanrender.spec import parse_size
-
-        width, height = parse_size(size, "--size") if size else (None, None)
-        sh, sl = _pair(shift, "--shift")
-        lh, ll = _pair(lora_strength, "--lora-strength")
-        req = from_preset(
-            preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
-            switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
-            interpolate=interpolate, boundary=boundary, precision=precision, attention=attention, compile=compile,
-            memory=memory, reserve_vram=reserve_vram, crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
-        )  # fmt: skip
-        from wanrender.bench.commands import profile_for_generate
-
-        req = profile_for_generate(req, profile, device, ctx)
-        files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)
-        _run_render(req, files, device)
-    except WanrenderError as e:
-        _fail(e)
-
-
-def _pair(value: Optional[str], flag: str) -> tuple[Optional[float], Optional[float]]:
-    if value is None:
-        return None, None
-    try:
-        parts = [float(v) for v in value.split(",")]
-    except ValueError:
-        raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma")
+_register_render(app)
 
 
 @app.command("plan")
@@ -247,30 +133,6 @@ def plan_cmd(
         Console().print(r, highlight=False)
     if out.refused is not None:
         raise typer.Exit(1)
-
-
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("outputs/demo.mp4"), "--out", "-o", help="Output .mp4."),
-    seed: int = typer.Option(0, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device"),
-) -> None:
-    """Render the embedded demo: a real photo through the real pipeline with tiny RANDOM-weight models."""
-    from wanrender.demo import demo_image, ensure_demo_models
-    from wanrender.request import from_preset
-
-    console.print(
-        "[yellow]Demo:[/] tiny models of the Wan 2.2 architecture with [bold]random weights[/] — the video is "
-        "structured noise, not a real animation. For real renders: 'wanrender models fetch --dir models' then "
-        "'wanrender generate IMAGE --prompt ... --models models'.",
-        highlight=False,
-    )
-    try:
-        files = ensure_demo_models()
-        req = from_preset("demo", demo_image(), "slow dolly-in, gentle camera motion, soft light", seed=seed, out=out)
-        _run_render(req, files, device)
-    except WanrenderError as e:
-        _fail(e)
 
 
 @models_app.command("check")
@@ -323,36 +185,6 @@ def models_check(folder: Path = typer.Argument(..., help="Folder with model file
         out.print("Ready for the quality preset; the turbo preset also needs the two 4-step LoRAs.")
     else:
         out.print("[bold green]Ready to render.[/]")
-
-
-@app.command()
-def interpolate(
-    src: Path = typer.Argument(..., help="Input video."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output .mp4."),
-    multiplier: int = typer.Option(2, "-x", help="Frame-rate multiplier (2..16)."),
-    method: str = typer.Option("rife", "--method", help="rife (needs 'models fetch rife'), dis, blend or repeat."),
-    device: Optional[str] = typer.Option(None, "--device"),
-) -> None:
-    """Raise a video's frame rate by MULTIPLIER (16 fps Wan output -> 32 fps with -x 2)."""
-    from rich.progress import Progress
-
-    from wanrender.interp import interpolate_video
-
-    try:
-        with Progress(console=console) as bar:
-            task = bar.add_task(f"interpolate x{multiplier}", total=None)
-            info = interpolate_video(
-                src, out, multiplier, method, device, progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )  # fmt: skip
-    except WanrenderError as e:
-        _fail(e)
-        return
-    Console().print(
-        f"{info['frames_in']} -> {info['frames_out']} frames, {info['fps_in']:g} -> {info['fps_out']:g} fps "
-        f"({method} on {info['device']}): {info['seconds_total']:.2f} s total, {info['seconds_model']:.2f} s interpolating; "
-        f"scene cuts at {info['scene_cuts'] or 'none'}\nwrote {out}",
-        highlight=False,
-    )
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks.")
@@ -517,12 +349,59 @@ def models_random(
         _fail(e)
 
 
-def main() -> None:  # pragma: no cover - console entry
+def main() -> None:  # pragma: no cover - console entry (tests run it as a subprocess)
+    """The catch-all: whatever a command raises becomes one line and an exit code."""
     try:
         app()
-    except WanrenderError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+    except SystemExit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the one place every error is turned into a line
+        import os
+
+        from rich.markup import escape
+
+        if os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes"):
+            import traceback
+
+            traceback.print_exc()
+        code, line = _one_line(e)
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        sys.exit(code)
+
+
+def _one_line(e: BaseException) -> tuple[int, str]:
+    """(exit code, message) for an error that reached ``main``."""
+    import errno
+
+    from wanrender.errors import shown
+
+    def flat(text: str) -> str:
+        return " ".join(shown(text).split())[:500]
+
+    if isinstance(e, (_Interrupted, KeyboardInterrupt)):
+        return 130, "interrupted — outputs are written only when complete, so earlier files are as they were"
+    if isinstance(e, WanrenderError):
+        from wanrender.cli_errors import flagged
+
+        return 2, flat(flagged(e))
+    if isinstance(e, OSError):
+        advice = {
+            errno.ENOSPC: "free disk space and retry",
+            errno.EDQUOT: "free disk space (quota) and retry",
+            errno.EACCES: "check the permissions, or choose another path",
+            errno.EPERM: "check the permissions, or choose another path",
+            errno.EROFS: "the filesystem is read-only: choose another path",
+            errno.ENAMETOOLONG: "use a shorter name",
+            errno.ENOENT: "check the path",
+            errno.EFBIG: "the file grew past the allowed size (ulimit -f or the filesystem): free space or raise the limit",
+        }.get(e.errno, "check the path and the disk, then retry")
+        where = f"{shown(e.filename)}: " if e.filename else ""
+        return 1, flat(f"{where}{e.strerror or e} — {advice}")
+    if isinstance(e, MemoryError):
+        return 1, "the host ran out of memory (RAM) — close other programs, or use fewer frames or a smaller size"
+    if type(e).__name__ == "OutOfMemoryError":  # torch.cuda's, without importing torch here
+        return 1, "the GPU ran out of memory — free GPU memory, or use fewer frames, a smaller size or --memory stream"
+    return 1, flat(f"internal error ({type(e).__name__}: {e}) — rerun with --debug for the traceback and report it")
 
 
 if __name__ == "__main__":  # pragma: no cover

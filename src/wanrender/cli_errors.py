@@ -16,6 +16,7 @@ FLAGS = {
     "crf": "--crf", "seed": "--seed", "steps": "--steps", "switch": "--switch", "boundary": "--boundary",
     "cfg": "--cfg", "sampler": "--sampler", "fit": "--fit", "prompt": "--prompt", "preset": "--preset",
 }  # fmt: skip
+FLAGS.update({"device": "--device", "negative": "--negative", "image": "IMAGE"})
 
 
 def flag(field: str) -> str:

@@ -18,3 +18,20 @@ class ModelFileError(WanrenderError):
         self.problem = problem
         self.fix = fix
         super().__init__(f"{self.path}: {problem} — {fix}")
+
+
+def shown(text: object) -> str:
+    """``text`` (a path, a prompt) for a message: bytes that are not UTF-8 (lone
+    surrogates from argv) as \\x escapes, so printing the message cannot fail."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Names and text end up in the UTF-8 JSON sidecar: bytes that are not UTF-8
+    would fail there, after the work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise WanrenderError(
+            f"{what} '{shown(text)}' is not valid UTF-8 — rename it (or pass the text) in UTF-8"
+        ) from None

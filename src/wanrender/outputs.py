@@ -10,6 +10,7 @@ and a frames folder that wanrender did not write is never replaced.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -18,7 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from wanrender.errors import WanrenderError
+from wanrender.errors import WanrenderError, check_utf8, shown
+from wanrender.media.atomic import check_target, temp_sibling
 from wanrender.spec import RenderRequest, Stage
 
 FRAMES_MARKER = ".wanrender-frames"
@@ -26,34 +28,82 @@ Progress = Callable[[str, int | None, int | None, str], None]
 
 
 def default_out(req: RenderRequest) -> Path:
+    """outputs/<image>_<preset>_s<seed>_<time>.mp4; a second render within the same
+    second gets a numbered name instead of replacing the first."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("outputs") / f"{req.render.image.stem}_{req.preset}_s{req.render.seed}_{stamp}.mp4"
+    base = f"{req.render.image.stem}_{req.preset}_s{req.render.seed}_{stamp}"
+    out = Path("outputs") / f"{base}.mp4"
+    n = 2
+    while existing_outputs(out, req.output.save_frames):
+        out = Path("outputs") / f"{base}-{n}.mp4"
+        n += 1
+    return out
 
 
 def frames_folder(out: Path) -> Path:
     return out.with_name(f"{out.stem}_frames")
 
 
+def sidecar_path(out: Path) -> Path:
+    return out.with_suffix(".json")
+
+
+def _partial(p: Path) -> Path:
+    return p.with_name(f".{p.name}.partial")
+
+
+def _previous(p: Path) -> Path:
+    return p.with_name(f".{p.name}.previous")
+
+
+def _finals(out: Path, save_frames: bool) -> dict[str, Path]:
+    final = {"video": out, "sidecar": sidecar_path(out)}
+    if save_frames:
+        final["frames"] = frames_folder(out)
+    return final
+
+
+def existing_outputs(out: Path, save_frames: bool) -> list[Path]:
+    """The files (and frames folder) a render to ``out`` would replace."""
+    return [p for p in _finals(out, save_frames).values() if p.exists() or p.is_symlink()]
+
+
 def check_out(req: RenderRequest) -> None:
-    """Refuse, before anything is rendered, outputs that could not be written."""
+    """Refuse, before anything is rendered, outputs that could not be written, and
+    files there that wanrender did not write (a sidecar name taken by another JSON)."""
     out = req.output.out
     if out is None:
         raise WanrenderError("the request has no output path — set output.out (the runner fills a default)")
+    check_utf8(str(out), "the output name")
     if out.suffix.lower() != ".mp4":
-        raise WanrenderError(f"{out}: the video is written as MP4 — use a name ending in .mp4")
-    for p in (out, out.with_suffix(".json")):
-        if p.is_dir():
-            raise WanrenderError(f"{p}: is a folder — give another output name (the video and its .json sidecar)")
+        raise WanrenderError(f"{shown(out)}: the video is written as MP4 — use a name ending in .mp4")
+    final = _finals(out, req.output.save_frames)
+    derived = [n for p in final.values() for n in (p.name, _previous(p).name, temp_sibling(_partial(p)).name)]
+    check_target(out, derived)
+    if final["sidecar"].is_dir():
+        raise WanrenderError(
+            f"{shown(final['sidecar'])}: is a folder — give another output name (the video and its .json sidecar)"
+        )
+    check_sidecar_is_ours(sidecar_path(out))
     if req.output.save_frames:
         check_frames_folder(out)
-    try:  # the folder is made now, so a name that cannot be written fails before the render
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
+
+
+def check_sidecar_is_ours(path: Path) -> None:
+    """A JSON file at the sidecar's name that is not a wanrender sidecar (``settings.json``
+    next to ``-o settings.mp4``) is the user's: never replace it."""
+    if not path.exists() and not path.is_symlink():
+        return
+    try:
+        data = json.loads(path.read_bytes()[: 64 << 20])
+        ours = isinstance(data, dict) and "wanrender" in (data.get("versions") or {})
+    except (OSError, ValueError, TypeError):
+        ours = False
+    if not ours:
         raise WanrenderError(
-            f"{out.parent}: cannot create the output folder ({e.strerror}) — choose another output"
-        ) from None
-    if not os.access(out.parent, os.W_OK):
-        raise WanrenderError(f"{out.parent}: not writable — choose another output folder")
+            f"{shown(path)} exists and is not a wanrender sidecar — the video's sidecar would replace it; "
+            "move it or choose another output name"
+        )
 
 
 def check_frames_folder(out: Path) -> None:
@@ -61,7 +111,7 @@ def check_frames_folder(out: Path) -> None:
     folder = frames_folder(out)
     if folder.exists() and not (folder / FRAMES_MARKER).exists():
         raise WanrenderError(
-            f"{folder} exists and was not written by wanrender — move it or choose another output name"
+            f"{shown(folder)} exists and was not written by wanrender — move it or choose another output name"
         )
 
 
@@ -106,25 +156,25 @@ def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, 
 
     out = req.output.out
     assert out is not None
-    final = {"video": out, "sidecar": out.with_suffix(".json")}
-    if req.output.save_frames:
-        final["frames"] = frames_folder(out)
-    tmp = {k: p.with_name(f".{p.name}.partial") for k, p in final.items()}
+    final = _finals(out, req.output.save_frames)
+    tmp = {k: _partial(p) for k, p in final.items()}
     try:
         for p in tmp.values():
             _remove(p)
         if progress:
             progress(Stage.VIDEO_ENCODE.value, None, None, "start")
         t0 = time.perf_counter()
-        write_video(frames, tmp["video"], fps=req.output.fps, crf=req.output.crf)
+        write_video(frames, tmp["video"], fps=req.output.fps, crf=req.output.crf, shown_as=out)
         timings[Stage.VIDEO_ENCODE.value] = time.perf_counter() - t0
         if progress:
             progress(Stage.VIDEO_ENCODE.value, None, None, f"{timings[Stage.VIDEO_ENCODE.value]:.2f}s")
         if "frames" in tmp:
             _write_frames(rendered, tmp["frames"])
         write_sidecar(tmp["sidecar"], sidecar())
+        # Still ours: checked before rendering, checked again before replacing.
+        check_sidecar_is_ours(final["sidecar"])
         if "frames" in final and final["frames"].exists():
-            check_frames_folder(out)  # still ours: checked before rendering, checked again before replacing
+            check_frames_folder(out)
         _commit(tmp, final)
     finally:
         for p in tmp.values():
@@ -142,7 +192,7 @@ def _remove(p: Path) -> None:
 def _commit(tmp: dict[str, Path], final: dict[str, Path]) -> None:
     """Rename every ``tmp`` onto its ``final`` name as one step: earlier files there are
     moved aside first and put back if any rename fails, deleted once all succeeded."""
-    aside = {k: p.with_name(f".{p.name}.previous") for k, p in final.items()}
+    aside = {k: _previous(p) for k, p in final.items()}
     moved: list[str] = []
     placed: list[str] = []
     try:

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from wanrender.errors import shown
 from wanrender.spec import (
     INTERPOLATE,
     MEMORY_MODES,
@@ -112,6 +113,11 @@ def _nearest16(n: int) -> int:
 
 def validate(req: RenderRequest) -> RenderRequest:
     r, s, k, o = req.render, req.sampling, req.knobs, req.output
+    for name, text in (("prompt", r.prompt), ("negative", r.negative or ""), ("image", str(r.image))):
+        try:  # undecodable bytes from argv arrive as lone surrogates; the tokenizer and the sidecar need UTF-8
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SpecError(name, f"{name} '{shown(text)}' is not valid UTF-8 — pass it as UTF-8 text") from None
     if not r.prompt.strip():
         raise SpecError("prompt", "the prompt is empty — describe the motion you want, e.g. 'slow dolly-in'")
     if r.frames < 1 or (r.frames - 1) % 4 or r.frames > MAX_FRAMES:
@@ -157,6 +163,9 @@ def validate(req: RenderRequest) -> RenderRequest:
         raise SpecError(
             "fps", f"fps {o.fps} with interpolation: the output rate must be {RENDER_FPS} x N (N = 2..16) — try {near}"
         )
+    if o.interpolate != "off" and r.frames < 2:
+        raise SpecError("frames", f"frames {r.frames} cannot be interpolated: interpolation needs at least 2 frames "
+                                  "— use frames 5 or more, or no interpolation")  # fmt: skip
     if r.fit not in ("crop", "pad"):
         raise SpecError("fit", f"fit {r.fit!r} is invalid — choose crop or pad")
     if k.memory not in MEMORY_MODES:

@@ -4,8 +4,9 @@ bench lab's child process, random-weight engines, the ``benchmarks/`` scripts an
 
 ``Runner.render(req, files)``:
 
-1. checks the request's inputs (image, LoRA files, RIFE weights, output names), before
-   any model is loaded;
+1. checks the request's inputs (image, LoRA files, RIFE weights, output names, each
+   model file's role from its header, the tokenizer, the experts' order), before any
+   model is loaded;
 2. plans: the memory plan (``runtime.planner``: refused here when nothing fits) and
    the render plan (``runtime.plan``: precision, attention, compile);
 3. loads the models, or reuses the runner's engine and reconfigures only what differs
@@ -26,7 +27,7 @@ import torch
 
 from wanrender.engine import Engine, EngineConfig, ModelFiles, Progress, RenderResult
 from wanrender.errors import WanrenderError
-from wanrender.spec import RenderRequest, Stage
+from wanrender.spec import RenderRequest, SpecError, Stage
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,31 @@ def check_lora_needs(req: RenderRequest, files: ModelFiles | None) -> None:
             )
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The render's device, refused here (one line) when it cannot run: an unknown name,
+    CUDA with a CPU-only torch or no GPU, a GPU index this machine does not have."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise SpecError("device", f"device {str(device)!r} is not supported — use cuda, cuda:N (a GPU index) or cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise SpecError(
+                "device", f"device {str(device)!r} cannot be used: {why} — use device cpu, or run on a GPU machine"
+            )
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise SpecError(
+                "device", f"device {str(device)!r}: this machine has {count} CUDA GPU(s) — use cuda:0..cuda:{count - 1}"
+            )
+    return dev
+
+
 _LOAD_OOM = (
     "the GPU ran out of memory while loading the models — free GPU memory (another process may hold it) "
     "or use --memory stream"
@@ -100,7 +126,7 @@ class Runner:
 
     def __init__(self, device: str | torch.device | None = None, *, engine: Engine | None = None,
                  gpu=None, weights=None, step_down: bool = True, one_shot: bool = False) -> None:  # fmt: skip
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         self.engine = engine
         self.gpu, self.weights = gpu, weights
         self.step_down = step_down
@@ -120,6 +146,11 @@ class Runner:
 
         files = self._files(files)
         check_lora_needs(req, files)
+        if files is not None and (self.engine is None or self.engine.files != files):
+            from wanrender.models.checks import check_model_files
+
+            for warning in check_model_files(files):  # every file's role, before any weights are read
+                log.warning(warning)
         rgb = imagemod.load_image(req.render.image)
         if req.output.interpolate == "rife":
             from wanrender.interp.weights import find_rife_weights
@@ -304,6 +335,14 @@ class Runner:
         )
 
 
+def frames_sha256(frames) -> str:
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(frames, dtype=np.uint8).tobytes()).hexdigest()
+
+
 def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: MemoryRecord | None = None,
             hashes=None) -> dict:  # fmt: skip
     """``hashes``: a media.sidecar.FileHashes already under way for the engine's files."""
@@ -336,6 +375,10 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         "seed": req.render.seed,
         "noise": "torch.randn on the CPU, fp32, torch.Generator().manual_seed(seed), shape [1,16,T,H/8,W/8]",
         "frames": int(result.frames.shape[0]),
+        # Same seed and settings -> the same frames, bit for bit; the MP4's bytes may
+        # still differ (x264 in a torch process is not reproducible), so compare this.
+        "frames_sha256": frames_sha256(result.frames),
+        "frames_sha256_of": "the rendered uint8 RGB frames [T,H,W,3], before interpolation and video encoding",
         "interpolation": result.meta.get("interpolation"),
         "size": [int(result.frames.shape[2]), int(result.frames.shape[1])],
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from wanrender.errors import WanrenderError
+from wanrender.errors import WanrenderError, shown
 
 METHODS = ("rife", "dis", "blend", "repeat")
 
@@ -70,13 +70,18 @@ def interpolate_video(
     pass a value above 1 to disable cut detection. Returns timings and counts.
     """
     from wanrender.interp import flow
-    from wanrender.media.video import iter_video, probe_video, write_video
+    from wanrender.media.video import audio_codec, iter_video, probe_video
 
     t_start = time.perf_counter()
     multiplier = flow.check_multiplier(multiplier)
     if method not in METHODS:
         raise WanrenderError(f"unknown interpolation method {method!r} — use one of {', '.join(METHODS)}")
+    out = Path(out_path)
+    check_paths(in_path, out)
     info = probe_video(in_path)
+    # H.264 (yuv420p) needs even sides: pad odd ones by repeating the last row/column,
+    # decided now rather than failing at the encoder after the work.
+    pad_h, pad_w = info.height % 2, info.width % 2
     interp = make_interpolator(
         method, device=device, weights=weights, dtype=dtype, scale=scale, batch_pairs=batch_pairs
     )
@@ -94,7 +99,12 @@ def interpolate_video(
         progress=progress,
         total_frames=info.frames or None,
     )
-    written = write_video(out_frames, Path(out_path), fps=fps * multiplier, crf=crf)
+    if pad_h or pad_w:
+        import numpy as np
+
+        out_frames = (np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge") for f in out_frames)
+    codec = audio_codec(in_path)
+    written, audio = _write(out_frames, out, Path(in_path) if codec else None, fps * multiplier, crf)
     t_end = time.perf_counter()
     new_frames = written - stats.frames_in
     return {
@@ -109,9 +119,49 @@ def interpolate_video(
         "frames_in": stats.frames_in,
         "frames_out": written,
         "scene_cuts": list(stats.scene_cuts),
+        "padded_to": [info.width + pad_w, info.height + pad_h] if pad_h or pad_w else None,
+        "audio": None if codec is None else (f"copied ({codec})" if audio is None else f"dropped: {audio}"),
         "seconds_load": t_loaded - t_start,
         "seconds_model": stats.seconds_model,
         "seconds_total": t_end - t_start,
         # Throughput of the method alone, in generated frames per second.
         "new_frames_per_second": new_frames / stats.seconds_model if stats.seconds_model > 0 else None,
     }
+
+
+def _video_only(out: Path) -> Path:
+    return out.with_name(f".{out.name}.video")
+
+
+def check_paths(src: str | os.PathLike[str], out: Path) -> None:
+    """Refuse, before the work, an output that is the input itself (also through a
+    link or another spelling of the path) or that could not be written."""
+    from wanrender.media.atomic import check_target, temp_sibling
+
+    src = Path(src)
+    if out.suffix.lower() != ".mp4":
+        raise WanrenderError(f"{shown(out)}: the video is written as MP4 — use a name ending in .mp4")
+    video = _video_only(out)
+    check_target(out, (temp_sibling(out).name, video.name, temp_sibling(video).name))
+    if src.exists() and out.exists() and os.path.samefile(src, out):
+        raise WanrenderError(f"{shown(out)} is the input video — write to another file (it would be overwritten)")
+
+
+def _write(frames: Any, out: Path, audio_from: Path | None, fps: float, crf: int) -> tuple[int, str | None]:
+    """Encode ``frames`` to ``out`` with ``audio_from``'s audio track copied; returns
+    (frames written, why the audio was dropped or None)."""
+    from wanrender.media.video import mux_audio, write_video
+
+    if audio_from is None:
+        return write_video(frames, out, fps=fps, crf=crf), None
+    video = _video_only(out)
+    try:
+        written = write_video(frames, video, fps=fps, crf=crf, shown_as=out)
+        try:
+            mux_audio(video, audio_from, out)
+            return written, None
+        except WanrenderError as e:  # e.g. a codec MP4 cannot hold: keep the video, say so
+            os.replace(video, out)
+            return written, str(e).split(": ", 1)[-1]
+    finally:
+        video.unlink(missing_ok=True)

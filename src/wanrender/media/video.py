@@ -82,12 +82,15 @@ def write_video(
     crf: int = 18,
     pix_fmt: str = "yuv420p",
     preset: str = "medium",
+    *,
+    shown_as: str | os.PathLike[str] | None = None,
 ) -> int:
     """Encode RGB frames to an H.264 MP4 at ``path``; returns the number of frames.
 
     ``frames`` may be a ``[T,H,W,3]`` array or any iterable (a generator streams:
     only one frame is held at a time). Nothing appears at ``path`` unless every
     frame was encoded and the file was closed; missing folders are created.
+    ``shown_as``: the name errors give (the final name when ``path`` is a temporary one).
     """
     import av
 
@@ -129,14 +132,17 @@ def write_video(
                     container.mux(packet)
                 count += 1
             if stream is None or container is None:
-                raise WanrenderError(f"{out}: no frames to write — the frame source was empty")
+                raise WanrenderError(f"{shown_as or out}: no frames to write — the frame source was empty")
             for packet in stream.encode(None):
                 container.mux(packet)
             # Closing writes the index; only a closed file may take the final name.
             container.close()
             container = None
         except av.FFmpegError as err:
-            raise WanrenderError(f"{out}: encoding failed ({err}) — check disk space and the frame size") from err
+            why = getattr(err, "strerror", None) or err
+            raise WanrenderError(
+                f"{shown_as or out}: encoding failed ({why}) — check disk space and the frame size"
+            ) from err
         finally:
             if container is not None:
                 try:
@@ -254,3 +260,47 @@ def read_video(path: str | os.PathLike[str]) -> tuple[np.ndarray, float]:
     """Decode a whole video into memory: ``(frames uint8 [T,H,W,3], fps)``."""
     fps, frames = iter_video(path)
     return np.stack(list(frames)), fps
+
+
+def audio_codec(path: str | os.PathLike[str]) -> str | None:
+    """The codec of the first audio stream, or None when there is none."""
+    import av
+
+    try:
+        with av.open(str(path), mode="r") as container:
+            return str(container.streams.audio[0].codec_context.name) if container.streams.audio else None
+    except av.FFmpegError:
+        return None
+
+
+def mux_audio(video: str | os.PathLike[str], audio_from: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Write ``out``: the video stream of ``video`` and the first audio stream of
+    ``audio_from``, both copied (no re-encoding). Atomic, like ``write_video``;
+    raises ``WanrenderError`` when the audio cannot go into an MP4."""
+    import heapq
+
+    import av
+
+    final = Path(out)
+    with atomic_path(final) as tmp:
+        with av.open(str(video), mode="r") as vin, av.open(str(audio_from), mode="r") as ain:
+            try:
+                container = av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
+                try:
+                    sources = ((vin, vin.streams.video[0]), (ain, ain.streams.audio[0]))
+                    streams = [_timed_packets(c, s, container.add_stream_from_template(s), i)
+                               for i, (c, s) in enumerate(sources)]  # fmt: skip
+                    # Packets in time order across both streams, as a player reads them.
+                    for _, _, packet, dst in heapq.merge(*streams, key=lambda x: (x[0], x[1])):
+                        packet.stream = dst
+                        container.mux(packet)
+                finally:
+                    container.close()
+            except av.FFmpegError as err:
+                raise WanrenderError(f"{final}: the audio track could not be copied into MP4 ({err})") from err
+
+
+def _timed_packets(container: Any, src: Any, dst: Any, order: int) -> Iterator[tuple[float, int, Any, Any]]:
+    for packet in container.demux(src):
+        if packet.dts is not None:  # the demuxer's empty flush packet
+            yield float(packet.dts * packet.time_base), order, packet, dst
