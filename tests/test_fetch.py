@@ -50,3 +50,22 @@ def test_checksum_mismatch_leaves_nothing(tmp_path: Path) -> None:
         fetch(tmp_path / "models", FILES, hub=dl)
     assert not (tmp_path / "models" / "a.safetensors").exists()
     assert not list((tmp_path / "models").rglob("a.safetensors"))
+
+
+def test_a_disk_that_fills_up_mid_download_is_one_line(tmp_path: Path) -> None:
+    """A full disk cannot be made here without root (a small tmpfs mount), so the hub's
+    download raises ENOSPC itself; earlier files stay verified and recorded."""
+    import errno
+
+    payloads = {"split_files/a.safetensors": b"weights" * 100, "spiece.model": b"spm"}
+    hub, _ = _fake_hub(payloads)
+
+    def full(f: RemoteFile, cache: Path, remote: Remote) -> Path:
+        if f.path == "spiece.model":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return hub.download(f, cache, remote)
+
+    with pytest.raises(WanrenderError, match=r"no space left on device while saving tok/spiece.model — free space"):
+        fetch(tmp_path / "models", FILES, hub=Hub(hub.meta, full))
+    assert (tmp_path / "models" / "a.safetensors").read_bytes() == payloads["split_files/a.safetensors"]
+    assert not (tmp_path / "models" / "tok" / "spiece.model").exists()

@@ -117,15 +117,19 @@ def test_fetch_resumes_a_dropped_download_and_keeps_finished_files(tmp_path: Pat
         assert (dest / dropped.dest).read_bytes() == payloads[key]
 
 
-def test_fetch_refuses_an_unwritable_dir_before_downloading(tmp_path: Path) -> None:
+def _unwritable(tmp_path: Path) -> Path:
+    """A folder that cannot be created: under a read-only one, or in sysfs for root
+    (root writes through any mode bits)."""
     if os.geteuid() == 0:
-        # root writes through any mode bits: use a folder no one may create files in (sysfs).
-        target = Path("/sys/kernel/wanrender-fetch-test")
-    else:
-        ro = tmp_path / "ro"
-        ro.mkdir()
-        ro.chmod(0o555)
-        target = ro / "models"
+        return Path("/sys/kernel/wanrender-fetch-test")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    return ro / "models"
+
+
+def test_fetch_refuses_an_unwritable_dir_before_downloading(tmp_path: Path) -> None:
+    target = _unwritable(tmp_path)
     with FakeHub(_payloads()) as hub:
         r = run_cli("models", "fetch", "--dir", str(target), env=_hub_env(hub, tmp_path))
         assert hub.log == []  # not even the metadata was asked for
@@ -133,6 +137,15 @@ def test_fetch_refuses_an_unwritable_dir_before_downloading(tmp_path: Path) -> N
     line = one_error_line(r)
     assert f"cannot write to {target}:" in line and "choose a writable --dir" in line, line
     assert not target.exists()
+
+
+def test_fetch_rife_refuses_an_unwritable_cache(tmp_path: Path) -> None:
+    home = _unwritable(tmp_path)
+    r = run_cli("models", "fetch", "rife", env={"WANRENDER_HOME": str(home)})
+    assert r.returncode == 2
+    line = one_error_line(r)
+    assert f"cannot write to {home}" in line and "set WANRENDER_HOME to a writable folder" in line, line
+    assert not home.exists()
 
 
 def test_fetch_refuses_a_set_larger_than_the_free_space(tmp_path: Path) -> None:
@@ -201,6 +214,7 @@ def test_check_reports_each_broken_file_and_still_lists_the_others(demo_models: 
     bad_dir.mkdir()
     shutil.copy(demo_models / "wan_2.1_vae_demo.safetensors", bad_dir / "diffusion_pytorch_model.safetensors")
     (bad_dir / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    (folder / "deep.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
     before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
     r = run_cli("models", "check", str(folder), timeout=300)
@@ -210,7 +224,7 @@ def test_check_reports_each_broken_file_and_still_lists_the_others(demo_models: 
     rows = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.count("│") > 2}
     for name in HOSTILE:
         assert name in rows and "unreadable" in rows[name], (name, out)
-    assert "unreadable" in rows["deep_config"], out
+    assert "unreadable" in rows["deep_config"] and "unreadable" in rows["deep.safetensors.index.json"], out
     assert "unreadable" not in rows["wan2.2_i2v_high_noise_demo_fp8_scaled.safetensors"]
     assert "✓ high-noise expert: wan2.2_i2v_high_noise_demo_fp8_scaled.safetensors" in out
     assert "Ready to render." in out

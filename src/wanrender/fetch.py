@@ -17,6 +17,7 @@ Order of work, so that nothing is downloaded twice and nothing fails late:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -114,6 +115,10 @@ def _hf_download(f: RemoteFile, cache: Path, remote: Remote) -> Path:
                 log.info("%s: resuming after %d bytes", f.dest, done)
             http_get(hf_hub_url(f.repo, f.path), fh, resume_size=done, headers=build_hf_headers(),
                      expected_size=remote.size, displayed_filename=f.dest)  # fmt: skip
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS):
+            raise  # the disk, not the network: fetch() says so
+        raise WanrenderError(f"download of {f.repo}/{f.path} failed ({_one_line(e)}) — {_NETWORK}") from None
     except Exception as e:
         raise WanrenderError(f"download of {f.repo}/{f.path} failed ({_one_line(e)}) — {_NETWORK}") from None
     return part
@@ -133,8 +138,9 @@ def huggingface() -> Hub:
     return Hub(_hf_meta, _hf_download)
 
 
-def check_writable(dest: Path) -> None:
-    """Create ``dest`` and write a scratch file in it; say so in one line if either fails."""
+def check_writable(dest: Path, fix: str = "choose a writable --dir") -> None:
+    """Create ``dest`` and write a scratch file in it; say so in one line if either fails
+    (a test write, not ``os.access``: root passes that check on a read-only mount)."""
     try:
         dest.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".wanrender-write-test-", dir=dest)
@@ -142,7 +148,7 @@ def check_writable(dest: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         why = (e.strerror or type(e).__name__).lower()
-        raise WanrenderError(f"cannot write to {dest}: {why} — choose a writable --dir") from None
+        raise WanrenderError(f"cannot write to {dest}: {why} — {fix}") from None
 
 
 def _read_manifest(dest: Path) -> dict[str, dict]:
@@ -222,22 +228,32 @@ def fetch(
     cache = dest / CACHE
     for f, remote in todo:
         say(f, f"downloading ({(remote.size or f.approx_gb * 1e9) / 1e9:.2f} GB) ...")
-        local = hub.download(f, cache, remote)
-        got = sha256_file(local)
-        if (remote.sha256 and got != remote.sha256) or (
-            remote.size is not None and local.stat().st_size != remote.size
-        ):
-            local.unlink(missing_ok=True)
-            want = (remote.sha256 or "?")[:12]
+        try:
+            _download_one(dest, cache, f, remote, hub, records)
+        except OSError as e:  # the disk filled up or the folder changed under us (a download error is already one line)
+            why = (e.strerror or type(e).__name__).lower()
             raise WanrenderError(
-                f"{f.dest}: checksum mismatch (got {got[:12]}…, expected {want}…) — the download was damaged; "
-                "run the command again"
-            )
-        final = dest / f.dest
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(local, final)
-        records[f.dest] = _record(final, got, f)
-        _write_manifest(dest, records)  # after each file: an interrupted run keeps what it verified
+                f"{dest}: {why} while saving {f.dest} — free space or fix the folder and run again; "
+                "finished files are kept and the partial one resumes"
+            ) from None
         say(f, "verified" if remote.sha256 else "done (no checksum published)")
     shutil.rmtree(cache, ignore_errors=True)
     return [dest / f.dest for f in files]
+
+
+def _download_one(dest: Path, cache: Path, f: RemoteFile, remote: Remote, hub: Hub, records: dict[str, dict]) -> None:
+    """Download, verify, then rename into place and record: the final name only ever holds a verified file."""
+    local = hub.download(f, cache, remote)
+    got = sha256_file(local)
+    if (remote.sha256 and got != remote.sha256) or (remote.size is not None and local.stat().st_size != remote.size):
+        local.unlink(missing_ok=True)
+        want = (remote.sha256 or "?")[:12]
+        raise WanrenderError(
+            f"{f.dest}: checksum mismatch (got {got[:12]}…, expected {want}…) — the download was damaged; "
+            "run the command again"
+        )
+    final = dest / f.dest
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(local, final)
+    records[f.dest] = _record(final, got, f)
+    _write_manifest(dest, records)  # after each file: an interrupted run keeps what it verified

@@ -63,7 +63,7 @@ def load_json(data: bytes | str, path: object, what: str) -> object:
     try:
         return json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError, MemoryError, TypeError):  # JSONDecodeError/UnicodeDecodeError are ValueErrors
-        raise ModelFileError(path, f"not valid JSON ({what} unreadable)", _REDOWNLOAD) from None
+        raise ModelFileError(path, f"unreadable {what} (not valid JSON)", _REDOWNLOAD) from None
 
 
 def _no_constant(name: str) -> object:
