@@ -231,15 +231,19 @@ def test_check_reports_each_broken_file_and_still_lists_the_others(demo_models: 
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # nothing touched
 
 
-@pytest.mark.parametrize("name", ["deep.safetensors", "huge_length.safetensors", "dtype_list.safetensors"])
-def test_generate_names_the_broken_file_in_one_line(demo_models: Path, tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "flag"),
+    [("deep.safetensors", "--high"), ("huge_length.safetensors", "--low"), ("dtype_list.safetensors", "--high"),
+     ("rank0_vae.safetensors", "--vae")],
+)  # fmt: skip
+def test_generate_names_the_broken_file_in_one_line(demo_models: Path, tmp_path: Path, name: str, flag: str) -> None:
     from PIL import Image
 
     bad = HOSTILE[name](tmp_path / name)
     image, out = tmp_path / "start.png", tmp_path / "out.mp4"
     Image.new("RGB", (64, 64), (90, 120, 150)).save(image)
     r = run_cli("generate", str(image), "--prompt", "x", "--models", str(demo_models),
-                "--high", str(bad), "--device", "cpu", "-o", str(out), env={"WANRENDER_HOME": str(tmp_path / "h")})  # fmt: skip
+                flag, str(bad), "--device", "cpu", "-o", str(out), env={"WANRENDER_HOME": str(tmp_path / "h")})  # fmt: skip
     assert r.returncode == 2
     line = one_error_line(r)
     assert str(bad) in line and "download it again" in line, line

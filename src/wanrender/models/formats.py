@@ -179,8 +179,19 @@ def _classify_keys(keys: list[str]) -> tuple[str, str, str]:
 
 
 def inspect_checkpoint(path: str | os.PathLike, ck: Checkpoint | None = None) -> CheckpointInfo:
-    """Describe one weights file, shard index, or single-model folder."""
-    p = Path(path)
+    """Describe one weights file, shard index, or single-model folder.
+
+    A header can be well-formed and still describe nonsense (a VAE convolution of
+    rank 0): that is the file's fault too, one line naming it, like a damaged header."""
+    try:
+        return _inspect(Path(path), ck)
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as e:
+        raise ModelFileError(
+            path, f"unrecognised contents ({type(e).__name__})", "check the file or download it again"
+        ) from None
+
+
+def _inspect(p: Path, ck: Checkpoint | None) -> CheckpointInfo:
     if p.is_dir():
         return _inspect_dir(p)
     if p.name == "spiece.model" or p.suffix == ".model":
