@@ -9,26 +9,50 @@ cd "$(dirname "$0")/.."
 VENV=${WANRENDER_VENV:-.venv}
 PY=${PYTHON:-python3}
 
+say() { echo "[setup] $*" >&2; }
+
+TORCH_PIN=torch==2.13.0
+CPU_INDEX=https://download.pytorch.org/whl/cpu
+
+install_torch() {
+    local pip=("$VENV/bin/python" -m pip install -q)
+    if [ -n "${WANRENDER_TORCH:-}" ]; then
+        say "installing ${WANRENDER_TORCH} (WANRENDER_TORCH) ..."
+        "${pip[@]}" "$WANRENDER_TORCH"
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        say "installing torch (CUDA build: an NVIDIA driver is present; a few GB) ..."
+        "${pip[@]}" torch
+    else
+        # No NVIDIA driver: the CPU build (~200 MB) from PyTorch's CPU index; a plain
+        # pin would resolve to the multi-GB CUDA build on PyPI. When that index cannot
+        # be reached (an offline mirror, a firewall), fall back to the plain pin,
+        # which is what pip's configured indexes offer.
+        say "installing torch (CPU build, no NVIDIA driver found) ..."
+        if ! "${pip[@]}" --index-url "$CPU_INDEX" --timeout 10 --retries 0 "$TORCH_PIN" 2>/dev/null; then
+            say "$CPU_INDEX not reachable: installing $TORCH_PIN from the configured package index instead"
+            "${pip[@]}" "$TORCH_PIN"
+        fi
+    fi
+}
+
 setup() {
     if [ ! -x "$VENV/bin/python" ]; then
+        say "creating the virtual environment $VENV ..."
         "$PY" -m venv "$VENV"
     fi
     local stamp="$VENV/.wanrender-setup"
     if [ -f "$stamp" ] && [ "$stamp" -nt pyproject.toml ]; then
         return
     fi
+    say "upgrading pip ..."
     "$VENV/bin/python" -m pip install -q --upgrade pip
     if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-        # Without an NVIDIA driver, take the CPU build of torch (a plain 'torch'
-        # requirement would pull a multi-GB CUDA build). WANRENDER_TORCH overrides.
-        if command -v nvidia-smi >/dev/null 2>&1; then
-            "$VENV/bin/python" -m pip install -q "${WANRENDER_TORCH:-torch}"
-        else
-            "$VENV/bin/python" -m pip install -q "${WANRENDER_TORCH:-torch==2.13.0}"
-        fi
+        install_torch
     fi
+    say "installing wanrender and its test dependencies ..."
     "$VENV/bin/python" -m pip install -q -e ".[test]"
     touch "$stamp"
+    say "done: $VENV is ready"
 }
 
 cmd=${1:-demo}

@@ -118,6 +118,10 @@ def plan_cmd(
         "--ram",
         help="Host RAM to plan for, e.g. 64GiB (GB = 10^9 bytes, GiB = 2^30 bytes; a bare number is GiB; default: this machine's).",
     ),
+    profile: str = typer.Option(
+        "auto", "--profile", help="auto (the GPU's profile, as generate uses), off, or a profile YAML."
+    ),
+    ctx: typer.Context = None,  # which knobs were given (a profile fills only the others, as in generate)
 ) -> None:
     """Predict peak VRAM and time for a render and list a frame-count guide, for this GPU or a named one.
 
@@ -125,7 +129,8 @@ def plan_cmd(
     from wanrender.cli_plan import plan_command
 
     try:
-        out = plan_command(size, frames, gpu, vram, reserve_vram, preset, memory, precision, compile, models, ram)
+        out = plan_command(size, frames, gpu, vram, reserve_vram, preset, memory, precision, compile, models, ram,
+                           profile, ctx)  # fmt: skip
     except WanrenderError as e:
         _fail(e)
         return
@@ -309,7 +314,10 @@ def models_fetch(
         from wanrender.fetch import STANDARD_SET, fetch
 
         total = sum(f.approx_gb for f in STANDARD_SET)
-        console.print(f"Downloading {len(STANDARD_SET)} files (~{total:.0f} GB) into {folder} ...", highlight=False)
+        console.print(
+            f"{len(STANDARD_SET)} files (~{total:.0f} GB) into {folder}; complete ones are skipped, partial ones resume",
+            highlight=False,
+        )
 
         def report(f, state: str) -> None:
             console.print(f"  {f.role:<20} {f.dest}: {state}", highlight=False)

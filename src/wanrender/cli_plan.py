@@ -10,13 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from wanrender.bench.commands import explicit_knobs
+from wanrender.bench.profiles import choose_profile
 from wanrender.cli_errors import flagged
 from wanrender.errors import WanrenderError
 from wanrender.runtime import memory as mem
 from wanrender.runtime.gpus import GIB
 from wanrender.runtime.memory import Weights, Workload
 from wanrender.runtime.planner import GUIDE_FRAMES, Context, PlanRefused, decide, guide, resolve_precision
-from wanrender.spec import parse_gib, parse_size
+from wanrender.spec import check_reserve, parse_gib, parse_size
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,10 @@ class PlanOutput:
     refused: PlanRefused | None  # the request asked about does not fit (the command exits 1)
 
 
-def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[int, ...] = GUIDE_FRAMES) -> PlanOutput:
-    """Rich renderables for `wanrender plan`, and the refusal if the request does not fit."""
+def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[int, ...] = GUIDE_FRAMES,
+                profile: str | None = None) -> PlanOutput:  # fmt: skip
+    """Rich renderables for `wanrender plan`, and the refusal if the request does not fit.
+    ``profile``: the line saying which GPU profile chose the knobs (None: no profile matched)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -38,7 +42,8 @@ def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[
         + ("" if g.free_gib is not None else f" and {mem.CUDA_CONTEXT_GIB:g} GiB CUDA context"),
         f"Compute: precision {ctx.precision if g.fp8_matmul else 'bf16'} ({ctx.path}), {g.attention_tflops:g} TFLOP/s attention; "
         f"weights: {ctx.weights.source} (expert {ctx.weights.expert / GIB:.1f} GiB, text encoder {ctx.weights.text_encoder / GIB:.1f} GiB)",
-    ]
+        "Knobs: " + (profile or "no GPU profile matches this GPU: generate's defaults (or your flags)"),
+    ]  # fmt: skip
     refused = None
     if d.chosen is not None:
         c = d.chosen
@@ -69,12 +74,14 @@ def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[
 
 
 def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, reserve: float, preset: str, mode: str,
-                 precision: str, compile: str, models, ram: str | None) -> PlanOutput:  # fmt: skip
+                 precision: str, compile: str, models, ram: str | None, profile: str = "auto",
+                 cmd=None) -> PlanOutput:  # fmt: skip
     """`wanrender plan`: parse the flags, build the context, return what to print."""
     from wanrender.request import PRESETS, validate
     from wanrender.runtime import gpus
 
     width, height = parse_size(size)
+    reserve = check_reserve(reserve)
     if preset not in PRESETS:
         raise WanrenderError(f"unknown preset {preset!r} — choose one of {', '.join(PRESETS)}")
     p = PRESETS[preset]
@@ -87,6 +94,16 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
         spec = replace(gpus.named("rtx4090"), name="a GPU")  # only the memory is given: 4090-class speed
     if vram is not None:
         spec = spec.with_vram(parse_gib(vram, "vram"))
+    check_reserve(reserve, card_gib=spec.total_gib)
+    # The knobs generate would use on this GPU: the same profile rule, so the two agree.
+    choice = choose_profile(profile, spec.name, frames, width, height, explicit_knobs(cmd))
+    knobs = choice.chosen if choice else {}
+    precision, compile = knobs.get("precision", precision), knobs.get("compile", compile)
+    line = "--profile off: generate's defaults (or your flags)" if profile == "off" else None
+    if choice is not None:
+        line = choice.line() + ", as generate uses it"
+        if knobs.get("attention", "").startswith("sage"):
+            line += " (times use the exact-attention rate)"
     prec = resolve_precision(precision, spec, compile)
     if models is not None:
         from wanrender.generate import resolve_files
@@ -96,7 +113,7 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
         weights = Weights.standard(lora=p.lora_strength > 0)
     host = parse_gib(ram, "ram") if ram else gpus.host_ram_gib()[0]
     ctx = Context(spec, weights, prec, compile, reserve, host)
-    return plan_report(ctx, Workload(frames, width, height, p.sampling), mode)
+    return plan_report(ctx, Workload(frames, width, height, p.sampling), mode, profile=line)
 
 
 def _probe_request(frames: int, width: int, height: int, preset):

@@ -22,6 +22,7 @@ from wanrender.spec import (
     RuntimeKnobs,
     Sampling,
     SpecError,
+    check_reserve,
 )
 
 # The official Wan 2.2 negative prompt (used when cfg != 1 and none is given).
@@ -170,8 +171,6 @@ def validate(req: RenderRequest) -> RenderRequest:
         raise SpecError("fit", f"fit {r.fit!r} is invalid — choose crop or pad")
     if k.memory not in MEMORY_MODES:
         raise SpecError("memory", f"memory {k.memory!r} is invalid — choose one of {', '.join(MEMORY_MODES)}")
-    if k.reserve_vram is not None and not 0 <= k.reserve_vram <= 1024:
-        raise SpecError(
-            "reserve_vram", f"reserve_vram {k.reserve_vram:g} is invalid — use GiB to keep free, e.g. 1 or 4"
-        )
+    if k.reserve_vram is not None:
+        check_reserve(k.reserve_vram)
     return req

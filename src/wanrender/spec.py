@@ -12,6 +12,7 @@ Unit rule, everywhere (flags, matrices, docs): GB = 10^9 bytes, GiB = 2^30 bytes
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
@@ -63,6 +64,8 @@ def parse_bytes(text: str | int | float, what: str = "size", bare: str = "b") ->
         raise SpecError(what, f"{what} {text!r} is invalid — use a number with a unit, e.g. 24GiB ({UNIT_RULE})")
     if isinstance(text, (int, float)):
         value, unit = float(text), bare.lower()
+        if not math.isfinite(value) or value < 0:  # YAML and Python callers can pass nan, inf, -1
+            raise SpecError(what, f"{what} {text!r} is invalid — use a size of 0 or more, e.g. 24GiB ({UNIT_RULE})")
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
         if not m or (m.group(2) or bare).lower() not in _BYTES:
@@ -77,6 +80,28 @@ def parse_gib(text: str | int | float, what: str = "vram", limit_gib: float = 40
     if not 0 < gib <= limit_gib:
         raise SpecError(what, f"{what} {text!r} is out of range — use a size such as 24GiB ({UNIT_RULE})")
     return gib
+
+
+RESERVE_LIMIT_GIB = 1024
+
+
+def check_reserve(gib: float | int | str, what: str = "reserve_vram", card_gib: float | None = None) -> float:
+    """GPU memory to keep free, in GiB: a finite number in 0..1024, and less than the card
+    (``card_gib``) when it is known — a negative reserve would plan past the card's end."""
+    try:
+        value = float(gib)
+    except (TypeError, ValueError):
+        value = math.nan
+    shown = f"{value:g}" if isinstance(gib, (int, float)) and not isinstance(gib, bool) else repr(gib)
+    if isinstance(gib, bool) or not math.isfinite(value) or not 0 <= value <= RESERVE_LIMIT_GIB:
+        raise SpecError(
+            what, f"{what} {shown} is invalid — use GiB to keep free (0 to {RESERVE_LIMIT_GIB}), e.g. 1 or 4"
+        )
+    if card_gib is not None and value >= card_gib:
+        raise SpecError(
+            what, f"{what} {value:g} leaves nothing of the card's {card_gib:.1f} GiB — use less, e.g. 1 or 4"
+        )
+    return value
 
 
 def parse_size(text: str, what: str = "size") -> tuple[int, int]:

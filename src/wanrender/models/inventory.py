@@ -110,6 +110,8 @@ def scan(root: str | os.PathLike) -> ModelSet:
             entries.append(Entry(path, inspect_checkpoint(path)))
         except ModelFileError as e:
             entries.append(Entry(path, None, f"{e.problem} — {e.fix}"))
+        except OSError as e:
+            entries.append(Entry(path, None, f"cannot read it ({e.strerror}) — check its permissions"))
     return choose(entries)
 
 

@@ -27,7 +27,7 @@ from wanrender.models.formats import (
     inspect_checkpoint,
     read_config,
 )
-from wanrender.models.safetensors_io import Checkpoint, open_checkpoint
+from wanrender.models.safetensors_io import Checkpoint, load_json, open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def canonical_state(
 def _check_comfy_quant(ck: Mapping[str, torch.Tensor], key: str) -> None:
     try:
         conf = json.loads(bytes(ck[key].tolist()).decode())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         return
     fmt = conf.get("format", "float8_e4m3fn") if isinstance(conf, dict) else "float8_e4m3fn"
     if fmt not in ("float8_e4m3fn", "float8_e5m2"):
@@ -209,7 +209,7 @@ def load_dit(
 def _dit_config(ck: Checkpoint, weights: Mapping[str, torch.Tensor], folder_cfg: dict | None) -> ditmod.DiTConfig:
     meta = getattr(ck, "metadata", {}) or {}
     if "wanrender.config" in meta:
-        return ditmod.DiTConfig.from_dict(json.loads(meta["wanrender.config"]))
+        return ditmod.DiTConfig.from_dict(load_json(meta["wanrender.config"], getattr(ck, "path", ""), "config"))
     # Shapes give everything but the head count, which an official config.json has.
     heads = int(folder_cfg["num_heads"]) if folder_cfg and "num_heads" in folder_cfg else None
     return ditmod.config_from_state_dict({k: tuple(v.shape) for k, v in weights.items()}, num_heads=heads)

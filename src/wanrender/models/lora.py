@@ -280,7 +280,7 @@ def _peft_config(meta: Mapping[str, str]) -> dict:
     """diffusers' ``lora_adapter_metadata`` header (keys bare or ``transformer.``-prefixed)."""
     try:
         conf = json.loads(meta.get("lora_adapter_metadata") or "{}")
-    except (json.JSONDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # a hostile header string is ignored like a bad one
         return {}
     if not isinstance(conf, dict):
         return {}

@@ -37,6 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 _REDOWNLOAD = "the file is damaged or incomplete; download it again"
+# The safetensors format's own limit; real headers are under a few MB (a 14B expert: ~200 kB).
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -50,6 +51,45 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return self.end - self.start
+
+
+def load_json(data: bytes | str, path: object, what: str) -> object:
+    """JSON read from a model file: any malformed text is the file's fault, one line naming it.
+
+    Hostile text fails in more ways than JSONDecodeError: nesting 100,000 deep raises
+    RecursionError, invalid UTF-8 UnicodeDecodeError, and a huge document MemoryError.
+    NaN and Infinity are not JSON and are refused too.
+    """
+    try:
+        return json.loads(data, parse_constant=_no_constant)
+    except (ValueError, RecursionError, MemoryError, TypeError):  # JSONDecodeError/UnicodeDecodeError are ValueErrors
+        raise ModelFileError(path, f"unreadable {what} (not valid JSON)", _REDOWNLOAD) from None
+
+
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _tensor_info(path: Path, name: str, h: object) -> TensorInfo:
+    """One header entry, checked field by field (a header is untrusted input)."""
+    if not isinstance(h, dict):
+        raise ModelFileError(path, f"malformed entry for tensor {name!r}", _REDOWNLOAD)
+    dtype, shape, offsets = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+    if not isinstance(dtype, str):
+        raise ModelFileError(path, f"malformed entry for tensor {name!r} (dtype)", _REDOWNLOAD)
+    if dtype not in DTYPES:
+        raise ModelFileError(path, f"tensor {name!r} has unsupported dtype {dtype[:20]}", "convert it")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(_is_int(d) for d in shape):
+        raise ModelFileError(path, f"malformed entry for tensor {name!r} (shape)", _REDOWNLOAD)
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+        raise ModelFileError(path, f"malformed entry for tensor {name!r} (data_offsets)", _REDOWNLOAD)
+    if offsets[0] > offsets[1]:
+        raise ModelFileError(path, f"tensor {name!r}: its byte range is reversed", _REDOWNLOAD)
+    return TensorInfo(dtype, tuple(shape), offsets[0], offsets[1])
 
 
 class SafetensorsFile(Mapping[str, torch.Tensor]):
@@ -66,34 +106,35 @@ class SafetensorsFile(Mapping[str, torch.Tensor]):
         size = self.path.stat().st_size
         if size < 8:
             raise ModelFileError(self.path, f"only {size} bytes, not a safetensors file", _REDOWNLOAD)
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > _MAX_HEADER or 8 + n > size:
-                raise ModelFileError(self.path, "not a valid safetensors file (bad header length)", _REDOWNLOAD)
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError):
-                raise ModelFileError(
-                    self.path, "not a valid safetensors file (unreadable header)", _REDOWNLOAD
-                ) from None
+        try:
+            with open(self.path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                if n < 2 or n > _MAX_HEADER or 8 + n > size:
+                    raise ModelFileError(
+                        self.path,
+                        f"not a valid safetensors file (header length {n} in a {size}-byte file)",
+                        _REDOWNLOAD,
+                    )
+                raw = f.read(n)
+        except OSError as e:
+            raise ModelFileError(self.path, f"cannot read the file ({e.strerror})", "check its permissions") from None
+        header = load_json(raw, self.path, "header")
         if not isinstance(header, dict):
-            raise ModelFileError(self.path, "not a valid safetensors file", _REDOWNLOAD)
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            raise ModelFileError(self.path, "not a valid safetensors file (the header is not an object)", _REDOWNLOAD)
+        meta = header.pop("__metadata__", None) or {}
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise ModelFileError(self.path, "not a valid safetensors file (metadata is not text)", _REDOWNLOAD)
+        self.metadata: dict[str, str] = meta
         self._data_start = 8 + n
         self.infos: dict[str, TensorInfo] = {}
         data_len = size - self._data_start
         for name, h in header.items():
-            try:
-                info = TensorInfo(h["dtype"], tuple(int(s) for s in h["shape"]), *map(int, h["data_offsets"]))
-            except (KeyError, TypeError, ValueError):
-                raise ModelFileError(self.path, f"malformed entry for tensor {name!r}", _REDOWNLOAD) from None
-            if info.dtype not in DTYPES:
-                raise ModelFileError(self.path, f"tensor {name!r} has unsupported dtype {info.dtype}", "convert it")
-            if info.end > data_len or info.start > info.end:
+            info = _tensor_info(self.path, name, h)
+            if info.end > data_len:
                 raise ModelFileError(
                     self.path, f"truncated: tensor {name!r} ends past the end of the file", _REDOWNLOAD
                 )
-            if any(d < 0 for d in info.shape) or info.nbytes != math.prod(info.shape) * DTYPES[info.dtype].itemsize:
+            if info.nbytes != math.prod(info.shape) * DTYPES[info.dtype].itemsize:
                 raise ModelFileError(
                     self.path, f"tensor {name!r}: its byte range does not match its shape", _REDOWNLOAD
                 )
@@ -180,12 +221,15 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
     def __init__(self, index_path: str | os.PathLike) -> None:
         self.path = Path(index_path)
         try:
-            index = json.loads(self.path.read_text())
-            weight_map: dict[str, str] = index["weight_map"]
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             raise ModelFileError(self.path, "file not found", "check the path") from None
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-            raise ModelFileError(self.path, "not a valid shard index (no weight_map)", _REDOWNLOAD) from None
+        if len(raw) > _MAX_HEADER:
+            raise ModelFileError(self.path, f"not a valid shard index ({len(raw)} bytes)", _REDOWNLOAD)
+        index = load_json(raw, self.path, "shard index")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ModelFileError(self.path, "not a valid shard index (no weight_map)", _REDOWNLOAD)
         missing = sorted({f for f in weight_map.values() if not (self.path.parent / f).is_file()})
         if missing:
             raise ModelFileError(
@@ -198,7 +242,8 @@ class ShardedCheckpoint(Mapping[str, torch.Tensor]):
             if name not in shard.infos:
                 raise ModelFileError(shard.path, f"tensor {name!r} listed in the index is absent", _REDOWNLOAD)
             self._where[name] = shard
-        self.metadata: dict[str, str] = index.get("metadata") or {}
+        meta = index.get("metadata") or {}
+        self.metadata: dict[str, str] = meta if isinstance(meta, dict) else {}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._where[name][name]

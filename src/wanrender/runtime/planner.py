@@ -35,7 +35,7 @@ from wanrender.runtime import memory as mem
 from wanrender.runtime import timing
 from wanrender.runtime.gpus import GIB, GPUSpec
 from wanrender.runtime.memory import Weights, Workload
-from wanrender.spec import SpecError, Stage
+from wanrender.spec import SpecError, Stage, check_reserve
 
 MODES = ("auto", "resident", "swap", "stream")
 EXPERTS = ("resident", "swap", "stream")
@@ -369,7 +369,8 @@ def plan_render(
         return cpu_plan(knobs.memory)
     spec = gpu or gpus.probe(dev)
     precision = resolve_precision(knobs.precision, spec, knobs.compile)
-    reserve = knobs.reserve_vram if knobs.reserve_vram is not None else DEFAULT_RESERVE_GIB
+    reserve = check_reserve(knobs.reserve_vram if knobs.reserve_vram is not None else DEFAULT_RESERVE_GIB,
+                            card_gib=spec.total_gib)  # fmt: skip
     ctx = Context(spec, weights or Weights.from_files(files, precision), precision, knobs.compile, reserve,
                   gpus.host_ram_gib()[0])  # fmt: skip
     decision = decide(ctx, Workload.of(req), knobs.memory)
