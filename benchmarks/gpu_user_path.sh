@@ -2,9 +2,11 @@
 # The user's path, timed from the command: full-size random files in the users'
 # formats (`models random --size full`), then `generate` twice in fresh processes:
 # the first after "installation" (empty wanrender home: no compile cache, no checksum
-# cache), the second a later process. Files stay in the page cache between runs.
+# cache), then later processes. Files stay in the page cache between runs.
+# RUNS lists the processes: "plain" (the defaults) or "compile" (--compile default,
+# which compiles even on a cold cache and records it for later processes).
 # Run from the repository root on a GPU machine with PYTHONPATH=src; results in $OUT.
-#   bash benchmarks/gpu_user_path.sh [EXTRA GENERATE FLAGS...]
+#   RUNS="plain plain compile plain" bash benchmarks/gpu_user_path.sh [EXTRA GENERATE FLAGS...]
 set -uo pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -18,10 +20,14 @@ python3 -c "import skimage.data, PIL.Image; PIL.Image.fromarray(skimage.data.ast
 t0=$(now)
 timeout 300 python3 -m wanrender.cli models random --dir "$M" --size full 2>&1 | tail -12
 echo "models random --size full: $(python3 -c "print(f'{$(now) - $t0:.1f}')") s"
-for run in 1 2; do
+run=0
+for kind in ${RUNS:-plain plain}; do
+    run=$((run + 1))
+    extra=(); [ "$kind" = compile ] && extra=(--compile default)
+    echo "== process $run ($kind)"
     t0=$(now)
     timeout 250 python3 -m wanrender.cli generate "$IMG" --prompt "an astronaut waves at the camera, slow dolly-in" \
-        --models "$M" --frames 81 --size 832x1216 --seed 42 -o "/tmp/wr-out/run$run.mp4" "$@" 2>&1 | grep -v "Warning\|warn(" | tail -22
+        --models "$M" --frames 81 --size 832x1216 --seed 42 -o "/tmp/wr-out/run$run.mp4" "${extra[@]}" "$@" 2>&1 | grep -v "Warning\|warn(" | tail -22
     echo "process $run, command to MP4: $(python3 -c "print(f'{$(now) - $t0:.1f}')") s"
     cp "/tmp/wr-out/run$run.json" "$OUT/" 2>/dev/null; python3 - "$OUT/run$run.json" <<'PY'
 import json, sys

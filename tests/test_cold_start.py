@@ -102,3 +102,44 @@ def test_a_one_video_process_drops_a_profile_compile_only_while_the_cache_is_col
     remember_compiled(compile_key("cpu", req.render.tokens, Runner("cpu").prepare(req, files).config.plan))
     assert (tmp_path / "inductor" / "wanrender-compiled.json").is_file()
     assert Runner("cpu", one_shot=True).prepare(by_profile, files).config.plan.compile == "default"
+
+
+def test_streaming_writer_encodes_chunks_and_abort_leaves_nothing(tmp_path: Path) -> None:
+    import numpy as np
+
+    from wanrender.media.video import StreamingWriter, probe_video, read_video
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, size=(9, 48, 64, 3), dtype=np.uint8)
+    w = StreamingWriter(tmp_path / "a.mp4", fps=16, crf=18)
+    w.put(frames[:1])
+    for i in range(1, 9, 4):
+        w.put(frames[i : i + 4])
+    w.close()
+    assert w.frames == 9 and probe_video(tmp_path / "a.mp4").frames == 9
+    assert read_video(tmp_path / "a.mp4")[0].shape == (9, 48, 64, 3)
+    aborted = StreamingWriter(tmp_path / "b.mp4")
+    aborted.put(frames[:5])
+    aborted.abort()
+    assert not (tmp_path / "b.mp4").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".b")]
+    bad = StreamingWriter(tmp_path / "c.mp4")
+    bad.put(frames[:2])
+    bad.put(frames[:2, :, :32])  # a frame of another size: the encoder's error reaches the caller
+    with pytest.raises(Exception, match="size|shape"):
+        bad.close()
+    assert not (tmp_path / "c.mp4").exists()
+
+
+def test_streamed_decode_gives_the_same_frames_as_the_whole_decode() -> None:
+    from wanrender.models.random_init import init_random_
+    from wanrender.models.vae import VAEConfig, WanVAE
+    from wanrender.pipeline import i2v
+
+    vae = WanVAE(VAEConfig.preset("demo")).eval()
+    init_random_(vae, seed=3)
+    lat = torch.randn(1, 16, 3, 8, 10, generator=torch.Generator().manual_seed(0))
+    chunks: list = []
+    streamed = i2v.decode(vae, lat, on_frames=chunks.append)
+    whole = i2v.decode(vae, lat)
+    assert [c.shape[0] for c in chunks] == [1, 4, 4]
+    assert streamed.flags["C_CONTIGUOUS"] and (streamed == whole).all()

@@ -331,9 +331,10 @@ class Engine:
         return (ctx[:1], None) if negative is None else (ctx[:1], ctx[1:])
 
     def render(self, req: RenderRequest, image: torch.Tensor, progress: Progress | None = None,
-               swap_experts: bool = False) -> RenderResult:  # fmt: skip
+               swap_experts: bool = False, on_frames: Callable[[np.ndarray], None] | None = None) -> RenderResult:  # fmt: skip
         """Run the pipeline on an already fitted image [3, H, W] in [0, 1]. ``swap_experts``
-        (a benchmark experiment): the low-noise expert takes the high-noise steps."""
+        (a benchmark experiment): the low-noise expert takes the high-noise steps.
+        ``on_frames`` receives the uint8 frames chunk by chunk as the VAE decodes them."""
         from wanrender.request import negative_prompt
         from wanrender.runtime.plan import compiled_scope
 
@@ -388,7 +389,8 @@ class Engine:
         timings[Stage.SAMPLING.value] = time.perf_counter() - t_start
         del cond, noise, ctx, neg
         with self._stage(timings, Stage.VAE_DECODE, progress):
-            frames = i2v.decode(self.vae, latent, tiled=self.memory is not None and self.memory.plan.tiled_decode)
+            frames = i2v.decode(self.vae, latent, tiled=self.memory is not None and self.memory.plan.tiled_decode,
+                                on_frames=on_frames)  # fmt: skip
         result = RenderResult(None, None, frames, latent.cpu(), timings)
         result.meta["step_seconds"] = step_times
         if self.memory is not None:

@@ -52,6 +52,12 @@ def _partial(p: Path) -> Path:
     return p.with_name(f".{p.name}.partial")
 
 
+def video_partial(out: Path) -> Path:
+    """Where the video is encoded before the outputs are committed (a streaming encoder
+    writes it while the frames are still being decoded)."""
+    return _partial(out)
+
+
 def _previous(p: Path) -> Path:
     return p.with_name(f".{p.name}.previous")
 
@@ -147,10 +153,13 @@ def interpolate(req: RenderRequest, frames: np.ndarray, device, timings: dict, m
 
 
 def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, timings: dict[str, float],
-                  sidecar: Callable[[], dict], progress: Progress | None = None) -> tuple[Path, Path]:  # fmt: skip
+                  sidecar: Callable[[], dict], progress: Progress | None = None,
+                  stream=None) -> tuple[Path, Path]:  # fmt: skip
     """Encode ``frames`` (interpolated, if asked) to ``req.output.out``, the ``rendered``
     frames as PNGs if asked, then the sidecar (``sidecar()`` is called last, so it sees
-    the encode's timing); returns (video, sidecar)."""
+    the encode's timing); returns (video, sidecar). ``stream``: a media.video.StreamingWriter
+    that has been encoding the frames into the video's temporary file during the decode;
+    then only its end is waited for (``video_encode`` is that wait)."""
     from wanrender.media.sidecar import write_sidecar
     from wanrender.media.video import write_video
 
@@ -159,12 +168,16 @@ def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, 
     final = _finals(out, req.output.save_frames)
     tmp = {k: _partial(p) for k, p in final.items()}
     try:
-        for p in tmp.values():
-            _remove(p)
+        for k, p in tmp.items():
+            if not (stream is not None and k == "video"):
+                _remove(p)
         if progress:
             progress(Stage.VIDEO_ENCODE.value, None, None, "start")
         t0 = time.perf_counter()
-        write_video(frames, tmp["video"], fps=req.output.fps, crf=req.output.crf, shown_as=out)
+        if stream is not None:
+            stream.close()
+        else:
+            write_video(frames, tmp["video"], fps=req.output.fps, crf=req.output.crf, shown_as=out)
         timings[Stage.VIDEO_ENCODE.value] = time.perf_counter() - t0
         if progress:
             progress(Stage.VIDEO_ENCODE.value, None, None, f"{timings[Stage.VIDEO_ENCODE.value]:.2f}s")
@@ -177,6 +190,8 @@ def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, 
             check_frames_folder(out)
         _commit(tmp, final)
     finally:
+        if stream is not None:
+            stream.abort()  # a failure before its end: no encoder left running
         for p in tmp.values():
             _remove(p)
     return final["video"], final["sidecar"]

@@ -254,40 +254,60 @@ class Runner:
         if write:
             self._hash_in_background(files)
         loading = self.ensure_engine(prep.config, files, progress)
+        stream = None
         try:
-            result = self.engine.render(req, prep.image, progress, swap_experts)
-        except torch.cuda.OutOfMemoryError as e:
-            if not self.step_down:  # the allocator's error stays attached: the bench logs its words
-                raise WanrenderError(
-                    f"the GPU ran out of memory at {req.render.label()} on plan '{prep.memory.plan.short()}'"
-                ) from e
-            if not hasattr(prep.memory.decision, "chosen"):  # not planned against a GPU's memory
-                raise WanrenderError(
-                    f"the GPU ran out of memory at {req.render.label()} — try fewer frames, a smaller size or "
-                    "--memory stream, or free GPU memory"
-                ) from None
-            result = None
-        if result is None:
-            # Out of memory on an approved plan: another process took memory after planning.
-            # Free what the plan placed (outside the except block, so the traceback's
-            # tensors go too), step down once, and say so.
-            lower = self._step_down(prep.memory, progress)
-            loading.update(self.ensure_engine(replace(prep.config, memory=lower.plan), files, progress))
+            stream = self._stream(req, write)
             try:
-                result = self.engine.render(req, prep.image, progress, swap_experts)
-            except torch.cuda.OutOfMemoryError:
-                raise WanrenderError(
-                    f"the GPU ran out of memory again after stepping down to '{lower.plan.short()}' — free GPU memory and retry"
-                ) from None
-        result.meta["load"] = loading
-        result.meta["memory_record"] = prep.memory
-        if self.engine.plan.compile != "off":
-            from wanrender.runtime.plan import compile_key, remember_compiled
+                result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put)
+            except torch.cuda.OutOfMemoryError as e:
+                stream = _abort(stream)
+                if not self.step_down:  # the allocator's error stays attached: the bench logs its words
+                    raise WanrenderError(
+                        f"the GPU ran out of memory at {req.render.label()} on plan '{prep.memory.plan.short()}'"
+                    ) from e
+                if not hasattr(prep.memory.decision, "chosen"):  # not planned against a GPU's memory
+                    raise WanrenderError(
+                        f"the GPU ran out of memory at {req.render.label()} — try fewer frames, a smaller size or "
+                        "--memory stream, or free GPU memory"
+                    ) from None
+                result = None
+            if result is None:
+                # Out of memory on an approved plan: another process took memory after planning.
+                # Free what the plan placed (outside the except block, so the traceback's
+                # tensors go too), step down once, and say so.
+                lower = self._step_down(prep.memory, progress)
+                loading.update(self.ensure_engine(replace(prep.config, memory=lower.plan), files, progress))
+                stream = self._stream(req, write)
+                try:
+                    result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put)
+                except torch.cuda.OutOfMemoryError:
+                    raise WanrenderError(
+                        f"the GPU ran out of memory again after stepping down to '{lower.plan.short()}' — free GPU memory and retry"
+                    ) from None
+            result.meta["load"] = loading
+            result.meta["memory_record"] = prep.memory
+            if self.engine.plan.compile != "off":
+                from wanrender.runtime.plan import compile_key, remember_compiled
 
-            remember_compiled(compile_key(self.device, req.render.tokens, self.engine.plan))
+                remember_compiled(compile_key(self.device, req.render.tokens, self.engine.plan))
+        except BaseException:
+            _abort(stream)  # no encoder thread or half-written video left behind
+            raise
         if write:
-            self._write(req, result, prep.memory, progress)
+            self._write(req, result, prep.memory, progress, stream)
         return result
+
+    @staticmethod
+    def _stream(req: RenderRequest, write: bool):
+        """An encoder fed while the VAE decodes (media.video.StreamingWriter), writing the
+        video's temporary file; None when the frames must all exist first (interpolation)."""
+        if not write or req.output.interpolate != "off":
+            return None
+        from wanrender.media.video import StreamingWriter
+        from wanrender.outputs import video_partial
+
+        out = req.output.out
+        return StreamingWriter(video_partial(out), fps=req.output.fps, crf=req.output.crf, shown_as=out)
 
     def _step_down(self, memory: MemoryRecord, progress: Progress | None):
         from wanrender.runtime.planner import step_down
@@ -321,7 +341,8 @@ class Runner:
             self._hashes = FileHashes(wanted)
 
     # --- 6: outputs
-    def _write(self, req: RenderRequest, result: RenderResult, memory: MemoryRecord, progress: Progress | None) -> None:
+    def _write(self, req: RenderRequest, result: RenderResult, memory: MemoryRecord, progress: Progress | None,
+               stream=None) -> None:  # fmt: skip
         from wanrender.outputs import interpolate, write_outputs
 
         frames = interpolate(req, result.frames, self.device, result.timings, result.meta, progress)
@@ -332,7 +353,13 @@ class Runner:
             result.timings,
             lambda: sidecar(req, self.engine, result, memory, self._hashes),
             progress,
+            stream=stream,
         )
+
+
+def _abort(stream) -> None:
+    if stream is not None:
+        stream.abort()
 
 
 def frames_sha256(frames) -> str:

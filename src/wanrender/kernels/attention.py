@@ -187,13 +187,21 @@ def _sage8_option_names() -> frozenset[str]:
 
 
 def _cudnn_fp8() -> AttentionFn:
-    from wanrender.kernels.attention_cudnn import custom_op
+    from wanrender.kernels import cudnn_fp8_math as fm
+    from wanrender.kernels.attention_cudnn import core_op
 
-    op, exact = custom_op(), _sdpa(None)
+    op, exact = core_op(), _sdpa(None)
+    # The rotation as a host constant (a compiled graph holds it; eager copies 64 KB).
+    rotations = {d: fm.hadamard(d) for d in (64, 128)}
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Self-attention only, as for sage8: cross-attention stays on exact SDPA.
-        return op(q, k, v) if q.shape == k.shape == v.shape else exact(q, k, v)
+        if not q.shape == k.shape == v.shape or q.shape[-1] not in rotations:
+            return exact(q, k, v)
+        # The pre-pass runs here, in plain ops, where torch.compile fuses it; only the
+        # kernel and its post-pass are opaque.
+        q8, k8, v8, dq, dk, dv, _, v_mean, _ = fm.prepare_parts(q, k, v, rotation=rotations[q.shape[-1]].to(q.device))
+        return op(q, k, v, q8, k8, v8, dq, dk, dv, v_mean)
 
     return run
 

@@ -206,6 +206,38 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
     return fm.finish(sdpa_fp8(prep, entry), prep, q.dtype).contiguous()
 
 
+def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
+         dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, v_mean: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The cuDNN graph and the post-pass on inputs already prepared (by
+    ``cudnn_fp8_math.prepare_parts``, default scheme); exact SDPA on q, k, v where cuDNN
+    builds no graph for the shape."""
+    b, length, h, d = q.shape
+    entry = graph_for(b, length, h, d, q.device)
+    if isinstance(entry, str):
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).contiguous()
+    prep = fm.Prepared(q8, k8, v8, dq, dk, dv, 1.0 / dv, v_mean, None)
+    return fm.finish(sdpa_fp8(prep, entry), prep, q.dtype).contiguous()
+
+
+@functools.cache
+def core_op():
+    """:func:`core` as a custom op (opaque to torch.compile), so that the pre-pass
+    before it stays in the compiled graph and fuses there."""
+
+    @torch.library.custom_op("wanrender::cudnn_fp8_core", mutates_args=())
+    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor,
+           v8: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+           v_mean: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return core(q, k, v, q8, k8, v8, dq, dk, dv, v_mean)
+
+    @op.register_fake
+    def _(q, k, v, q8, k8, v8, dq, dk, dv, v_mean) -> torch.Tensor:
+        return q.new_empty(q.shape)
+
+    return op
+
+
 @functools.cache
 def custom_op():
     """``cudnn_fp8_attention`` as a PyTorch custom op, registered once, on first use:

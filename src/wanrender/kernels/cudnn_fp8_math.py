@@ -120,14 +120,24 @@ def _amax(x: torch.Tensor, per_head: bool) -> torch.Tensor:
     return a.clamp_min(1e-12)
 
 
-def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: Fp8Scheme = DEFAULT_SCHEME) -> Prepared:
+def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: Fp8Scheme = DEFAULT_SCHEME,
+            rotation: torch.Tensor | None = None) -> Prepared:  # fmt: skip
     """Smooth and quantise ``[B, L, H, D]`` Q, K, V (any float dtype, views allowed)."""
+    return Prepared(*prepare_parts(q, k, v, scheme, rotation))
+
+
+def prepare_parts(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: Fp8Scheme = DEFAULT_SCHEME,
+                  rotation: torch.Tensor | None = None) -> tuple:  # fmt: skip
+    """:func:`prepare`'s fields as a tuple, in plain tensor ops that torch.compile traces:
+    inside a compiled block the pre-pass fuses with the ops before it (measured eager on
+    an H200: 24 ms at 82,992 tokens, against 170 ms for the kernel). ``rotation``: the
+    Hadamard matrix already on the device (made here when None)."""
     quant = set(scheme.quantised)
     qf, kf, vf = q.float(), k.float(), v.float()
     if scheme.smooth_k:
         kf = kf - kf.mean(dim=1, keepdim=True)
     if scheme.rotate:
-        r = hadamard(q.shape[-1], q.device)
+        r = hadamard(q.shape[-1], q.device) if rotation is None else rotation
         qf, kf = qf @ r, kf @ r
     v_mean = vf.mean(dim=1, keepdim=True) if scheme.smooth_v else None
     if v_mean is not None:
@@ -141,7 +151,7 @@ def prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scheme: Fp8Scheme
     dq = _amax(qf, per_head) / FP8_MAX
     dk = _amax(kf, per_head) / FP8_MAX
     dv = _amax(vf, False) / FP8_MAX
-    return Prepared(
+    return (
         _codes(qf, dq, "q" in quant),
         _codes(kf, dk, "k" in quant),
         _codes(vf, dv, "v" in quant),

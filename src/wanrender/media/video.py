@@ -304,3 +304,73 @@ def _timed_packets(container: Any, src: Any, dst: Any, order: int) -> Iterator[t
     for packet in container.demux(src):
         if packet.dts is not None:  # the demuxer's empty flush packet
             yield float(packet.dts * packet.time_base), order, packet, dst
+
+
+class StreamingWriter:
+    """:func:`write_video` on a thread of its own, fed chunk by chunk while the frames
+    are still being made (the VAE decodes on the GPU, x264 encodes on the CPU), so the
+    video is on disk moments after the last frame instead of one full encode later.
+
+    ``put`` hands frames over (never blocks); ``close`` waits for the file and returns
+    the seconds it waited; ``abort`` stops and leaves no file. An encoder error
+    surfaces at the next ``put`` or at ``close``.
+    """
+
+    _END, _ABORT = object(), object()
+
+    def __init__(self, path: str | os.PathLike[str], fps: float = 16, crf: int = 18, *,
+                 shown_as: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+        import queue
+        import threading
+
+        self.path = Path(path)
+        self.frames = 0
+        self.error: BaseException | None = None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # unbounded: put never waits on a dead encoder
+        self._args = (fps, crf, shown_as)
+        self._thread = threading.Thread(target=self._run, name="wanrender-encode", daemon=True)
+        self._thread.start()
+
+    def _source(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._queue.get()
+            if item is self._END:
+                return
+            if item is self._ABORT:
+                raise _Aborted
+            yield from item
+
+    def _run(self) -> None:
+        fps, crf, shown_as = self._args
+        try:
+            self.frames = write_video(self._source(), self.path, fps=fps, crf=crf, shown_as=shown_as)
+        except BaseException as e:  # reported on the caller's thread
+            self.error = e
+
+    def put(self, frames: np.ndarray) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put(np.ascontiguousarray(frames))
+
+    def close(self) -> float:
+        import time
+
+        t0 = time.perf_counter()
+        self._finish(self._END)
+        if self.error is not None:
+            raise self.error
+        return time.perf_counter() - t0
+
+    def abort(self) -> None:
+        """Stop and remove the file (nothing, once closed: the file is then the caller's)."""
+        if self._thread.is_alive():
+            self._finish(self._ABORT)
+            self.path.unlink(missing_ok=True)
+
+    def _finish(self, marker: object) -> None:
+        self._queue.put(marker)
+        self._thread.join()
+
+
+class _Aborted(Exception):
+    pass

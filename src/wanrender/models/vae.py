@@ -15,7 +15,7 @@ diffusers folders go through :func:`official_keys_from_diffusers` first.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -404,10 +404,14 @@ class WanVAE(nn.Module):
         return (mu - mean) / std
 
     @torch.no_grad()
-    def decode(self, latent: Tensor, *, normalized: bool = True) -> Tensor:
+    def decode(
+        self, latent: Tensor, *, normalized: bool = True, on_chunk: Callable[[Tensor], None] | None = None
+    ) -> Tensor:
         """``[B, z, T, h, w]`` -> video ``[B, 3, 4(T-1)+1, 8h, 8w]`` float32 in [-1, 1].
 
         ``latent`` is normalised (as :meth:`encode` returns it) unless ``normalized=False``.
+        ``on_chunk`` sees each chunk of finished frames (1, then 4 per latent frame) as
+        soon as it is decoded, so a consumer can start on them (a video encoder).
         """
         if latent.dim() != 5 or latent.shape[1] != self.config.z_dim:
             raise ValueError(f"expected latents [B, {self.config.z_dim}, T, h, w], got {tuple(latent.shape)}")
@@ -426,9 +430,12 @@ class WanVAE(nn.Module):
         # One latent frame per call bounds activation memory to a few pixel frames.
         for i in range(t):
             frames = self.decoder(x[:, :, i : i + 1], cache)
-            out[:, :, at : at + frames.shape[2]] = frames
+            chunk = out[:, :, at : at + frames.shape[2]]
+            chunk.copy_(frames).clamp_(-1.0, 1.0)
             at += frames.shape[2]
-        return out.clamp_(-1.0, 1.0)
+            if on_chunk is not None:
+                on_chunk(chunk)
+        return out
 
     @torch.no_grad()
     def decode_tiled(

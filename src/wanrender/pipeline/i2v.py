@@ -89,10 +89,30 @@ def sample(
 
 
 @torch.no_grad()
-def decode(vae, latent: torch.Tensor, tiled: bool = False, tile_px: int = 512) -> np.ndarray:
-    """Latent -> uint8 RGB frames [T, H, W, 3]."""
+def decode(vae, latent: torch.Tensor, tiled: bool = False, tile_px: int = 512,
+           on_frames: Callable[[np.ndarray], None] | None = None) -> np.ndarray:  # fmt: skip
+    """Latent -> uint8 RGB frames [T, H, W, 3]. ``on_frames`` gets them chunk by chunk
+    while the rest still decodes (all at once at the end for a tiled decode)."""
     p = next(vae.parameters())
     z = latent.to(p.device)
-    video = vae.decode_tiled(z, tile_px=tile_px, overlap_px=tile_px // 4) if tiled else vae.decode(z)
+    if tiled or on_frames is None:
+        video = vae.decode_tiled(z, tile_px=tile_px, overlap_px=tile_px // 4) if tiled else vae.decode(z)
+        frames = to_uint8(video)
+        if on_frames is not None:
+            on_frames(frames)
+        return frames
+    parts: list[np.ndarray] = []
+
+    def on_chunk(chunk: torch.Tensor) -> None:
+        parts.append(to_uint8(chunk))  # the same formula per chunk: bit-identical to the whole
+        on_frames(parts[-1])
+
+    vae.decode(z, on_chunk=on_chunk)
+    return np.concatenate(parts)
+
+
+def to_uint8(video: torch.Tensor) -> np.ndarray:
+    """[1, 3, T, H, W] in [-1, 1] -> contiguous uint8 [T, H, W, 3] on the host (made
+    contiguous on the device: a strided host array costs the encoder a copy per frame)."""
     frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu().numpy()
+    return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
