@@ -29,7 +29,9 @@ class _Group(TyperGroup):
 
 
 # typer's own exception printer would show a traceback before main() could say one line.
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fast Wan 2.2 image-to-video rendering.",
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=(
+                      "Fast Wan 2.2 image-to-video rendering. An error is one line that says what to do (exit 2: bad "
+                      "input; 1: the environment or an internal error; 130: interrupted); --debug adds the traceback."),
                   cls=_Group, pretty_exceptions_enable=False)  # fmt: skip
 models_app = typer.Typer(no_args_is_help=True, help="Inspect and fetch model files.")
 app.add_typer(models_app, name="models")
@@ -45,8 +47,6 @@ def _main(
         help=f"Show the Python traceback of an error (also {DEBUG_ENV}=1, which child processes inherit).",
     ),
 ) -> None:
-    """Errors are one line that says what to do (exit 2: bad input; 1: the environment or an
-    internal error; 130: interrupted); --debug adds the traceback."""
     import os
 
     from wanrender.log import setup_logging
@@ -359,6 +359,9 @@ def models_random(
 
 def main() -> None:  # pragma: no cover - console entry (tests run it as a subprocess)
     """The catch-all: whatever a command raises becomes one line and an exit code."""
+    from wanrender.cli_errors import install_interrupt_handler
+
+    install_interrupt_handler()
     try:
         app()
     except SystemExit:
@@ -386,7 +389,9 @@ def _one_line(e: BaseException) -> tuple[int, str]:
     def flat(text: str) -> str:
         return " ".join(shown(text).split())[:500]
 
-    if isinstance(e, (_Interrupted, KeyboardInterrupt)):
+    from wanrender.cli_errors import interrupted
+
+    if interrupted() or isinstance(e, (_Interrupted, KeyboardInterrupt)):
         return 130, "interrupted — outputs are written only when complete, so earlier files are as they were"
     if isinstance(e, WanrenderError):
         from wanrender.cli_errors import flagged

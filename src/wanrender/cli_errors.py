@@ -38,3 +38,38 @@ def flagged(err: BaseException) -> str:
         # the advice after the dash names the field too: "— use precision bf16"
         msg = msg.replace(f"— use {err.field} ", f"— use {FLAGS[err.field]} ")
     return msg
+
+
+_INTERRUPTED: list[bool] = []
+
+
+def install_interrupt_handler() -> None:
+    """Ctrl-C is remembered as well as raised: it may surface as another error (an
+    extension module interrupted while initialising raises ImportError) or be swallowed
+    (raised inside a weakref callback, where Python prints "Exception ignored" with a
+    traceback). The swallowed one is not printed; ``check_interrupted`` raises it again."""
+    import signal
+    import sys
+
+    def on_sigint(signum: int, frame: object) -> None:
+        _INTERRUPTED.append(True)
+        raise KeyboardInterrupt
+
+    previous = sys.unraisablehook
+
+    def unraisable(info) -> None:  # noqa: ANN001 - sys.UnraisableHookArgs
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            previous(info)
+
+    signal.signal(signal.SIGINT, on_sigint)
+    sys.unraisablehook = unraisable
+
+
+def interrupted() -> bool:
+    return bool(_INTERRUPTED)
+
+
+def check_interrupted() -> None:
+    """Raise a Ctrl-C that was swallowed where it landed (called from progress events)."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from wanrender.cli_errors import check_interrupted
 from wanrender.errors import WanrenderError, shown
 
 console = Console(stderr=True)
@@ -69,6 +70,7 @@ def _progress_printer():
     tasks: dict[str, int] = {}
 
     def on_event(stage: str, step: int | None, total: int | None, detail: str) -> None:
+        check_interrupted()
         if stage not in tasks:
             tasks[stage] = bar.add_task(stage, total=total or 1, detail="")
         tid = tasks[stage]
@@ -290,6 +292,7 @@ def interpolate(
         tasks: list = []
 
         def on_progress(done: int, total: int | None) -> None:
+            check_interrupted()
             if not tasks:  # shown from the first frame on: errors found before the work stay one line
                 bar.start()
                 tasks.append(bar.add_task(f"interpolate x{multiplier}", total=None))

@@ -83,9 +83,10 @@ def check_lora_needs(req: RenderRequest, files: ModelFiles | None) -> None:
             )
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None, present: bool = True) -> torch.device:
     """The render's device, refused here (one line) when it cannot run: an unknown name,
-    CUDA with a CPU-only torch or no GPU, a GPU index this machine does not have."""
+    and with ``present`` CUDA with a CPU-only torch or no GPU, a GPU index this machine
+    does not have (the runner itself takes a CUDA device it may only emulate)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -94,7 +95,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise SpecError("device", f"device {str(device)!r} is not supported — use cuda, cuda:N (a GPU index) or cpu")
-    if dev.type == "cuda":
+    if dev.type == "cuda" and present:
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
             raise SpecError(
@@ -126,7 +127,7 @@ class Runner:
 
     def __init__(self, device: str | torch.device | None = None, *, engine: Engine | None = None,
                  gpu=None, weights=None, step_down: bool = True, one_shot: bool = False) -> None:  # fmt: skip
-        self.device = resolve_device(device)
+        self.device = resolve_device(device, present=False)
         self.engine = engine
         self.gpu, self.weights = gpu, weights
         self.step_down = step_down
