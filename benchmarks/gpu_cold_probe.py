@@ -80,7 +80,7 @@ def part_compile(args) -> None:
     frames, (w, h) = args.frames, map(int, args.size.split("x"))
     dev = torch.device("cuda")
     m = random_dit(dev, seed=0)
-    m.attention = attn.select("sage8", attn.Target.of(dev, torch.bfloat16, 128), eight_bit=True).fn
+    m.attention = attn.select(args.attention, attn.Target.of(dev, torch.bfloat16, 128), eight_bit=True).fn
     from wanrender.kernels.linear import enable_fp8
     from wanrender.spec import FP8_EXCLUDE
 
@@ -99,7 +99,7 @@ def part_compile(args) -> None:
     if not args.skip_eager:
         timed(fwd)
         t, _ = timed(fwd)
-        row("eager fp8 forward (sage8)", t)
+        row(f"eager fp8 forward ({args.attention})", t)
     compile_blocks(m, "default")
     with compiled_scope():
         t, _ = timed(fwd)
@@ -239,6 +239,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--size", default="832x1216")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--attention", default="sage8", help="the compile part's attention backend")
     args = ap.parse_args()
     t0 = time.perf_counter()
     {"merge": part_merge, "compile": part_compile, "vae": part_vae, "load": part_load, "vae2": part_vae2}[args.part](
