@@ -204,5 +204,12 @@ def test_works_inside_torch_compile() -> None:
         return fn(x * 1.5, x, x + 0.25) * 2
 
     x = make_realistic_qkv(1, 1024, 2, 128, device="cuda")[0]
-    compiled = torch.compile(block, fullgraph=True)
-    assert rel_l2(compiled(x).float(), block(x).float()) < 1e-3
+    compiled = torch.compile(block, fullgraph=True)  # fullgraph: the pre-pass traces, the kernel is one op
+    # The pre-pass is fused by Inductor there, so its fp32 means and rotation round
+    # differently and some values land on the other side of an fp8 rounding boundary:
+    # measured 0.45% apart on an H200, below the scheme's own error (0.3-1.4% against
+    # fp32 on DiT-like inputs). Both must stay as close to the exact attention.
+    out_c, out_e = compiled(x).float(), block(x).float()
+    assert rel_l2(out_c, out_e) < 0.01
+    exact = attn.reference_attention(x * 1.5, x, x + 0.25).float() * 2
+    assert abs(rel_l2(out_c, exact) - rel_l2(out_e, exact)) < 0.005
