@@ -143,3 +143,14 @@ def test_streamed_decode_gives_the_same_frames_as_the_whole_decode() -> None:
     whole = i2v.decode(vae, lat)
     assert [c.shape[0] for c in chunks] == [1, 4, 4]
     assert streamed.flags["C_CONTIGUOUS"] and (streamed == whole).all()
+
+
+def test_plan_says_a_one_video_generate_runs_eager_on_a_cold_cache() -> None:
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    res = subprocess.run([sys.executable, "-m", "wanrender.cli", "plan", "--gpu", "h200"], capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": src, "COLUMNS": "400"}, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "compile default" in res.stdout and "runs eager until a render has compiled this shape" in res.stdout

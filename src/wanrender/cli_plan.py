@@ -104,6 +104,17 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
         line = choice.line() + ", as generate uses it"
         if knobs.get("attention", "").startswith("sage"):
             line += " (times use the exact-attention rate)"
+        if "compile" in knobs and knobs["compile"] != "off":
+            from wanrender.runtime.plan import COMPILE_SAVES_PER_FORWARD, compile_pays
+
+            forwards = p.sampling.steps * (1 if p.sampling.cfg == 1.0 else 2)
+            if not compile_pays(forwards, cached=False):
+                # generate's whole-job rule (runner._compile_for_job): the plan says it too
+                line += (
+                    f"; a one-video generate runs eager until a render has compiled this shape in its compile "
+                    f"cache (compiling first costs more than the ~{forwards * COMPILE_SAVES_PER_FORWARD:.0f} s "
+                    "it saves on one video)"
+                )
     prec = resolve_precision(precision, spec, compile)
     if models is not None:
         from wanrender.generate import resolve_files
