@@ -14,3 +14,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def demo_set(tmp_path_factory):
+    """The demo models, built once per test module in a fresh WANRENDER_HOME that stays
+    set for the module: (home, ModelFiles, demo image path)."""
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANRENDER_HOME", str(home))
+    from wanrender.demo import demo_image, ensure_demo_models
+
+    files = ensure_demo_models()
+    yield home, files, demo_image()
+    mp.undo()

@@ -16,15 +16,8 @@ from wanrender.request import from_preset
 
 
 @pytest.fixture(scope="module")
-def demo_files(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import demo_image, ensure_demo_models
-
-    files = ensure_demo_models()
-    yield files, demo_image()
-    mp.undo()
+def demo_files(demo_set):
+    return demo_set[1], demo_set[2]
 
 
 @pytest.fixture(scope="module")

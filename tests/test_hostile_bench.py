@@ -32,15 +32,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def home(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import ensure_demo_models
-
-    ensure_demo_models()  # built once, before any case: no case pays for it
-    mp.undo()
-    return home
+def home(demo_set) -> Path:
+    return demo_set[0]  # models built once, before any case: no case pays for it
 
 
 def _cli(args: list[str], cwd: Path, home: Path, **env: str) -> subprocess.CompletedProcess:

@@ -21,15 +21,8 @@ LOADING = "load_models"  # the progress line shown once weights start loading
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import demo_image, ensure_demo_models
-
-    files = ensure_demo_models()
-    yield home, files, demo_image()
-    mp.undo()
+def demo(demo_set):
+    return demo_set
 
 
 def cli(demo, *args, cwd: Path | None = None, env: dict | None = None, preexec=None, timeout: int = 600):

@@ -194,15 +194,8 @@ HOSTILE = {
 
 
 @pytest.fixture(scope="module")
-def demo_models(tmp_path_factory) -> Path:
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import ensure_demo_models
-
-    files = ensure_demo_models()
-    mp.undo()
-    return files.high.parent
+def demo_models(demo_set) -> Path:
+    return demo_set[1].high.parent
 
 
 def test_check_reports_each_broken_file_and_still_lists_the_others(demo_models: Path, tmp_path: Path) -> None:
