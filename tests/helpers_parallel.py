@@ -73,3 +73,27 @@ def fail_on_rank_1(world: World, how: str) -> None:
             raise WanrenderError("rank 1 found bad input — fix it and run again")
         os.kill(os.getpid(), signal.SIGKILL)  # a GPU that drops out: the process is gone
     dist.all_reduce(torch.ones(4))
+
+
+def forward_gap(world: World) -> dict:
+    """One sequence-parallel forward (27 tokens: padded) against the single-process one."""
+    model = tiny_dit(SP_DIT, seed=1)
+    x, t, ctx, cond = _inputs(1, 3, 6, 6, seed=3)
+    with torch.no_grad():
+        sp, ref = SequenceParallel(model)(x, t, ctx, cond), model(x, t, ctx, cond)
+    env = {k: os.environ.get(k) for k in NVLINK_OFF}
+    return {"rank": world.rank, "gap": ((sp - ref).abs().max() / ref.abs().max()).item(), "env": env}
+
+
+if __name__ == "__main__":  # run by torchrun in test_parallel.py: this process is one rank
+    import json
+
+    from wanrender.parallel.launch import launch
+
+    try:
+        launch(forward_gap, 4, "cpu", heads=SP_DIT.num_heads)
+    except WanrenderError as err:
+        refused = str(err)
+    results = launch(forward_gap, 2, "cpu", heads=SP_DIT.num_heads)
+    if int(os.environ["RANK"]) == 0:
+        print("RESULT " + json.dumps({"refused": refused, "results": results}))

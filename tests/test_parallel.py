@@ -4,7 +4,12 @@ seconds)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,3 +106,28 @@ def test_mismatched_gpus_are_named() -> None:
         "rank 1 has a different GPU (NVIDIA H100, sm_90, 80 GiB) than rank 0 (NVIDIA H200, sm_90, 140 GiB) — "
         "sequence parallelism needs identical GPUs; choose them with CUDA_VISIBLE_DEVICES"
     )
+
+
+def test_under_torchrun_the_processes_join_its_group() -> None:
+    """torchrun starts the ranks: launch runs the function once per process, gathers
+    every rank's result, and refuses a rank count that is not torchrun's."""
+    tests = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": str(tests.parent / "src"), "OMP_NUM_THREADS": "1"}
+    for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+        env.pop(k, None)  # launch sets them in the ranks itself
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(tests / "helpers_parallel.py")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    out = json.loads(line[len("RESULT ") :])
+    assert out["refused"] == "torchrun started 2 processes but 4 GPUs were asked — make them the same"
+    assert [r["rank"] for r in out["results"]] == [0, 1]
+    for r in out["results"]:
+        assert r["gap"] < TOL
+        assert r["env"] == {
+            "NCCL_NVLS_ENABLE": "0",
+            "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+            "NVSHMEM_DISABLE_NVLS": "1",
+        }
