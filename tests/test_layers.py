@@ -25,7 +25,8 @@ PREDICTION = (
 )
 NOT_FOR_PREDICTION = ("wanrender.request", "wanrender.runner", "wanrender.engine", "wanrender.outputs",
                       "wanrender.pipeline", "wanrender.runtime.offload", "wanrender.runtime.streaming",
-                      "wanrender.runtime.plan", "wanrender.media", "wanrender.demo", "wanrender.interp")  # fmt: skip
+                      "wanrender.runtime.plan", "wanrender.media", "wanrender.demo", "wanrender.interp",
+                      "wanrender.parallel")  # fmt: skip
 MODELS_MAY_IMPORT = ("wanrender.models", "wanrender.errors", "wanrender.spec", "wanrender.paths")
 LOWEST = ("wanrender.spec", "wanrender.errors")
 

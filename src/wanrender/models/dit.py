@@ -220,19 +220,24 @@ class Block(nn.Module):
         attn: AttentionFn,
         compute_dtype: torch.dtype,
         chunks: int = 1,
+        cross_attn: AttentionFn | None = None,
     ) -> torch.Tensor:
         """``chunks`` > 1 runs the token-wise work in that many sequence pieces to lower
-        peak activation memory, and then updates ``x`` in place (see ``_forward_chunked``)."""
+        peak activation memory, and then updates ``x`` in place (see ``_forward_chunked``).
+        ``cross_attn`` (default: ``attn``) lets sequence parallelism (parallel/ulysses.py)
+        exchange tokens around the self-attention only: its queries are sharded but the
+        text keys are not."""
+        cross_attn = attn if cross_attn is None else cross_attn
         # x: fp32 residual [B, L, dim]; e: fp32 time projection [B, 6, dim].
         # Modulation and gates stay fp32: bf16 gates visibly shift colours.
         mod = (self.modulation.float() + e).unsqueeze(2).unbind(1)
         if chunks > 1:  # a Python int: a compiled block specialises on it, no graph break
-            return self._forward_chunked(x, mod, context, rope, attn, compute_dtype, chunks)
+            return self._forward_chunked(x, mod, context, rope, attn, compute_dtype, chunks, cross_attn)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod
         # addcmul: modulate / gate-and-add in one pass each (the residual is 1.7 GB at 81 frames).
         h = modulate(self.norm1(x), shift_a, scale_a).to(compute_dtype)
         x = torch.addcmul(x, self.self_attn(h, attn, rope=rope), gate_a)
-        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), attn, context=context)
+        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), cross_attn, context=context)
         h = modulate(self.norm2(x), shift_f, scale_f).to(compute_dtype)
         return torch.addcmul(x, self.ffn(h), gate_f)
 
@@ -245,6 +250,7 @@ class Block(nn.Module):
         attn: AttentionFn,
         compute_dtype: torch.dtype,
         chunks: int,
+        cross_attn: AttentionFn,
     ) -> torch.Tensor:
         """``forward`` with the token-wise work (modulation, projections, norms, RoPE,
         FFN, cross-attention) in sequence chunks. Only K and V of the self-attention
@@ -274,7 +280,7 @@ class Block(nn.Module):
         ck, cv = ca.key_value(context)
         for s, t in spans:
             q = ca.query(self.norm3(x[:, s:t]).to(compute_dtype))
-            x[:, s:t] = x[:, s:t] + ca.out(attn(q, ck, cv))
+            x[:, s:t] = x[:, s:t] + ca.out(cross_attn(q, ck, cv))
             h = modulate(self.norm2(x[:, s:t]), shift_f, scale_f).to(compute_dtype)
             x[:, s:t] = torch.addcmul(x[:, s:t], self.ffn(h), gate_f)
         return x
@@ -335,6 +341,19 @@ class WanDiT(nn.Module):
         context [B, L, text_dim] text encoder output; cond [B, 20, F, H, W] the
         I2V mask + image latent (concatenated after x). Returns [B, out, F, H, W] fp32.
         """
+        tokens, grid = self.embed_tokens(x, cond)
+        rope = rope_tables(self.cfg, grid, x.device)
+        temb, e = self.embed_time(t.to(x.device).float().expand(tokens.shape[0]))
+        ctx = self.embed_text(context)
+        for block in self.blocks if self.block_source is None else self.block_source(self.blocks):
+            tokens = block(tokens, e, ctx, rope, self.attention, self.compute_dtype)
+        out = self.head(tokens, temb)
+        return unpatchify(out, grid, self.cfg.patch_size, self.cfg.out_channels)
+
+    def embed_tokens(
+        self, x: torch.Tensor, cond: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """The patch embedding: (fp32 tokens [B, L, dim], the token grid (frames, height, width))."""
         cfg = self.cfg
         if cond is not None:
             x = torch.cat([x, cond.to(x.dtype)], dim=1)
@@ -343,7 +362,7 @@ class WanDiT(nn.Module):
                 f"DiT expects {cfg.in_channels} input channels, got {x.shape[1]}"
                 + (" (an I2V expert needs the image condition)" if cfg.is_i2v and cond is None else "")
             )
-        b, _, f, h, w = x.shape
+        _, _, f, h, w = x.shape
         pt, ph, pw = cfg.patch_size
         if f % pt or h % ph or w % pw:
             raise ValueError(f"latent size {(f, h, w)} is not a multiple of the patch size {cfg.patch_size}")
@@ -352,14 +371,7 @@ class WanDiT(nn.Module):
         pe, cd = self.patch_embedding, self.compute_dtype
         bias = pe.bias.to(cd) if pe.bias is not None else None
         tokens = F.conv3d(x.to(cd), pe.weight.to(cd), bias, stride=cfg.patch_size)
-        tokens = tokens.flatten(2).transpose(1, 2).float()
-        rope = rope_tables(cfg, grid, x.device)
-        temb, e = self.embed_time(t.to(x.device).float().expand(b))
-        ctx = self.embed_text(context)
-        for block in self.blocks if self.block_source is None else self.block_source(self.blocks):
-            tokens = block(tokens, e, ctx, rope, self.attention, self.compute_dtype)
-        out = self.head(tokens, temb)
-        return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
+        return tokens.flatten(2).transpose(1, 2).float(), grid
 
 
 def unpatchify(x: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], c: int) -> torch.Tensor:
