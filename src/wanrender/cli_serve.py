@@ -99,7 +99,7 @@ def worker(
     from wanrender.service.worker import Worker
 
     dev = str(resolve_device(device))
-    if not (data / "jobs").is_dir() and not data.is_dir():
+    if not data.is_dir():
         raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder")
     files = _model_files(models, demo)
     w = Worker(nats, data.resolve(), files, dev)

@@ -70,7 +70,7 @@ async def reap_exhausted(nats_url: str, queue: QueueConfig, stop: asyncio.Event)
                     if r.state in (JobState.LEASED, JobState.RUNNING):
                         why = f"attempt {r.attempt} on worker {r.worker} stopped renewing its lease (the worker died?)"
                     return r.touch(state=JobState.FAILED, finished_at=time.time(),
-                                   error=f"failed after {deliveries} attempts: {why}")  # fmt: skip
+                                   error=f"failed after {deliveries} attempt(s): {why}")  # fmt: skip
 
                 await store.update(job_id, give_up)
             try:

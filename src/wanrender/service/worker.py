@@ -255,7 +255,7 @@ class Worker:
             reason = f"internal error on worker {self.name} ({type(e).__name__}: {e})"
             log.exception("job %s attempt %d", job_id, attempt)
             if attempt >= self.queue.max_deliver:
-                await self._fail(job_id, attempt, f"failed after {attempt} attempts: {reason}")
+                await self._fail(job_id, attempt, f"failed after {attempt} attempt(s): {reason}")
                 await msg.term()
             else:
                 await self.store.update(job_id, lambda r: None if r.attempt != attempt or r.terminal else r.touch(
