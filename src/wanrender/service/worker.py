@@ -97,7 +97,7 @@ class Worker:
         self.current: str | None = None
         self.jobs_done = 0
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="render")
-        self._stopping = False
+        self.lease_s, self.max_deliver = queue.ack_wait_s, queue.max_deliver
 
     @property
     def runner(self):
@@ -116,6 +116,12 @@ class Worker:
             jobs_kv, self._workers_kv = await ensure_jetstream(js, self.queue)
             self.store = JobStore(jobs_kv)
             sub = await js.pull_subscribe_bind(durable=CONSUMER, stream=STREAM)
+            # The lease terms are the consumer's (set by whoever created it), not this worker's defaults.
+            terms = (await js.consumer_info(STREAM, CONSUMER)).config
+            self.lease_s, self.max_deliver = (
+                float(terms.ack_wait or self.queue.ack_wait_s),
+                int(terms.max_deliver or self.queue.max_deliver),
+            )
             beat = asyncio.create_task(self._heartbeat(stop))
             if ready is not None:
                 ready.set()
@@ -129,7 +135,6 @@ class Worker:
                     for msg in msgs:
                         await self.handle(msg, stop)
             finally:
-                self._stopping = True
                 beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)
                 try:
@@ -197,6 +202,14 @@ class Worker:
             await self.beat()
 
     async def _render(self, msg, record: JobRecord, attempt: int, stop: asyncio.Event) -> None:
+        keeper = asyncio.create_task(self._keep_lease(msg))
+        try:
+            await self._attempt(msg, record, attempt, stop)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _attempt(self, msg, record: JobRecord, attempt: int, stop: asyncio.Event) -> None:
         job_id = record.id
         paths = JobPaths(self.data, job_id)
         folder = paths.attempt(attempt)
@@ -254,7 +267,7 @@ class Worker:
             shutil.rmtree(folder, ignore_errors=True)
             reason = f"internal error on worker {self.name} ({type(e).__name__}: {e})"
             log.exception("job %s attempt %d", job_id, attempt)
-            if attempt >= self.queue.max_deliver:
+            if attempt >= self.max_deliver:
                 await self._fail(job_id, attempt, f"failed after {attempt} attempt(s): {reason}")
                 await msg.term()
             else:
@@ -271,6 +284,17 @@ class Worker:
                 await self.store.update(job_id, lambda r: None if r.terminal else r.touch(
                     state=JobState.CANCELED, finished_at=time.time()))  # fmt: skip
                 await msg.ack()
+
+    async def _keep_lease(self, msg) -> None:
+        """Renew the lease while this process renders, also through long silent stretches
+        (a cold load of 30 GB of weights sends no step events); if the process dies,
+        the renewals stop with it and the job goes to the next worker."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                await msg.in_progress()
+            except Exception as e:  # noqa: BLE001 - NATS reconnecting: the next renewal may land
+                log.warning("lease renewal failed: %s", e)
 
     async def _fail(self, job_id: str, attempt: int, message: str) -> None:
         await self.store.update(job_id, lambda r: None if r.attempt != attempt or r.terminal else r.touch(
