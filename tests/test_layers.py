@@ -6,6 +6,8 @@ also the lazy ones inside functions, counts as an edge).
   request, generation or execution code;
 - ``models/`` imports nothing above it;
 - ``spec`` and ``errors``, the lowest layer, import nothing of wanrender but each other;
+- the service (``service/``) sits above the runner and below the command line: only
+  the CLI imports it, and it imports no ``bench`` code;
 - there are no import cycles between modules.
 """
 
@@ -29,6 +31,7 @@ NOT_FOR_PREDICTION = ("wanrender.request", "wanrender.runner", "wanrender.engine
                       "wanrender.parallel")  # fmt: skip
 MODELS_MAY_IMPORT = ("wanrender.models", "wanrender.errors", "wanrender.spec", "wanrender.paths")
 LOWEST = ("wanrender.spec", "wanrender.errors")
+SERVICE = ("wanrender.service",)
 
 
 def _name(path: Path) -> str:
@@ -88,6 +91,17 @@ def test_the_lowest_layer_imports_only_itself() -> None:
     g = _graph()
     bad = [(m, t) for m in LOWEST for t in g[m] if not _under(t, LOWEST)]
     assert not bad, bad
+
+
+def test_only_the_cli_imports_the_service() -> None:
+    g = _graph()
+    bad = [(m, t) for m, ts in g.items() if not _under(m, CLI + SERVICE) for t in ts if _under(t, SERVICE)]
+    assert not bad, bad
+    bad = [(m, t) for m, ts in g.items() if _under(m, SERVICE) for t in ts if _under(t, BENCH)]
+    assert not bad, bad
+    assert (
+        "wanrender.service.worker" in g["wanrender.cli_serve"] and "wanrender.runner" in g["wanrender.service.worker"]
+    )
 
 
 def test_no_import_cycles() -> None:

@@ -92,6 +92,11 @@ from wanrender.cli_render import register as _register_render  # noqa: E402
 
 _register_render(app)
 
+# serve, worker and submit: the render service (its packages are the serve extra).
+from wanrender.cli_serve import register as _register_serve  # noqa: E402
+
+_register_serve(app)
+
 
 @app.command("plan")
 def plan_cmd(

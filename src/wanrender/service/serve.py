@@ -1,0 +1,145 @@
+"""One box in one process: the embedded nats-server, the API (uvicorn) and one warm
+worker, all on one asyncio loop (the render itself runs on the worker's thread).
+
+Ctrl-C or SIGTERM stops the API, lets the worker hand a running job back (nak: the
+next worker takes it at once), then stops nats-server: no orphan server is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from wanrender.service.broker import CONSUMER, STREAM, EmbeddedBroker, QueueConfig, connect, ensure_jetstream
+from wanrender.service.intake import Limits
+from wanrender.service.jobs import JOB_ID, JobRecord, JobState, JobStore
+
+log = logging.getLogger(__name__)
+ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    data: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str = "cpu"
+    queue: QueueConfig = QueueConfig()
+    limits: Limits = Limits()
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    from wanrender.errors import WanrenderError
+
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise WanrenderError(f"--listen {text!r} is invalid — use HOST:PORT, e.g. 127.0.0.1:8000")
+    return host.strip("[]"), int(port)
+
+
+async def reap_exhausted(nats_url: str, queue: QueueConfig, stop: asyncio.Event) -> None:
+    """A job whose last allowed attempt died (no worker left to say so) fails here, on
+    JetStream's max-deliveries advisory, carrying the last reason."""
+    nc = await connect(nats_url, "wanrender-reaper")
+    try:
+        js = nc.jetstream()
+        jobs_kv, _ = await ensure_jetstream(js, queue)
+        store = JobStore(jobs_kv)
+
+        async def on_advisory(msg) -> None:
+            try:
+                event = json.loads(msg.data)
+                seq, deliveries = int(event["stream_seq"]), int(event.get("deliveries", queue.max_deliver))
+                job_id = (await js.get_msg(STREAM, seq)).data.decode(errors="replace")
+            except Exception as e:  # noqa: BLE001 - a malformed advisory or a message already gone
+                log.warning("max-deliveries advisory not handled: %s", e)
+                return
+            if JOB_ID.match(job_id):
+
+                def give_up(r: JobRecord) -> JobRecord | None:
+                    if r.terminal:
+                        return None
+                    why = r.last_reason or "no reason recorded"
+                    if r.state in (JobState.LEASED, JobState.RUNNING):
+                        why = f"attempt {r.attempt} on worker {r.worker} stopped renewing its lease (the worker died?)"
+                    return r.touch(state=JobState.FAILED, finished_at=time.time(),
+                                   error=f"failed after {deliveries} attempt(s): {why}")  # fmt: skip
+
+                await store.update(job_id, give_up)
+            try:
+                await js.delete_msg(STREAM, seq)
+            except Exception:  # noqa: BLE001 - already removed
+                pass
+
+        sub = await nc.subscribe(ADVISORY.format(stream=STREAM, consumer=CONSUMER), cb=on_advisory)
+        await stop.wait()
+        await sub.unsubscribe()
+    finally:
+        await nc.close()
+
+
+def run_serve(cfg: ServeConfig, files, announce=print) -> None:
+    """Blocks until Ctrl-C/SIGTERM; everything it started is stopped before it returns."""
+    from wanrender.errors import WanrenderError
+
+    with socket.socket() as probe:  # a taken port is refused now, in one line, before anything starts
+        try:
+            probe.bind((cfg.host, cfg.port))
+        except OSError as e:
+            raise WanrenderError(f"--listen {cfg.host}:{cfg.port}: cannot listen there ({e.strerror}) — choose another "
+                                 "address or port") from None  # fmt: skip
+    broker = EmbeddedBroker(cfg.data / "nats")
+    broker.start()
+    try:
+        asyncio.run(_serve(cfg, files, broker.url, announce))
+    finally:
+        broker.stop()
+
+
+async def _serve(cfg: ServeConfig, files, nats_url: str, announce) -> None:
+    import uvicorn
+
+    from wanrender.service.api import create_app
+    from wanrender.service.worker import Worker
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    app = create_app(nats_url, cfg.data, cfg.limits, cfg.queue)
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on"))
+    server.install_signal_handlers = lambda: None  # older uvicorn; ours are above
+    server.capture_signals = contextlib.nullcontext  # newer uvicorn: it would re-raise the signal after stopping
+    worker = Worker(nats_url, cfg.data, files, cfg.device, queue=cfg.queue)
+    ready = asyncio.Event()
+    tasks = [asyncio.create_task(server.serve(), name="api"),
+             asyncio.create_task(worker.run(stop, ready), name="worker"),
+             asyncio.create_task(reap_exhausted(nats_url, cfg.queue, stop), name="reaper")]  # fmt: skip
+    waiter = asyncio.create_task(stop.wait())
+    started = asyncio.create_task(_started(server, ready))
+    done, _ = await asyncio.wait([waiter, started, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if started in done and not stop.is_set():
+        announce(f"serving on http://{cfg.host}:{cfg.port} (NATS {nats_url}, worker {worker.name} on {cfg.device}, "
+                 f"data {cfg.data}) — Ctrl-C stops")  # fmt: skip
+        done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    server.should_exit = True
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task in (waiter, started):
+        task.cancel()
+    for r in results:
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+            raise r
+
+
+async def _started(server, ready: asyncio.Event) -> None:
+    await ready.wait()
+    while not server.started:
+        await asyncio.sleep(0.05)
