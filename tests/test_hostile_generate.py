@@ -302,7 +302,11 @@ def test_ctrl_c_during_a_render_is_one_line_and_exit_130(demo, tmp_path: Path) -
         time.sleep(0.05)  # the output folder is made by the checks: the command is running
     proc.send_signal(signal.SIGINT)
     text = proc.communicate(timeout=300)[0].decode("utf-8", "backslashreplace")
-    refused((proc.returncode, text), 130, "interrupted", before_loading=False)
+    # Exit status 130, or death by SIGINT after the message (Python ends that way when the
+    # interrupt reaches its top level, seen once in CI on a loaded machine): a shell shows
+    # both as $? = 130, and the one line without a traceback is what is checked here.
+    rc = 130 if proc.returncode == -signal.SIGINT else proc.returncode
+    refused((rc, text), 130, "interrupted", before_loading=False)
     assert list(out.parent.iterdir()) == []
 
 
