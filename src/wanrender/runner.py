@@ -338,7 +338,7 @@ class Runner:
         from wanrender.media.sidecar import FileHashes
 
         wanted = files.as_dict() if files is not None else {}
-        if self._hashes is None or self._hashes.files != {k: v for k, v in wanted.items() if v is not None}:
+        if self._hashes is None or not self._hashes.covers(wanted):
             self._hashes = FileHashes(wanted)
 
     # --- 6: outputs
@@ -378,7 +378,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
 
     if engine.files is None:
         models = {}
-    elif hashes is not None and hashes.files == {k: v for k, v in engine.files.as_dict().items() if v is not None}:
+    elif hashes is not None and hashes.covers(engine.files.as_dict()):
         models = hashes.describe()
     else:
         models = describe_files(engine.files.as_dict())

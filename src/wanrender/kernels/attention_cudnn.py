@@ -198,12 +198,8 @@ def cudnn_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> to
         raise RuntimeError("cudnn_fp8_attention cannot run: " + "; ".join(reasons))
     if not q.shape == k.shape == v.shape:
         raise ValueError(f"cudnn_fp8_attention is for self-attention (got q {tuple(q.shape)}, k {tuple(k.shape)})")
-    entry = graph_for(b, length, h, d, q.device)
-    if isinstance(entry, str):
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        return torch.nn.functional.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).contiguous()
-    prep = fm.prepare(q, k, v)
-    return fm.finish(sdpa_fp8(prep, entry), prep, q.dtype).contiguous()
+    q8, k8, v8, dq, dk, dv, _, v_mean, _ = fm.prepare_parts(q, k, v)
+    return core(q, k, v, q8, k8, v8, dq, dk, dv, v_mean)
 
 
 def core(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
@@ -233,23 +229,6 @@ def core_op():
 
     @op.register_fake
     def _(q, k, v, q8, k8, v8, dq, dk, dv, v_mean) -> torch.Tensor:
-        return q.new_empty(q.shape)
-
-    return op
-
-
-@functools.cache
-def custom_op():
-    """``cudnn_fp8_attention`` as a PyTorch custom op, registered once, on first use:
-    opaque to torch.compile (Dynamo cannot trace the frontend's pybind calls), with a
-    shape-only fake."""
-
-    @torch.library.custom_op("wanrender::cudnn_fp8_attention", mutates_args=())
-    def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return cudnn_fp8_attention(q, k, v)
-
-    @op.register_fake
-    def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return q.new_empty(q.shape)
 
     return op

@@ -71,6 +71,10 @@ class FileHashes:
         except BaseException as e:  # reported by describe(), on the caller's thread
             self._error = e
 
+    def covers(self, files: dict[str, Path | None]) -> bool:
+        """Are these checksums for exactly ``files`` (roles without a file ignored)?"""
+        return self.files == {role: Path(p) for role, p in files.items() if p is not None}
+
     def describe(self) -> dict[str, dict]:
         self._thread.join()
         if self._error is not None:
