@@ -61,6 +61,7 @@ def given_params(ctx: Optional[typer.Context]) -> set[str]:
 def workflow_request(ctx: typer.Context):
     """``generate --workflow``: (request, model files), the command line over the workflow."""
     from wanrender.cli_render import _pair
+    from wanrender.request import with_fields
     from wanrender.spec import parse_size
     from wanrender.workflow.build import build_files, build_request
     from wanrender.workflow.reader import read
@@ -82,10 +83,10 @@ def workflow_request(ctx: typer.Context):
         given["switch"] = _boundary_switch(reading, given, params)
     comfy_root, models = params.get("comfy_root"), params.get("models")
     image = params.get("image")
+    req = build_request(reading, image or Path(str(reading.image.value)), given)  # values first: no file is needed
     if image is None:
         input_dir = params.get("input_dir") or (comfy_root / "input" if comfy_root else Path.cwd())
-        image = find_image(reading.image, input_dir)
-    req = build_request(reading, image, given)
+        req = with_fields(req, image=find_image(reading.image, input_dir))
     hint = _hint(models, comfy_root)
     files = build_files(reading, _dirs(models, comfy_root), {k: params.get(k) for k in _FILES}, models, hint)
     from dataclasses import replace

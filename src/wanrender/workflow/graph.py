@@ -213,6 +213,7 @@ def _expand(raw: dict, node: Node, defs: dict, graph: Graph, depth: int) -> None
     """Inline one use of a subgraph: its inner nodes, its input pseudo node, its promoted widgets."""
     sg = defs[node.type]
     name = str(sg.get("name") or node.type)
+    node.role, node.type = "sg_out", f"subgraph '{name}'"
     inner = f"{node.id}:"
     pins_in = [p for p in sg.get("inputs") or [] if isinstance(p, dict)]
     pins_out = [p for p in sg.get("outputs") or [] if isinstance(p, dict)]
@@ -242,7 +243,6 @@ def _expand(raw: dict, node: Node, defs: dict, graph: Graph, depth: int) -> None
     ins.widgets.update(overrides.pop("-1", {}))
     ins.widget_src = {k: f"{node.label} · {k} (promoted widget)" for k in ins.widgets}
     graph.nodes[ins.id] = ins
-    node.role, node.type = "sg_out", f"subgraph '{name}'"
     node.sg_outs = [None] * len(pins_out)
     _flatten(sg, inner, defs, graph, ins.id, f"subgraph '{name}'", depth + 1, node.sg_outs)
     for inner_id, kv in overrides.items():
