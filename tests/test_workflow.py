@@ -33,7 +33,9 @@ def test_the_template_maps_to_the_turbo_request() -> None:
     }  # fmt: skip
     assert r.image.value == "cat.png" and r.output == f"#{ids['save']} SaveVideo"
     assert r.sources["steps"] == f"#{ids['a']} KSamplerAdvanced.steps"
-    assert r.sources["switch"] == f"#{ids['a']} KSamplerAdvanced.end_at_step / #{ids['b']} KSamplerAdvanced.start_at_step"
+    assert (
+        r.sources["switch"] == f"#{ids['a']} KSamplerAdvanced.end_at_step / #{ids['b']} KSamplerAdvanced.start_at_step"
+    )
     assert r.sources["shift_low"] == f"#{ids['shift_low']} ModelSamplingSD3.shift"
     assert r.ignored == []
 

@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from wanrender.cli_errors import check_interrupted
+from wanrender.cli_errors import fail as _fail
+from wanrender.cli_errors import pair as _pair
 from wanrender.errors import WanrenderError, shown
 
 console = Console(stderr=True)
@@ -25,18 +27,6 @@ DETERMINISM = (
     "Same seed and settings give bit-identical frames (the sidecar's frames_sha256 proves it); the MP4 bytes "
     "may still differ between runs, at the encoder level."
 )
-
-
-def _fail(err: Exception) -> None:
-    import os
-
-    from wanrender.cli_errors import flagged
-
-    if os.environ.get("WANRENDER_DEBUG", "").lower() in ("1", "true", "yes"):
-        raise err  # main() lets it through with its traceback
-
-    console.print(f"[bold red]error:[/] {escape(flagged(err))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _check_outputs(req, overwrite: bool) -> None:
@@ -237,20 +227,6 @@ def generate(
         _run_render(req, files, dev)
     except WanrenderError as e:
         _fail(e)
-
-
-def _pair(value: Optional[str], flag: str) -> tuple[Optional[float], Optional[float]]:
-    if value is None:
-        return None, None
-    try:
-        parts = [float(v) for v in value.split(",")]
-    except ValueError:
-        raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma")
 
 
 def demo(

@@ -34,7 +34,7 @@ _FILES = ("high", "low", "vae", "text_encoder", "tokenizer", "lora_high", "lora_
 
 
 def _fail(err: Exception) -> None:
-    from wanrender.cli_render import _fail as fail
+    from wanrender.cli_errors import fail
 
     fail(err)
 
@@ -60,7 +60,7 @@ def given_params(ctx: Optional[typer.Context]) -> set[str]:
 
 def workflow_request(ctx: typer.Context):
     """``generate --workflow``: (request, model files), the command line over the workflow."""
-    from wanrender.cli_render import _pair
+    from wanrender.cli_errors import pair as _pair
     from wanrender.request import with_fields
     from wanrender.spec import parse_size
     from wanrender.workflow.build import build_files, build_request
@@ -122,7 +122,7 @@ def show(
     """Print the render request a workflow's active path specifies, where each value came from, and what was
     ignored and why.
 
-    Supported nodes: """
+    Supported nodes:"""
     from wanrender.workflow.reader import read
     from wanrender.workflow.resolve import find_model
 
@@ -131,7 +131,9 @@ def show(
         paths: dict[str, str] = {}
         if models is not None or comfy_root is not None:
             dirs = _dirs(models, comfy_root)
-            paths = {role: str(find_model(role, v, dirs, _hint(models, comfy_root))) for role, v in reading.files.items()}
+            paths = {
+                role: str(find_model(role, v, dirs, _hint(models, comfy_root))) for role, v in reading.files.items()
+            }
     except WanrenderError as e:
         _fail(e)
         return
@@ -203,8 +205,9 @@ def export(
     interpolate: str = typer.Option("off", "--interpolate", help="off or rife (RIFE VFI)."),
     fps: Optional[int] = typer.Option(None, "--fps"),
     lora_strength: Optional[str] = typer.Option(None, "--lora-strength", help="S or S_HIGH,S_LOW."),
-    models: Optional[Path] = typer.Option(None, "--models", help="Name the files found here (default: the names "
-                                          "of ComfyUI's repackaged files)."),  # fmt: skip
+    models: Optional[Path] = typer.Option(
+        None, "--models", help="Name the files found here (default: the names of ComfyUI's repackaged files)."
+    ),  # fmt: skip
     high: Optional[Path] = typer.Option(None, "--high"),
     low: Optional[Path] = typer.Option(None, "--low"),
     vae: Optional[Path] = typer.Option(None, "--vae"),
@@ -216,7 +219,7 @@ def export(
 
     'wanrender workflow show' on the result gives back the same request. An existing --out is replaced only
     with --overwrite, and is written whole or not at all."""
-    from wanrender.cli_render import _pair
+    from wanrender.cli_errors import pair as _pair
     from wanrender.media.atomic import atomic_write_text, check_target
     from wanrender.request import from_preset
     from wanrender.spec import parse_size

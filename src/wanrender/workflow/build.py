@@ -27,7 +27,9 @@ def merged_fields(reading: Reading, given: dict[str, Any]) -> tuple[dict[str, An
     fields, sources = dict(reading.fields), dict(reading.sources)
     given = {k: v for k, v in given.items() if v is not None}
     if "steps" in given and "switch" not in given and fields.get("steps"):
-        given["switch"] = max(0, round(given["steps"] * fields["switch"] / fields["steps"]))  # keep the workflow's ratio
+        given["switch"] = max(
+            0, round(given["steps"] * fields["switch"] / fields["steps"])
+        )  # keep the workflow's ratio
     if "interpolate" in given and "fps" not in given:
         was = fields.get("interpolate", "off")
         if given["interpolate"] == "off" and was != "off":

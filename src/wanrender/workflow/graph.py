@@ -164,7 +164,7 @@ def _widgets(node: dict) -> dict[str, Any]:
 
 def _from_ui(data: dict) -> Graph:
     defs = {}
-    for sg in ((data.get("definitions") or {}).get("subgraphs") or []):
+    for sg in (data.get("definitions") or {}).get("subgraphs") or []:
         if isinstance(sg, dict) and "id" in sg:
             defs[str(sg["id"])] = sg
     graph = Graph({}, "ui")

@@ -167,8 +167,12 @@ def _samplers(r: Reading, chain: list[Sampled]) -> dict[str, Model]:
     _check(b.vals["start_at_step"].value == sw, b.vals["start_at_step"].src,
            f"the second pass starts at {b.vals['start_at_step'].value}, not where the first ends ({sw})",
            f"set it to {sw}")  # fmt: skip
-    _check(b.vals["end_at_step"].value >= n, b.vals["end_at_step"].src,
-           f"the second pass stops at {b.vals['end_at_step'].value} of {n} steps", "let it run to the end (10000)")
+    _check(
+        b.vals["end_at_step"].value >= n,
+        b.vals["end_at_step"].src,
+        f"the second pass stops at {b.vals['end_at_step'].value} of {n} steps",
+        "let it run to the end (10000)",
+    )
     noisy = a if sw > 0 else b
     _check(noisy.vals["add_noise"].value == "enable", noisy.vals["add_noise"].src, "add_noise is off on the pass "
            "that starts from noise", "enable it")  # fmt: skip
@@ -176,18 +180,28 @@ def _samplers(r: Reading, chain: list[Sampled]) -> dict[str, Model]:
         _check(b.vals["add_noise"].value == "disable", b.vals["add_noise"].src, "the second pass adds new noise",
                "disable add_noise on it (it continues the first pass)")  # fmt: skip
     if sw < n:
-        _check(a.vals["return_with_leftover_noise"].value == "enable", a.vals["return_with_leftover_noise"].src,
-               "the first pass denoises fully before the second", "enable return_with_leftover_noise on it")
-    _check(b.vals["return_with_leftover_noise"].value == "disable", b.vals["return_with_leftover_noise"].src,
-           "the last pass returns leftover noise (a noisy video)", "disable return_with_leftover_noise")
+        _check(
+            a.vals["return_with_leftover_noise"].value == "enable",
+            a.vals["return_with_leftover_noise"].src,
+            "the first pass denoises fully before the second",
+            "enable return_with_leftover_noise on it",
+        )
+    _check(
+        b.vals["return_with_leftover_noise"].value == "disable",
+        b.vals["return_with_leftover_noise"].src,
+        "the last pass returns leftover noise (a noisy video)",
+        "disable return_with_leftover_noise",
+    )
     r.set("switch", sw, f"{a.vals['end_at_step'].src} / {b.vals['start_at_step'].src}")
     if b.vals["noise_seed"].value != seed.value:
         r.notes.append(f"{b.vals['noise_seed'].src}: not used (that pass adds no noise)")
     for side, m in (("high", models[0]), ("low", models[1])):
         other = _expert_of(m)
         if other is not None and other != side:
-            raise WanrenderError(f"{m.file.src}: the {'first' if side == 'high' else 'second'} pass runs "
-                                 f"{shown(m.file.value)}, a {other}-noise expert — the high-noise expert goes first")
+            raise WanrenderError(
+                f"{m.file.src}: the {'first' if side == 'high' else 'second'} pass runs "
+                f"{shown(m.file.value)}, a {other}-noise expert — the high-noise expert goes first"
+            )
     return {"high": models[0], "low": models[1]}
 
 
@@ -218,8 +232,10 @@ def _expert(r: Reading, side: str, m: Model) -> None:
         else:
             active.append((name, strength, node))
     if len(active) > 1:
-        raise WanrenderError(f"{len(active)} LoRAs on the {side}-noise expert ({', '.join(a[2] for a in active)}) — "
-                             "wanrender applies one LoRA per expert; set the others' strength to 0 or bypass them")
+        raise WanrenderError(
+            f"{len(active)} LoRAs on the {side}-noise expert ({', '.join(a[2] for a in active)}) — "
+            "wanrender applies one LoRA per expert; set the others' strength to 0 or bypass them"
+        )
     if active:
         name, strength, _ = active[0]
         r.files[f"lora_{side}"] = name

@@ -31,13 +31,28 @@ SPECS: dict[str, NodeSpec] = {
     "LoadImage": NodeSpec(("image", "upload"), (), ("IMAGE", "MASK")),
     "WanImageToVideo": NodeSpec(
         ("width", "height", "length", "batch_size"),
-        (("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "VAE"),
-         ("clip_vision_output", "CLIP_VISION_OUTPUT"), ("start_image", "IMAGE")),
+        (
+            ("positive", "CONDITIONING"),
+            ("negative", "CONDITIONING"),
+            ("vae", "VAE"),
+            ("clip_vision_output", "CLIP_VISION_OUTPUT"),
+            ("start_image", "IMAGE"),
+        ),
         ("CONDITIONING", "CONDITIONING", "LATENT"),
     ),  # fmt: skip
     "KSamplerAdvanced": NodeSpec(
-        ("add_noise", "noise_seed", CONTROL, "steps", "cfg", "sampler_name", "scheduler", "start_at_step",
-         "end_at_step", "return_with_leftover_noise"),
+        (
+            "add_noise",
+            "noise_seed",
+            CONTROL,
+            "steps",
+            "cfg",
+            "sampler_name",
+            "scheduler",
+            "start_at_step",
+            "end_at_step",
+            "return_with_leftover_noise",
+        ),
         (("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent_image", "LATENT")),
         ("LATENT",),
     ),  # fmt: skip
@@ -58,7 +73,8 @@ SPECS: dict[str, NodeSpec] = {
     # ComfyUI-Frame-Interpolation (Fannovel16).
     "RIFE VFI": NodeSpec(
         ("ckpt_name", "clear_cache_after_n_frames", "multiplier", "fast_mode", "ensemble", "scale_factor"),
-        (("frames", "IMAGE"),), ("IMAGE",),
+        (("frames", "IMAGE"),),
+        ("IMAGE",),
     ),  # fmt: skip
     "FILM VFI": NodeSpec(("ckpt_name", "clear_cache_after_n_frames", "multiplier"), (("frames", "IMAGE"),), ("IMAGE",)),
     # Values.

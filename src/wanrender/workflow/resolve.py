@@ -55,7 +55,9 @@ def extra_model_paths(path: Path) -> dict[str, list[Path]]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise WanrenderError(f"{shown(path)}: cannot read it ({' '.join(str(e).split())[:120]}) — fix the YAML") from None
+        raise WanrenderError(
+            f"{shown(path)}: cannot read it ({' '.join(str(e).split())[:120]}) — fix the YAML"
+        ) from None
     out: dict[str, list[Path]] = {}
     for section in data.values() if isinstance(data, dict) else ():
         if not isinstance(section, dict):
