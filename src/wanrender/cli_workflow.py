@@ -117,12 +117,10 @@ def show(
     comfy_root: Optional[Path] = typer.Option(
         None, "--comfy-root", help="Also find the model files in this ComfyUI (models/, extra_model_paths.yaml)."
     ),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
 ) -> None:
     """Print the render request a workflow's active path specifies, where each value came from, and what was
-    ignored and why.
-
-    Supported nodes:"""
+    ignored and why."""
     from wanrender.workflow.reader import read
     from wanrender.workflow.resolve import find_model
 
@@ -152,7 +150,7 @@ def show(
     _print(data)
 
 
-show.__doc__ = (show.__doc__ or "") + SUPPORTED + "."
+show.__doc__ = (show.__doc__ or "") + "\n\n    Supported nodes: " + SUPPORTED + "."
 
 
 _ORDER = ("prompt", "negative", "frames", "width", "height", "seed", "steps", "switch", "cfg", "sampler", "shift_high",

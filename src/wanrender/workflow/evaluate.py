@@ -346,7 +346,7 @@ def unsupported(node: Node) -> WanrenderError:
     where = f" in {node.where}" if node.where else ""
     return WanrenderError(
         f"{node.label}{where} is on the active path and wanrender has no equivalent for it — bypass (Ctrl+B) or "
-        "remove it, or render this workflow in ComfyUI ('wanrender workflow show' lists the supported nodes)"
+        "remove it, or render this workflow in ComfyUI ('wanrender workflow show --help' lists the supported nodes)"
     )
 
 
