@@ -309,3 +309,61 @@ def test_other_families_and_values_the_request_cannot_take_are_refused(case: str
     line = one_line_error(cli("generate", "--workflow", str(path), "--device", "cpu", "--out", str(tmp_path / "o.mp4")))
     assert expect in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wf.json"]  # nothing written
+
+
+def test_a_single_ksampler_runs_one_expert_throughout() -> None:
+    w = UI()
+    ids = template(w)
+    for nid in (ids["a"], ids["b"]):
+        w.nodes.remove(w.node(nid))
+    k = w.add("KSampler", [9, "fixed", 6, 1.0, "dpmpp_2m", "simple", 1.0])
+    w.link(ids["shift_high"], 0, k, "model", "MODEL")
+    w.link(ids["i2v"], 0, k, "positive", "CONDITIONING")
+    w.link(ids["i2v"], 1, k, "negative", "CONDITIONING")
+    w.link(ids["i2v"], 2, k, "latent_image", "LATENT")
+    dec = w.node(ids["decode"])
+    w.links = [ln for ln in w.links if ln[0] != dec["inputs"][0]["link"]]
+    dec["inputs"][0]["link"] = None
+    w.link(k, 0, ids["decode"], "samples", "LATENT")
+    r = read_data(w.data())
+    assert (r.fields["steps"], r.fields["switch"], r.fields["sampler"], r.fields["seed"]) == (6, 6, "dpmpp_2m", 9)
+    assert "low" not in r.files and "lora_low" not in r.files  # the other expert comes from --low or --models
+    w.node(ids["unet_high"])["widgets_values"][0] = "my_wan_model.safetensors"
+    with pytest.raises(WanrenderError, match="cannot tell which Wan 2.2 expert"):
+        read_data(w.data())
+
+
+def test_stacked_loras_one_active_per_expert() -> None:
+    w = UI()
+    ids = template(w)
+    extra = w.add("LoraLoaderModelOnly", ["style.safetensors", 0.0])
+    sh = w.node(ids["shift_high"])
+    w.links = [ln for ln in w.links if ln[0] != sh["inputs"][0]["link"]]
+    sh["inputs"][0]["link"] = None
+    w.link(ids["lora_high"], 0, extra, "model", "MODEL")
+    w.link(extra, 0, ids["shift_high"], "model", "MODEL")
+    r = read_data(w.data())
+    assert r.fields == BASE and r.files["lora_high"].value == NAMES["lora_high"]
+    assert any(f"#{extra} LoraLoaderModelOnly: strength 0" in n for n in r.notes)
+    w.node(extra)["widgets_values"][1] = 0.8
+    with pytest.raises(WanrenderError, match="2 LoRAs on the high-noise expert"):
+        read_data(w.data())
+
+
+def test_two_outputs_of_one_render_follow_the_interpolated_one() -> None:
+    w = UI()
+    ids = template(w)
+    rife = w.add("RIFE VFI", ["rife47.pth", 10, 2, True, True, 1.0])
+    w.link(ids["decode"], 0, rife, "frames", "IMAGE")
+    combine = w.add("VHS_VideoCombine", {"frame_rate": 32, "loop_count": 0, "filename_prefix": "x",
+                                         "format": "video/h264-mp4", "crf": 19, "save_output": True})  # fmt: skip
+    w.link(rife, 0, combine, "images", "IMAGE")
+    r = read_data(w.data())
+    assert r.output == f"#{combine} VHS_VideoCombine"
+    assert r.fields == {**BASE, "fps": 32, "interpolate": "rife", "crf": 19}
+    assert _ignored(r)[str(ids["save"])].startswith("another output of the same render")
+    # Outputs of two different renders: the 20-step pair feeds a second decode and output.
+    a20, b20 = pair(w, (ids["shift_high"], ids["shift_low"]), ids["i2v"], steps=20, switch=10)
+    tail(w, {"vae": ids["vae"]}, b20)
+    with pytest.raises(WanrenderError, match="video outputs of different renders"):
+        read_data(w.data())

@@ -103,6 +103,7 @@ class Output:
     frames: Any
     fps: Val
     crf: Val | None = None
+    format: Val | None = None
 
 
 @dataclass(frozen=True)
@@ -334,7 +335,8 @@ class Evaluator:
         if node.type == "SaveAnimatedWEBP":
             return Output(node.label, self.obj(node, "images"), self.val(node, "fps", 6.0, kind=float))
         crf = self.val(node, "crf", kind=int) if "crf" in node.widgets else None
-        return Output(node.label, self.obj(node, "images"), self.val(node, "frame_rate", 8, kind=float), crf)
+        fmt = self.val(node, "format", "video/h264-mp4")
+        return Output(node.label, self.obj(node, "images"), self.val(node, "frame_rate", 8, kind=float), crf, fmt)
 
 
 def unsupported(node: Node) -> WanrenderError:

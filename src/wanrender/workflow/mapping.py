@@ -49,6 +49,8 @@ def read_output(out: Output) -> Reading:
         raise WanrenderError(f"{out.node}: its images do not come from a VAEDecode — connect it as in ComfyUI's "
                              "Wan 2.2 14B i2v template")  # fmt: skip
     _fps(r, out, frames)
+    if out.node.endswith("SaveAnimatedWEBP") or "webp" in str(out.format.value if out.format else "").lower():
+        r.notes.append(f"{out.node}: wanrender writes MP4 (H.264), not WebP")
     if out.crf is not None:
         r.set("crf", out.crf.value, out.crf.src)
     chain = []

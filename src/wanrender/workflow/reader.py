@@ -38,9 +38,8 @@ def read_graph(graph: Graph) -> Reading:
     reading, ev = _choose(readings)
     reading.format = graph.format
     reading.notes = graph.notes + ev.decisions + reading.notes
-    used = set().union(*(e.visited for _, e in readings))
-    passed = set().union(*(e.passed for _, e in readings)) - used
-    reading.ignored = _ignored(graph, used, passed, ev.unchosen, reading, readings)
+    others = set().union(*(e.visited for _, e in readings)) - ev.visited
+    reading.ignored = _ignored(graph, ev.visited, ev.passed - ev.visited, ev.unchosen, reading, others)
     return reading
 
 
@@ -59,7 +58,7 @@ def _choose(readings: list[tuple[Reading, Evaluator]]) -> tuple[Reading, Evaluat
 
 
 def _ignored(graph: Graph, used: set[str], passed: set[str], unchosen: dict[str, str], reading: Reading,
-             readings: list) -> list[tuple[str, str, str]]:  # fmt: skip
+             others: set[str]) -> list[tuple[str, str, str]]:  # fmt: skip
     off: dict[str, str] = {}
     for start, switch in unchosen.items():  # the switched-off branch: everything upstream of it not used
         stack = [start]
@@ -69,13 +68,12 @@ def _ignored(graph: Graph, used: set[str], passed: set[str], unchosen: dict[str,
                 continue
             off[nid] = f"switched off by {switch}"
             stack.extend(link[0] for link in graph.nodes[nid].links.values() if link is not None)
-    others = {r.output for r, _ in readings if r is not reading}
     out = []
     for node in graph.nodes.values():
         if node.id in used or node.role == "sg_in":
             continue
-        if node.label in others:
-            why = f"another output of the same render (the request follows {reading.output})"
+        if node.id in others:
+            why = f"another output of the same render, or on its way (the request follows {reading.output})"
         elif node.id in passed:
             why = "bypassed: its inputs pass through"
         elif node.mode == 2:
