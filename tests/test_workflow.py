@@ -367,3 +367,20 @@ def test_two_outputs_of_one_render_follow_the_interpolated_one() -> None:
     tail(w, {"vae": ids["vae"]}, b20)
     with pytest.raises(WanrenderError, match="video outputs of different renders"):
         read_data(w.data())
+
+
+def test_malformed_and_foreign_files_are_one_line(tmp_path: Path) -> None:
+    w = UI()
+    ids = template(w)
+    w.node(ids["a"])["mode"] = "sometimes"
+    line = one_line_error(cli("workflow", "show", str(w.write(tmp_path / "bad.json"))))
+    assert "a malformed ComfyUI workflow" in line and "save it again" in line
+    for data, match in (([1, 2], "not a ComfyUI workflow"), ({"nodes": [], "links": []}, "no active video output")):
+        with pytest.raises(WanrenderError, match=match):
+            read_data(data)
+    w = UI()
+    ids = template(w)
+    w.node(ids["video"])["widgets_values"] = [float("inf")]
+    w.node(ids["a"])["inputs"][0]["link"] = [3]  # not a link id
+    with pytest.raises(WanrenderError, match="comes from nothing|missing"):
+        read_data(json.loads(json.dumps(w.data())))

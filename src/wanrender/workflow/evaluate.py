@@ -9,6 +9,7 @@ came from (node id, type, widget or link), so ``workflow show`` can say it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -131,6 +132,8 @@ class Evaluator:
             if node is None:
                 return Absent(f"linked to node #{link[0]}, which the file does not have")
             slot = link[1]
+            if slot < 0:
+                return Absent(f"linked to output {slot} of {node.label}, which has no such output")
             if node.role == "sg_in":
                 names = list(node.in_types)
                 name = names[slot] if slot < len(names) else None
@@ -371,7 +374,7 @@ def _typed(v: Val, kind: type, node: Node, name: str) -> Val:
             if not isinstance(value, str):
                 raise TypeError
             return v
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError
         if kind is int:
             if float(value) != int(value):

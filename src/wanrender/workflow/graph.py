@@ -68,12 +68,17 @@ def load(path: Path) -> Graph:
 
 
 def parse(data: Any, name: str = "workflow") -> Graph:
-    if isinstance(data, dict) and isinstance(data.get("nodes"), list):
-        return _from_ui(data)
-    if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
-        data = data["prompt"]  # a /prompt request body
-    if isinstance(data, dict) and data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
-        return _from_api(data)
+    try:
+        if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+            return _from_ui(data)
+        if isinstance(data, dict) and isinstance(data.get("prompt"), dict):
+            data = data["prompt"]  # a /prompt request body
+        if isinstance(data, dict) and data and all(isinstance(v, dict) and "class_type" in v for v in data.values()):
+            return _from_api(data)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as e:
+        # A file edited by hand or by a tool: a field of the wrong shape somewhere.
+        raise WanrenderError(f"{shown(name)}: a malformed ComfyUI workflow ({type(e).__name__}: {e}) — "
+                             "open it in ComfyUI and save it again") from None  # fmt: skip
     raise WanrenderError(
         f"{shown(name)}: not a ComfyUI workflow (neither the editor format with 'nodes' nor the API format "
         "with 'class_type') — save it from ComfyUI with Workflow > Save or Export (API)"
@@ -103,9 +108,9 @@ def _link_table(links: list) -> dict[int, tuple[int, int, int, int]]:
     """link id -> (origin node, origin slot, target node, target slot), from arrays or objects."""
     table: dict[int, tuple[int, int, int, int]] = {}
     for link in links or []:
-        if isinstance(link, list) and len(link) >= 5:
+        if isinstance(link, list) and len(link) >= 5 and isinstance(link[0], int):
             table[link[0]] = (link[1], link[2], link[3], link[4])
-        elif isinstance(link, dict) and "id" in link:
+        elif isinstance(link, dict) and isinstance(link.get("id"), int):
             table[link["id"]] = (link.get("origin_id"), link.get("origin_slot"), link.get("target_id"),
                                  link.get("target_slot"))  # fmt: skip
     return table
@@ -180,7 +185,7 @@ def _flatten(g: dict, prefix: str, defs: dict, graph: Graph, sg_in: str | None, 
     groups = _groups(g)
 
     def source(link_id) -> Link | None:
-        if link_id is None or link_id not in table:
+        if not isinstance(link_id, int) or link_id not in table:
             return None
         origin, slot = table[link_id][0], table[link_id][1]
         if origin == -10:
@@ -189,7 +194,7 @@ def _flatten(g: dict, prefix: str, defs: dict, graph: Graph, sg_in: str | None, 
 
     if sg_outs is not None:
         for origin, oslot, target, tslot in table.values():
-            if target == -20 and isinstance(tslot, int) and tslot < len(sg_outs):
+            if target == -20 and isinstance(tslot, int) and 0 <= tslot < len(sg_outs):
                 sg_outs[tslot] = (sg_in, int(oslot)) if origin == -10 else (f"{prefix}{origin}", int(oslot or 0))
     for raw in g.get("nodes") or []:
         if not isinstance(raw, dict) or "id" not in raw:

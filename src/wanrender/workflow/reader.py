@@ -34,7 +34,11 @@ def read_graph(graph: Graph) -> Reading:
     readings: list[tuple[Reading, Evaluator]] = []
     for node in outs:
         ev = Evaluator(graph)
-        readings.append((read_output(ev.output(node)), ev))
+        try:
+            readings.append((read_output(ev.output(node)), ev))
+        except RecursionError:
+            raise WanrenderError(f"the path to {node.label} is too long to follow (thousands of nodes in a row) "
+                                 "— simplify the workflow") from None  # fmt: skip
     reading, ev = _choose(readings)
     reading.format = graph.format
     reading.notes = graph.notes + ev.decisions + reading.notes
