@@ -306,7 +306,9 @@ def test_other_families_and_values_the_request_cannot_take_are_refused(case: str
         w.node(ids["i2v"])["widgets_values"][2] = 80
         expect = f"#{ids['i2v']} WanImageToVideo.length: frames 80 is invalid: frames must be 4k+1"
     path = w.write(tmp_path / "wf.json")
-    line = one_line_error(cli("generate", "--workflow", str(path), "--device", "cpu", "--out", str(tmp_path / "o.mp4")))
+    command = ["workflow", "show", str(path)] if case in ("t2v", "frames") else ["generate", "--workflow", str(path)]
+    line = one_line_error(cli(*command, "--device", "cpu", "--out", str(tmp_path / "o.mp4")) if "generate" in command
+                          else cli(*command))  # fmt: skip
     assert expect in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wf.json"]  # nothing written
 

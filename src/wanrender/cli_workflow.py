@@ -121,11 +121,13 @@ def show(
 ) -> None:
     """Print the render request a workflow's active path specifies, where each value came from, and what was
     ignored and why."""
+    from wanrender.workflow.build import build_request
     from wanrender.workflow.reader import read
     from wanrender.workflow.resolve import find_model
 
     try:
         reading = read(file)
+        build_request(reading, Path(str(reading.image.value)), {})  # what generate would refuse, show refuses
         paths: dict[str, str] = {}
         if models is not None or comfy_root is not None:
             dirs = _dirs(models, comfy_root)
