@@ -8,6 +8,8 @@ also the lazy ones inside functions, counts as an edge).
 - ``spec`` and ``errors``, the lowest layer, import nothing of wanrender but each other;
 - the service (``service/``) sits above the runner and below the command line: only
   the CLI imports it, and it imports no ``bench`` code;
+- the workflow reader (``workflow/``) imports only the request model, the model
+  inventory and the errors (and itself); only the CLI imports it;
 - there are no import cycles between modules.
 """
 
@@ -32,6 +34,9 @@ NOT_FOR_PREDICTION = ("wanrender.request", "wanrender.runner", "wanrender.engine
 MODELS_MAY_IMPORT = ("wanrender.models", "wanrender.errors", "wanrender.spec", "wanrender.paths")
 LOWEST = ("wanrender.spec", "wanrender.errors")
 SERVICE = ("wanrender.service",)
+WORKFLOW = ("wanrender.workflow",)
+WORKFLOW_MAY_IMPORT = WORKFLOW + ("wanrender.spec", "wanrender.request", "wanrender.models.inventory",
+                                  "wanrender.errors")  # fmt: skip
 
 
 def _name(path: Path) -> str:
@@ -102,6 +107,15 @@ def test_only_the_cli_imports_the_service() -> None:
     assert (
         "wanrender.service.worker" in g["wanrender.cli_serve"] and "wanrender.runner" in g["wanrender.service.worker"]
     )
+
+
+def test_the_workflow_reader_sits_between_the_request_and_the_cli() -> None:
+    g = _graph()
+    bad = [(m, t) for m, ts in g.items() if _under(m, WORKFLOW) for t in ts if not _under(t, WORKFLOW_MAY_IMPORT)]
+    assert not bad, bad
+    bad = [(m, t) for m, ts in g.items() if not _under(m, CLI + WORKFLOW) for t in ts if _under(t, WORKFLOW)]
+    assert not bad, bad
+    assert "wanrender.workflow.reader" in g["wanrender.cli_workflow"]
 
 
 def test_no_import_cycles() -> None:

@@ -97,6 +97,11 @@ from wanrender.cli_serve import register as _register_serve  # noqa: E402
 
 _register_serve(app)
 
+# workflow show|export: ComfyUI workflow files (generate --workflow renders them).
+from wanrender.cli_workflow import register as _register_workflow  # noqa: E402
+
+_register_workflow(app)
+
 
 @app.command("plan")
 def plan_cmd(

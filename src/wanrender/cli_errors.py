@@ -73,3 +73,34 @@ def check_interrupted() -> None:
     """Raise a Ctrl-C that was swallowed where it landed (called from progress events)."""
     if _INTERRUPTED:
         raise KeyboardInterrupt
+
+
+def fail(err: Exception) -> None:
+    """A command's user error: one red line on stderr, exit 2 (the traceback too with --debug)."""
+    import os
+
+    import typer
+    from rich.console import Console
+    from rich.markup import escape
+
+    if os.environ.get("WANRENDER_DEBUG", "").lower() in ("1", "true", "yes"):
+        raise err  # main() lets it through with its traceback
+    Console(stderr=True).print(f"[bold red]error:[/] {escape(flagged(err))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def pair(value: str | None, flag: str) -> tuple[float | None, float | None]:
+    """A flag of one number or two ('5' or '5,6'): (first, second)."""
+    from wanrender.errors import WanrenderError
+
+    if value is None:
+        return None, None
+    try:
+        parts = [float(v) for v in value.split(",")]
+    except ValueError:
+        raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma") from None
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) == 2:
+        return parts[0], parts[1]
+    raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma")

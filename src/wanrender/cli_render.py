@@ -16,6 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from wanrender.cli_errors import check_interrupted
+from wanrender.cli_errors import fail as _fail
+from wanrender.cli_errors import pair as _pair
 from wanrender.errors import WanrenderError, shown
 
 console = Console(stderr=True)
@@ -25,18 +27,6 @@ DETERMINISM = (
     "Same seed and settings give bit-identical frames (the sidecar's frames_sha256 proves it); the MP4 bytes "
     "may still differ between runs, at the encoder level."
 )
-
-
-def _fail(err: Exception) -> None:
-    import os
-
-    from wanrender.cli_errors import flagged
-
-    if os.environ.get("WANRENDER_DEBUG", "").lower() in ("1", "true", "yes"):
-        raise err  # main() lets it through with its traceback
-
-    console.print(f"[bold red]error:[/] {escape(flagged(err))}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
 
 
 def _check_outputs(req, overwrite: bool) -> None:
@@ -119,8 +109,10 @@ def _run_render(req, files, device) -> None:
 
 
 def generate(
-    image: Path = typer.Argument(..., help="Start image (PNG, JPEG, WebP)."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="What should happen in the video."),
+    image: Optional[Path] = typer.Argument(
+        None, help="Start image (PNG, JPEG, WebP); with --workflow, default: its LoadImage file in --input-dir."
+    ),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What should happen in the video."),
     negative: Optional[str] = typer.Option(None, "--negative", help="Negative prompt (used when cfg != 1)."),
     preset: str = typer.Option("turbo", "--preset", help="turbo (4 steps + LoRAs), quality (20 steps, cfg 3.5)."),
     frames: Optional[int] = typer.Option(None, "--frames", help="Frames, 4k+1 (81 = 5 s at 16 fps)."),
@@ -175,8 +167,19 @@ def generate(
     reserve_vram: Optional[float] = typer.Option(
         None, "--reserve-vram", help="GiB of GPU memory to leave free (default 0.5)."
     ),
+    workflow: Optional[Path] = typer.Option(
+        None,
+        "--workflow",
+        help="Render a ComfyUI workflow file (editor or API format); the flags you give override its values.",
+    ),
+    comfy_root: Optional[Path] = typer.Option(
+        None, "--comfy-root", help="With --workflow: find its model files in this ComfyUI (and its input/ images)."
+    ),
+    input_dir: Optional[Path] = typer.Option(
+        None, "--input-dir", help="With --workflow: where its LoadImage file is (default: COMFY_ROOT/input, or .)."
+    ),
 ) -> None:
-    """Render a video from IMAGE and a prompt.
+    """Render a video from IMAGE and a prompt, or from a ComfyUI workflow (--workflow).
 
     Writes OUT.mp4 and OUT.json (the sidecar: request, plan, model hashes, timings). Same seed and settings give
     bit-identical frames (the sidecar's frames_sha256 proves it); the MP4 bytes may still differ between runs, at
@@ -190,19 +193,31 @@ def generate(
         from wanrender.spec import parse_size
 
         dev = resolve_device(device)
-        width, height = parse_size(size, "--size") if size else (None, None)
-        sh, sl = _pair(shift, "--shift")
-        lh, ll = _pair(lora_strength, "--lora-strength")
-        req = from_preset(
-            preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
-            switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
-            interpolate=interpolate, boundary=boundary, precision=precision, attention=attention, compile=compile,
-            memory=memory, reserve_vram=reserve_vram, crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
-        )  # fmt: skip
+        if workflow is not None:
+            from wanrender.cli_workflow import workflow_request
+
+            req, files = workflow_request(ctx)
+        else:
+            if comfy_root is not None or input_dir is not None:
+                raise WanrenderError("--comfy-root and --input-dir go with --workflow — pass --workflow FILE")
+            if image is None or prompt is None:
+                missing = "IMAGE" if image is None else "--prompt"
+                raise WanrenderError(f"missing {missing} — pass IMAGE and --prompt, or a ComfyUI --workflow FILE")
+            width, height = parse_size(size, "--size") if size else (None, None)
+            sh, sl = _pair(shift, "--shift")
+            lh, ll = _pair(lora_strength, "--lora-strength")
+            req = from_preset(
+                preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
+                switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
+                interpolate=interpolate, boundary=boundary, precision=precision, attention=attention, compile=compile,
+                memory=memory, reserve_vram=reserve_vram, crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
+            )  # fmt: skip
+            files = None
         from wanrender.bench.commands import profile_for_generate
 
         req = profile_for_generate(req, profile, str(dev), ctx)
-        files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)
+        if files is None:
+            files = resolve_files(models, high, low, vae, text_encoder, tokenizer, lora_high, lora_low)
         if out is None:
             req = with_fields(req, out=default_out(req))
         from wanrender.runtime.plan import make_plan
@@ -212,20 +227,6 @@ def generate(
         _run_render(req, files, dev)
     except WanrenderError as e:
         _fail(e)
-
-
-def _pair(value: Optional[str], flag: str) -> tuple[Optional[float], Optional[float]]:
-    if value is None:
-        return None, None
-    try:
-        parts = [float(v) for v in value.split(",")]
-    except ValueError:
-        raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma") from None
-    if len(parts) == 1:
-        return parts[0], parts[0]
-    if len(parts) == 2:
-        return parts[0], parts[1]
-    raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma")
 
 
 def demo(
