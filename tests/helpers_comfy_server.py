@@ -120,10 +120,9 @@ class StandIn:
             return
         wfile, lock = conn
         with lock:
-            try:
+            try:  # the handler's wfile writes through to the socket; it is closed once the client has gone
                 wfile.write(encode_frame(TEXT, json.dumps({"type": kind, "data": data}).encode(), mask=False))
-                wfile.flush()
-            except OSError:
+            except (OSError, ValueError):
                 self.clients.pop(client, None)
 
     def _order(self, prompt: dict) -> list[str]:

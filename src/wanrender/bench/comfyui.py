@@ -40,7 +40,7 @@ from wanrender.bench.wsclient import WebSocket, WebSocketError
 from wanrender.errors import WanrenderError
 
 HTTP_TIMEOUT_S = 30.0
-VRAM_POLL_S = 0.25
+VRAM_POLL_S = 0.1
 STAGE_OF_NODE = {"CLIPTextEncode": "text_encode", "WanImageToVideo": "vae_encode", "VAEDecode": "vae_decode",
                  "VAEDecodeTiled": "vae_decode", "CreateVideo": "video_encode", "SaveVideo": "video_encode",
                  "VHS_VideoCombine": "video_encode", "SaveAnimatedWEBP": "video_encode", "SaveWEBM": "video_encode"}  # fmt: skip
@@ -182,7 +182,7 @@ class Session:
             return str(got["prompt_id"]), ""
         return None, _refusal(status, got, data)
 
-    def follow(self, run: Run, deadline: float) -> None:
+    def follow(self, run: Run, deadline: float, limit_s: float) -> None:
         """Read the websocket until the prompt ends or the deadline passes (then status timeout)."""
         current: list | None = None
         kinds = {}
@@ -191,7 +191,7 @@ class Session:
             if left <= 0:
                 run.status = "timeout"
                 where = f" at node {current[0]} ({current[1]}){run.last_progress}" if current else ""
-                run.message = f"no result from ComfyUI within the case's timeout_s{where}: interrupted the prompt"
+                run.message = f"no result from ComfyUI within the case's timeout_s ({limit_s:g} s){where}: interrupted the prompt"
                 return
             msg = self.ws.recv(min(left, 1.0))
             if not isinstance(msg, str):
@@ -258,7 +258,7 @@ class Session:
                         return path
         return None
 
-    def render(self, prompt: dict, deadline: float) -> Run:
+    def render(self, prompt: dict, deadline: float, limit_s: float) -> Run:
         self.prompt = prompt
         t = time.time()
         pid, why = self.submit(prompt)
@@ -266,7 +266,7 @@ class Session:
             return Run(status="error", message=why)
         run = Run(prompt_id=pid, submitted=t)
         self.say(f"prompt {pid} queued")
-        self.follow(run, deadline)
+        self.follow(run, deadline, limit_s)
         if run.status == "timeout":
             self.interrupt(pid)
         for nid, kind, a, b in run.nodes:
@@ -356,7 +356,7 @@ def run_case(case: Case, label: str, key: str, out_dir: Path, env: dict, run_id:
             plan = (["warmup"] if case.warmup else []) + [f"repeat {i + 1}" for i in range(case.repeats)]
             for phase in plan:
                 session.say(f"{phase}: render")
-                run = session.render(cw.patch(wf, name, values, f"{run_id}-{phase}"), deadline)
+                run = session.render(cw.patch(wf, name, values, f"{run_id}-{phase}"), deadline, case.timeout_s)
                 runs.append((phase, run))
                 if run.status != "ok":
                     status, message = run.status, run.message

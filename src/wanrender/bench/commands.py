@@ -68,28 +68,31 @@ def bench_run(
                        TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[case]}"), console=console)  # fmt: skip
         durations: list[float] = []
         state = {"pending": len(m.cases)}
-        with bar:
-            task = bar.add_task(m.name, total=len(m.cases), eta="ETA —", case="")
+        task = bar.add_task(m.name, total=len(m.cases), eta="ETA —", case="")
 
-            def events(kind: str, d: dict) -> None:
-                # ETA from the cases measured so far: skipped cases cost nothing.
-                if kind == "skip":
-                    state["pending"] -= 1
-                    bar.update(task, advance=1, case=f"skip {d['label']} ({d['status']})")
-                elif kind == "start":
-                    eta = sum(durations) / len(durations) * state["pending"] if durations else None
-                    bar.update(task, case=d["label"], eta=_fmt_eta(eta))
-                elif kind == "done":
-                    row = d["row"]
-                    state["pending"] -= 1
-                    durations.append(row["wall_s"])
-                    eta = sum(durations) / len(durations) * state["pending"]
-                    bar.update(task, advance=1, eta=_fmt_eta(eta), case="")
-                    p = (row.get("total") or {}).get("p50")
-                    bar.console.print(f"  {row['status']:<7} {d['label']}  {f'{p:.3f} s (p50)' if p is not None else row.get('message', '')}",
-                                      highlight=False, markup=False)  # fmt: skip
+        def events(kind: str, d: dict) -> None:
+            bar.start()  # at the first case: a check that fails before it leaves only its one line
+            # ETA from the cases measured so far: skipped cases cost nothing.
+            if kind == "skip":
+                state["pending"] -= 1
+                bar.update(task, advance=1, case=f"skip {d['label']} ({d['status']})")
+            elif kind == "start":
+                eta = sum(durations) / len(durations) * state["pending"] if durations else None
+                bar.update(task, case=d["label"], eta=_fmt_eta(eta))
+            elif kind == "done":
+                row = d["row"]
+                state["pending"] -= 1
+                durations.append(row["wall_s"])
+                eta = sum(durations) / len(durations) * state["pending"]
+                bar.update(task, advance=1, eta=_fmt_eta(eta), case="")
+                p = (row.get("total") or {}).get("p50")
+                bar.console.print(f"  {row['status']:<7} {d['label']}  {f'{p:.3f} s (p50)' if p is not None else row.get('message', '')}",
+                                  highlight=False, markup=False)  # fmt: skip
 
+        try:
             result = run_sweep(m, out_dir, resume=resume, retry_failed=retry_failed, events=events)
+        finally:
+            bar.stop()
     except WanrenderError as e:
         _fail(e)
         return
