@@ -20,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from helpers_comfy_server import StandIn
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -135,11 +134,15 @@ def test_one_sweep_runs_both_engines_with_their_statuses(sweep, server) -> None:
     from wanrender.media.video import probe_video
 
     assert probe_video(ok["output"]).frames == 5  # the output, fetched through /history and /view
-    assert "out of memory" in rows["comfy-oom"]["message"] and "node 11 (KSamplerAdvanced)" in rows["comfy-oom"]["message"]
+    assert (
+        "out of memory" in rows["comfy-oom"]["message"] and "node 11 (KSamplerAdvanced)" in rows["comfy-oom"]["message"]
+    )
     hang = rows["comfy-hang"]
     assert "timeout" in hang["message"] and "node 11 (KSamplerAdvanced)" in hang["message"]
     assert server.interrupts and server.deleted  # the hung prompt was interrupted and dropped from the queue
-    assert "HTTP 400" in rows["comfy-reject"]["message"] and "node 7 (CLIPTextEncode)" in rows["comfy-reject"]["message"]
+    assert (
+        "HTTP 400" in rows["comfy-reject"]["message"] and "node 7 (CLIPTextEncode)" in rows["comfy-reject"]["message"]
+    )
     for r in rows.values():
         if r["status"] != "ok":
             assert r["log_tail"] and Path(r["log"]).is_file()
@@ -150,7 +153,11 @@ def test_the_workflow_is_patched_from_the_case_and_every_timed_render_runs(sweep
     assert len(sent) == 3  # warm-up and two timed renders of the "comfy" case
     for pr in sent:
         assert pr["9"]["inputs"]["image"] in server.uploads  # the uploaded demo image
-        assert {k: pr["10"]["inputs"][k] for k in ("width", "height", "length")} == {"width": 80, "height": 64, "length": 5}
+        assert {k: pr["10"]["inputs"][k] for k in ("width", "height", "length")} == {
+            "width": 80,
+            "height": 64,
+            "length": 5,
+        }
         assert pr["11"]["inputs"]["noise_seed"] == 0 and pr["11"]["inputs"]["end_at_step"] == 2
     assert len({pr["7"]["inputs"]["wanrender_run"] for pr in sent}) == 3  # ComfyUI's cache cannot skip a render
     log = Path(sweep["rows"]["comfy"]["log"]).read_text()
@@ -218,7 +225,10 @@ def test_an_unreachable_server_stops_the_sweep_before_any_case(tmp_path, home) -
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing listens there
-    cases = [{"name": "wan"}, {"name": "c", "engine": "comfyui", "workflow": "wf.json", "server": f"http://127.0.0.1:{port}"}]
+    cases = [
+        {"name": "wan"},
+        {"name": "c", "engine": "comfyui", "workflow": "wf.json", "server": f"http://127.0.0.1:{port}"},
+    ]
     (tmp_path / "wf.json").write_text(json.dumps(workflow()))
     (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": "x", "defaults": {"device": "cpu"}, "cases": cases}))
     p = cli("bench", "run", "m.yaml", "--out", "out", cwd=tmp_path, home=home)

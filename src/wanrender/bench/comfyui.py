@@ -191,7 +191,9 @@ class Session:
             if left <= 0:
                 run.status = "timeout"
                 where = f" at node {current[0]} ({current[1]}){run.last_progress}" if current else ""
-                run.message = f"no result from ComfyUI within the case's timeout_s ({limit_s:g} s){where}: interrupted the prompt"
+                run.message = (
+                    f"no result from ComfyUI within the case's timeout_s ({limit_s:g} s){where}: interrupted the prompt"
+                )
                 return
             msg = self.ws.recv(min(left, 1.0))
             if not isinstance(msg, str):

@@ -58,7 +58,9 @@ def pairs(rows: list[dict]) -> list[Pair]:
     by: dict[tuple, dict[str, list[dict]]] = {}
     for r in rows:
         by.setdefault(render_key(r), {}).setdefault(engine(r), []).append(r)
-    return [Pair(describe(k), w, c) for k, e in by.items() for w in e.get("wanrender", []) for c in e.get("comfyui", [])]
+    return [
+        Pair(describe(k), w, c) for k, e in by.items() for w in e.get("wanrender", []) for c in e.get("comfyui", [])
+    ]
 
 
 def vram(row: dict) -> float | None:

@@ -26,7 +26,7 @@ GIB = 2**30
 OFF_SCALE = 3.0  # a limit more than this many times the data's peak is named, not drawn
 # Case fields that never split a series (they do not change the render or are the x axis).
 _NOT_SERIES = ("name", "frames", "repeats", "timeout_s", "image_path", "image_sha256", "models_path", "warmup",
-               "server", "workflow_path", "workflow_sha256")
+               "server", "workflow_path", "workflow_sha256")  # fmt: skip
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -110,7 +110,9 @@ def _summary_table(rows: list[dict]) -> str:
     for r in rows:
         c, m = _case(r), r.get("memory") or {}
         e = r.get("energy_j") or {}
-        cells = [escape(r.get("label", r["key"])), _status(r["status"])] + ([escape(peers.engine(r))] if engines else [])
+        cells = [escape(r.get("label", r["key"])), _status(r["status"])] + (
+            [escape(peers.engine(r))] if engines else []
+        )
         cells += [str(c.get("frames", "")),
                  f"{c.get('width')}x{c.get('height')}", escape(str(c.get("attention"))),
                  escape(str(c.get("precision"))), escape(str(c.get("compile"))), escape(str(c.get("pass_order"))),
@@ -146,7 +148,9 @@ def _engines_section(rows: list[dict]) -> str:
             r = p.ratio(m)
             cells += [_f(p.value(p.wanrender, m)), _f(p.value(p.comfyui, m)), "—" if r is None else f"{r:.2f}x"]
         cells += [_gib(peers.vram(p.wanrender)), _gib(peers.vram(p.comfyui))]
-        body.append("<tr>" + "".join(f'<td class="{"l" if i < 3 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>")
+        body.append(
+            "<tr>" + "".join(f'<td class="{"l" if i < 3 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>"
+        )
     th = "".join(f'<th class="{"l" if i < 3 else ""}">{escape(h)}</th>' for i, h in enumerate(head))
     return (f'<p class="muted">Rows of the two engines with the same image, frames, size, steps and seed. Ratio: '
             "ComfyUI's p50 over wanrender's (above 1: wanrender is faster). ComfyUI's VRAM is its server's "
@@ -428,8 +432,11 @@ def render(rows: res.Rows, source: str = "") -> str:
         ("failures", "Failures", _failures_section(latest)),
         ("environment", "Environment", _env_section(latest)),
     ]
-    body = "".join(f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>' for sid, title, html in sections
-                   if html or sid != "engines")  # that one only when both engines rendered the same thing
+    body = "".join(
+        f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>'
+        for sid, title, html in sections
+        if html or sid != "engines"
+    )  # that one only when both engines rendered the same thing
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>wanrender bench report</title>'
             f"<style>{CSS}</style></head><body><h1>wanrender bench report</h1>"
             f'<p class="muted">{escape(source)} — {len(latest)} case(s): {escape(status_line)}{escape(skipped)}; '
