@@ -165,6 +165,7 @@ class Session:
     def __init__(self, server: str, log) -> None:
         self.server, self.log = server, log
         self.client_id = uuid.uuid4().hex
+        self.current = ""  # the prompt being followed: what a Ctrl-C interrupts
         u = urlsplit(server)
         scheme = "wss" if u.scheme == "https" else "ws"
         self.ws = WebSocket.connect(f"{scheme}://{u.netloc}{u.path}/ws?clientId={self.client_id}")
@@ -267,10 +268,12 @@ class Session:
         if pid is None:
             return Run(status="error", message=why)
         run = Run(prompt_id=pid, submitted=t)
+        self.current = pid
         self.say(f"prompt {pid} queued")
         self.follow(run, deadline, limit_s)
         if run.status == "timeout":
             self.interrupt(pid)
+        self.current = ""
         for nid, kind, a, b in run.nodes:
             self.say(f"node {nid} ({kind}): {((b or a) - a):.3f} s")
         self.say(f"prompt {pid}: {run.status} {run.message}".rstrip())
@@ -375,8 +378,8 @@ def run_case(case: Case, label: str, key: str, out_dir: Path, env: dict, run_id:
             status, message = "error", str(e).splitlines()[0] if str(e) else type(e).__name__
             session and session.say(f"error: {message}")
         except BaseException:  # Ctrl-C: ComfyUI must not go on rendering for a sweep that is gone
-            if session is not None and runs and runs[-1][1].prompt_id:
-                session.interrupt(runs[-1][1].prompt_id)
+            if session is not None and session.current:
+                session.interrupt(session.current)
             raise
         finally:
             poller.stop()

@@ -215,8 +215,10 @@ def _short(key: str, c: dict) -> str:
         return f"{c.get('width')}x{c.get('height')}"
     if key == "vram_cap_bytes":
         return f"cap {v / GIB:.1f}G" if v else ""
-    if key in ("attention", "precision", "engine"):
+    if key in ("attention", "precision"):
         return str(v)
+    if key == "engine":
+        return str(v or "wanrender")  # rows written before the engine field
     if key == "workflow":
         return Path(str(v)).name if v else ""
     if key == "compile":
