@@ -68,28 +68,31 @@ def bench_run(
                        TextColumn("{task.fields[eta]}"), TextColumn("{task.fields[case]}"), console=console)  # fmt: skip
         durations: list[float] = []
         state = {"pending": len(m.cases)}
-        with bar:
-            task = bar.add_task(m.name, total=len(m.cases), eta="ETA —", case="")
+        task = bar.add_task(m.name, total=len(m.cases), eta="ETA —", case="")
 
-            def events(kind: str, d: dict) -> None:
-                # ETA from the cases measured so far: skipped cases cost nothing.
-                if kind == "skip":
-                    state["pending"] -= 1
-                    bar.update(task, advance=1, case=f"skip {d['label']} ({d['status']})")
-                elif kind == "start":
-                    eta = sum(durations) / len(durations) * state["pending"] if durations else None
-                    bar.update(task, case=d["label"], eta=_fmt_eta(eta))
-                elif kind == "done":
-                    row = d["row"]
-                    state["pending"] -= 1
-                    durations.append(row["wall_s"])
-                    eta = sum(durations) / len(durations) * state["pending"]
-                    bar.update(task, advance=1, eta=_fmt_eta(eta), case="")
-                    p = (row.get("total") or {}).get("p50")
-                    bar.console.print(f"  {row['status']:<7} {d['label']}  {f'{p:.3f} s (p50)' if p is not None else row.get('message', '')}",
-                                      highlight=False, markup=False)  # fmt: skip
+        def events(kind: str, d: dict) -> None:
+            bar.start()  # at the first case: a check that fails before it leaves only its one line
+            # ETA from the cases measured so far: skipped cases cost nothing.
+            if kind == "skip":
+                state["pending"] -= 1
+                bar.update(task, advance=1, case=f"skip {d['label']} ({d['status']})")
+            elif kind == "start":
+                eta = sum(durations) / len(durations) * state["pending"] if durations else None
+                bar.update(task, case=d["label"], eta=_fmt_eta(eta))
+            elif kind == "done":
+                row = d["row"]
+                state["pending"] -= 1
+                durations.append(row["wall_s"])
+                eta = sum(durations) / len(durations) * state["pending"]
+                bar.update(task, advance=1, eta=_fmt_eta(eta), case="")
+                p = (row.get("total") or {}).get("p50")
+                bar.console.print(f"  {row['status']:<7} {d['label']}  {f'{p:.3f} s (p50)' if p is not None else row.get('message', '')}",
+                                  highlight=False, markup=False)  # fmt: skip
 
+        try:
             result = run_sweep(m, out_dir, resume=resume, retry_failed=retry_failed, events=events)
+        finally:
+            bar.stop()
     except WanrenderError as e:
         _fail(e)
         return
@@ -141,12 +144,12 @@ def bench_compare(
         return
     gate = cmp.gate_failure(allow_missing)
     table = Table(title=f"{new} vs {base}", title_justify="left")
-    for col in ("case", "status", "base p50 s", "new p50 s", "ratio", "verdict"):
+    for col in ("case", "engine", "status", "base p50 s", "new p50 s", "ratio", "verdict"):
         table.add_column(col)
     for v in cmp.verdicts:
         m = "total"
         b, n, r = v.base_p50.get(m), v.new_p50.get(m), v.ratios.get(m)
-        table.add_row(v.label, f"{v.base_status or '—'} -> {v.new_status}", f"{b:.3f}" if b is not None else "—",
+        table.add_row(v.label, v.engine, f"{v.base_status or '—'} -> {v.new_status}", f"{b:.3f}" if b is not None else "—",
                       f"{n:.3f}" if n is not None else "—", f"{r:.3f}x" if r is not None else "—",
                       "[bold red]REGRESSION[/]" if v.problems else "[green]ok[/]")  # fmt: skip
     out = Console()
@@ -154,6 +157,8 @@ def bench_compare(
     for v in cmp.regressions:  # one line per problem: too long for a table cell
         for p in v.problems:
             out.print(f"[red]REGRESSION[/] {v.label}: {p}", highlight=False)
+    if cmp.pairs:
+        out.print(_engines_table(cmp.pairs, new))
     for note in cmp.notes:
         out.print(f"note: {note}", highlight=False)
     bad = bool(cmp.regressions or gate)
@@ -162,6 +167,26 @@ def bench_compare(
         console.print(f"[bold red]error:[/] {gate}", highlight=False, soft_wrap=True)
     if bad:
         raise typer.Exit(1)
+
+
+def _engines_table(pairs, new: Path):
+    """NEW's wanrender and ComfyUI rows of the same render: p50s and ComfyUI/wanrender."""
+    from rich.table import Table
+
+    from wanrender.bench.peers import METRICS
+
+    table = Table(title=f"wanrender and ComfyUI in {new} (ratio: ComfyUI / wanrender)", title_justify="left")
+    for col in ("render", "wanrender case", "ComfyUI case") + tuple(f"{m} w / C / ratio" for m in METRICS):
+        table.add_column(col)
+    for p in pairs:
+        cells = []
+        for m in METRICS:
+            w, c, r = p.value(p.wanrender, m), p.value(p.comfyui, m), p.ratio(m)
+            cells.append(" / ".join(["—" if w is None else f"{w:.3f}", "—" if c is None else f"{c:.3f}",
+                                     "—" if r is None else f"{r:.2f}x"]))  # fmt: skip
+        table.add_row(p.render, f"{p.wanrender.get('label')} ({p.wanrender['status']})",
+                      f"{p.comfyui.get('label')} ({p.comfyui['status']})", *cells)  # fmt: skip
+    return table
 
 
 def bench_report(

@@ -5,6 +5,10 @@ point is comparing a new driver, torch or commit against a baseline). Per case:
 the ratio of p50s for the checked metrics (``--metric``, default ``total``), a
 status regression (ok in BASE, not ok in NEW), and absolute limits on NEW
 (``--limit pass=85s``: both passes under 85 s; ``--limit vram=40GiB``).
+
+A ComfyUI case (engine comfyui) is matched like any other, with itself in the
+other file; ``vram`` is its server's device-wide peak. Where NEW holds both
+engines rendering the same thing, they are also set side by side (bench/peers.py).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wanrender.bench import peers
 from wanrender.bench import results as res
 from wanrender.bench.matrix import parse_seconds
 from wanrender.bench.runner import STAGES
@@ -25,7 +30,8 @@ ALIASES = {"pass": ("pass1", "pass2")}
 # nvml/rss: over the whole case (model loading included); *_timed: over the timed renders.
 MEMORY = {"vram": ("memory", "torch_allocated_peak"), "reserved": ("memory", "torch_reserved_peak"),
           "nvml": ("memory", "nvml_used_peak"), "rss": ("memory", "host_rss_peak"),
-          "nvml_timed": ("memory", "nvml_used_timed_peak"), "rss_timed": ("memory", "host_rss_timed_peak")}  # fmt: skip
+          "nvml_timed": ("memory", "nvml_used_timed_peak"), "rss_timed": ("memory", "host_rss_timed_peak"),
+          "server_vram": ("memory", "server_vram_timed_peak")}  # fmt: skip
 TIME_METRICS = ("total", "s_per_step") + STAGES
 
 
@@ -46,6 +52,7 @@ class CaseVerdict:
     base_p50: dict[str, float | None]
     new_p50: dict[str, float | None]
     problems: tuple[str, ...]
+    engine: str = "wanrender"
 
     @property
     def regressed(self) -> bool:
@@ -62,6 +69,7 @@ class Comparison:
     notes: tuple[str, ...] = field(default_factory=tuple)
     n_new: int = 0  # cases in NEW, in BASE
     n_base: int = 0
+    pairs: tuple[peers.Pair, ...] = ()  # wanrender and ComfyUI rows of NEW that render the same thing
 
     @property
     def regressions(self) -> list[CaseVerdict]:
@@ -131,6 +139,8 @@ def parse_limit(text: str) -> list[Limit]:
 
 
 def _metric_value(row: dict, metric: str) -> float | None:
+    if metric == "vram" and peers.engine(row) == "comfyui":
+        return peers.vram(row)
     if metric in MEMORY:
         section, key = MEMORY[metric]
         return (row.get(section) or {}).get(key)
@@ -176,7 +186,7 @@ def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: l
         if brow is None and not problems:
             continue  # a new case with nothing to hold it to
         verdicts.append(CaseVerdict(h, nrow.get("label", h), brow["status"] if brow else None, nrow["status"],
-                                    ratios, base_p, new_p, tuple(problems)))  # fmt: skip
+                                    ratios, base_p, new_p, tuple(problems), peers.engine(nrow)))  # fmt: skip
     only_base = tuple(b_rows[h].get("label", h) for h in b_rows if h not in n_rows)
     only_new = tuple(n_rows[h].get("label", h) for h in n_rows if h not in b_rows)
     notes = []
@@ -184,7 +194,7 @@ def compare(new: res.Rows, base: res.Rows, max_slowdown: float = 0.05, limits: l
         if rows.skipped_lines:
             notes.append(f"{name}: {rows.skipped_lines} unreadable line(s) skipped (a torn write)")
     return Comparison(tuple(verdicts), only_base, only_new, max_slowdown, metrics, tuple(notes), len(n_rows),
-                      len(b_rows))  # fmt: skip
+                      len(b_rows), tuple(peers.pairs(list(new.latest_by_key().values()))))  # fmt: skip
 
 
 def compare_files(new: Path, base: Path, max_slowdown: str = "5%", limits: list[str] | None = None,

@@ -12,6 +12,7 @@ exclude:             # drop product cases matching all fields of an entry
   - {frames: 9, attention: reference}
 cases:               # extra cases after the product: defaults + these fields
   - {name: oom, inject: oom}
+  - {name: comfy, engine: comfyui, server: "http://127.0.0.1:8188", workflow: wan22_i2v_api.json}
 ```
 
 Without ``axes`` a matrix is its ``cases`` alone (or, with neither, the defaults).
@@ -20,6 +21,13 @@ Relative paths (``image``, ``models``) are relative to the matrix file, so a
 matrix travels with its images. Each case has an identity hash over everything
 that defines the render (not the name, repeats or timeout): it keys results,
 ``--resume`` and ``bench compare``.
+
+A case with ``engine: comfyui`` is rendered by a ComfyUI server the user runs
+(bench/comfyui.py): its ``workflow`` (API format) is what is rendered, and the
+fields frames, resolution, steps, switch and seed that the matrix does not set
+are read from it. Its identity is the workflow's content, the image and those
+fields (the server is where it runs, like the machine, not what it renders).
+A wanrender case ignores ``server`` and ``workflow``.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from wanrender.errors import WanrenderError
 from wanrender.spec import parse_bytes
@@ -39,9 +48,14 @@ from wanrender.spec import tokens as dit_tokens
 PASS_ORDERS = ("high-low", "low-high")
 INJECT = ("none", "oom", "hang", "crash")
 INTERPOLATE = ("off", "rife", "dis")
+ENGINES = ("wanrender", "comfyui")
 # Fields that do not change what is rendered: excluded from the identity hash.
 NOT_IDENTITY = ("name", "repeats", "timeout_s")
-RESOLVED = ("image_path", "image_sha256", "models_path")
+RESOLVED = ("image_path", "image_sha256", "models_path", "workflow_path", "workflow_sha256")
+# Added with the comfyui engine: left out of a wanrender case's identity, which keeps the hashes of older results.
+ENGINE_FIELDS = ("engine", "server", "workflow")
+# What defines a comfyui case's render; the other fields are wanrender's and do not apply to it.
+COMFY_IDENTITY = ("engine", "image", "workflow", "frames", "width", "height", "steps", "switch", "seed", "warmup")
 
 
 @dataclass(frozen=True)
@@ -69,14 +83,23 @@ class Case:
     warmup: bool = True
     timeout_s: float = 1800.0
     inject: str = "none"  # test hook: make the child run out of memory, hang or crash
+    engine: str = "wanrender"  # or "comfyui": a ComfyUI server renders the workflow
+    server: str = "http://127.0.0.1:8188"  # the comfyui engine's ComfyUI
+    workflow: str = ""  # the comfyui engine's workflow file (API format)
     # Filled by expansion. The identity uses the image's content and the models folder
     # as written, so the same matrix on another machine keys the same cases.
     image_path: str | None = None
     image_sha256: str | None = None
     models_path: str | None = None
+    workflow_path: str | None = None
+    workflow_sha256: str | None = None
 
     def identity(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY + RESOLVED}
+        if self.engine == "comfyui":
+            d = {k: getattr(self, k) for k in COMFY_IDENTITY}
+            d["workflow"] = self.workflow_sha256 or self.workflow
+        else:
+            d = {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY + RESOLVED + ENGINE_FIELDS}
         if self.image != "demo":
             d["image"] = self.image_sha256 or self.image
         return d
@@ -123,7 +146,7 @@ class Matrix:
 # Keys a matrix may use -> Case fields they set (resolution sets two).
 KEYS = ("name", "image", "prompt", "models", "preset", "frames", "resolution", "steps", "switch", "seed",
         "pass_order", "attention", "precision", "compile", "memory_plan", "vram_cap", "interpolate", "device",
-        "repeats", "warmup", "timeout_s", "inject")  # fmt: skip
+        "repeats", "warmup", "timeout_s", "inject", "engine", "server", "workflow")  # fmt: skip
 
 
 def parse_seconds(text: str | int | float, what: str = "duration") -> float:
@@ -198,6 +221,15 @@ def _apply(case: Case, values: dict, where: str) -> Case:
                 out[key] = v or "none"
             elif key == "timeout_s":
                 out[key] = parse_seconds(v, "timeout_s")
+            elif key == "engine":
+                if v not in ENGINES:
+                    raise WanrenderError(f"engine {v!r} is unknown — use one of {', '.join(ENGINES)}")
+                out[key] = v
+            elif key == "server":
+                u = urlsplit(str(v))
+                if u.scheme not in ("http", "https") or not u.hostname:
+                    raise WanrenderError(f"server {v!r} is not an http(s) URL — use e.g. http://127.0.0.1:8188")
+                out[key] = str(v).rstrip("/")
             elif key in ("frames", "repeats", "seed") or (key in ("steps", "switch") and v is not None):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise WanrenderError(f"{key} {v!r} is invalid — use a whole number")
@@ -222,6 +254,8 @@ def _resolve(path: str, base: Path | None) -> Path:
 
 def _resolve_paths(case: Case, base: Path | None) -> Case:
     image_path = sha = models_path = None
+    if case.engine == "comfyui":
+        case = _resolve_workflow(case, base)
     if case.image != "demo":
         p = _resolve(case.image, base)
         if not p.is_file():
@@ -230,6 +264,33 @@ def _resolve_paths(case: Case, base: Path | None) -> Case:
     if case.models not in ("demo", "random"):
         models_path = str(_resolve(case.models, base))
     return replace(case, image_path=image_path, image_sha256=sha, models_path=models_path)
+
+
+def _resolve_workflow(case: Case, base: Path | None) -> Case:
+    from wanrender.bench import comfy_workflow as cw
+
+    if not case.workflow:
+        cw.exported_workflow(case)  # raises until the exporter is wired in
+    p = _resolve(case.workflow, base)
+    if not p.is_file():
+        raise WanrenderError(f"workflow {case.workflow!r} not found (looked at {p}) — fix the path in the matrix")
+    cw.read_workflow(p)
+    return replace(case, workflow_path=str(p), workflow_sha256=hashlib.sha256(p.read_bytes()).hexdigest())
+
+
+def _from_workflow(case: Case, given: set[str]) -> Case:
+    """A comfyui case's frames, size, steps, switch and seed: the matrix's where it sets them, else the workflow's."""
+    from wanrender.bench import comfy_workflow as cw
+
+    found = cw.settings(cw.read_workflow(Path(case.workflow_path or case.workflow)))
+    return replace(case, **{k: v for k, v in found.items() if k not in given})
+
+
+def _check_comfy(case: Case) -> None:
+    if case.inject != "none":
+        raise WanrenderError("inject is a test hook of the wanrender engine — a comfyui case cannot use it")
+    if case.frames < 1 or case.width < 1 or case.height < 1 or (case.steps is not None and case.steps < 1):
+        raise WanrenderError("frames, resolution and steps must be positive — fix the case or its workflow")
 
 
 def _check_request(case: Case) -> None:
@@ -263,13 +324,22 @@ def _keys_to_fields(d: dict) -> set[str]:
 
 def _labels(cases: list[Case]) -> list[str]:
     """Short names: the case's own name, else the fields that vary across the matrix."""
-    varying = [f.name for f in fields(Case) if f.name not in NOT_IDENTITY + RESOLVED
+    varying = [f.name for f in fields(Case) if f.name not in NOT_IDENTITY + RESOLVED + ("server",)
                and len({getattr(c, f.name) for c in cases}) > 1]  # fmt: skip
     out = []
     for c in cases:
         parts = []
         for k in varying:
             v = getattr(c, k)
+            if c.engine == "comfyui" and k not in COMFY_IDENTITY:
+                continue  # wanrender's knobs do not apply to it
+            if k == "engine":
+                parts.append(v)
+                continue
+            if k == "workflow":
+                if v:
+                    parts.append(Path(v).name)
+                continue
             if k in ("width", "height"):
                 if k == "width" or "width" not in varying:
                     parts.append(f"{c.width}x{c.height}")
@@ -303,6 +373,7 @@ def expand(doc: dict, path: Path | None = None) -> Matrix:
         if not isinstance(v, list) or not v:
             raise WanrenderError(f"{where}: axis {k!r} must be a non-empty list — e.g. {k}: [a, b]")
     cases: list[Case] = []
+    given: list[set[str]] = []  # the fields each case sets (a comfyui case takes the others from its workflow)
     names = list(axes)
     # A matrix of named cases must not gain an unnamed defaults-only case (a full
     # extra render); with neither axes nor cases the defaults are the one case.
@@ -310,16 +381,25 @@ def expand(doc: dict, path: Path | None = None) -> Matrix:
         c = _apply(base, dict(zip(names, combo)), f"{where} axes")
         if not any(_matches(c, ex, f"{where} exclude") for ex in doc.get("exclude") or []):
             cases.append(c)
+            given.append(_keys_to_fields({**(doc.get("defaults") or {}), **dict.fromkeys(names)}))
     for i, extra in enumerate(doc.get("cases") or []):
         if not isinstance(extra, dict):
             raise WanrenderError(f"{where}: cases[{i}] must be a mapping of fields — e.g. {{frames: 9, inject: oom}}")
         cases.append(_apply(base, extra, f"{where} cases[{i}]"))
+        given.append(_keys_to_fields({**(doc.get("defaults") or {}), **extra}))
     if not cases:
         raise WanrenderError(f"{where}: the matrix expands to no cases — check axes and exclude")
-    cases = [_resolve_paths(c, base_dir) for c in cases]
+    resolved = []
+    for c, label, g in zip(cases, _labels(cases), given):
+        try:
+            c = _resolve_paths(c, base_dir)
+            resolved.append(_from_workflow(c, g) if c.engine == "comfyui" else c)
+        except WanrenderError as e:
+            raise WanrenderError(f"{where}: case {label!r}: {e}") from None
+    cases = resolved
     for c, label in zip(cases, _labels(cases)):
         try:
-            _check_request(c)
+            _check_comfy(c) if c.engine == "comfyui" else _check_request(c)
         except WanrenderError as e:
             raise WanrenderError(f"{where}: case {label!r}: {e}") from None
     seen: dict[str, str] = {}

@@ -2,6 +2,7 @@
 
 Everything is inline (CSS and hand-written SVG; no JavaScript, no CDN), so the
 file opens offline and can be attached to an issue. Sections: summary table,
+wanrender and ComfyUI side by side (when both engines rendered the same thing),
 per-case stage breakdown, time and memory vs frames (with the card's limit),
 telemetry timelines, failures with their log tails, and the environments.
 """
@@ -13,6 +14,7 @@ from collections import defaultdict
 from html import escape
 from pathlib import Path
 
+from wanrender.bench import peers
 from wanrender.bench import results as res
 from wanrender.bench.runner import STAGES
 from wanrender.bench.svg import PALETTE, Band, HLine, Series, stacked_bars, style, xy_chart
@@ -23,7 +25,8 @@ from wanrender.media.atomic import atomic_write_text
 GIB = 2**30
 OFF_SCALE = 3.0  # a limit more than this many times the data's peak is named, not drawn
 # Case fields that never split a series (they do not change the render or are the x axis).
-_NOT_SERIES = ("name", "frames", "repeats", "timeout_s", "image_path", "image_sha256", "models_path", "warmup")
+_NOT_SERIES = ("name", "frames", "repeats", "timeout_s", "image_path", "image_sha256", "models_path", "warmup",
+               "server", "workflow_path", "workflow_sha256")  # fmt: skip
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;max-width:1400px}
@@ -89,9 +92,17 @@ def _env_tags(rows: list[dict]) -> dict[str, str]:
     return {fp: f"env {i + 1}" for i, fp in enumerate(fps)} if len(fps) > 1 else {}
 
 
+def _vram_cell(row: dict) -> str:
+    if peers.engine(row) == "comfyui":  # no allocator peak from a server: its device-wide peak instead
+        return (f'<span title="ComfyUI /system_stats: device-wide total - free, timed renders">'
+                f"{_gib(peers.vram(row))} (device)</span>")  # fmt: skip
+    return _gib((row.get("memory") or {}).get("torch_allocated_peak"))
+
+
 def _summary_table(rows: list[dict]) -> str:
     tags = _env_tags(rows)
-    head = ("case", "status", "frames", "size", "attention", "precision", "compile", "pass order", "total p50 s",
+    engines = len({peers.engine(r) for r in rows}) > 1
+    head = ("case", "status") + (("engine",) if engines else ()) + ("frames", "size", "attention", "precision", "compile", "pass order", "total p50 s",
             "total p90 s", "s/step p50", "pass1 p50", "pass2 p50", "memory plan", "VRAM alloc GiB", "predicted GiB", "reserved GiB",
             "NVML GiB (timed)", "host RSS GiB (timed)", "energy J/video", "warm-up s") + (("environment",) if tags else ())  # fmt: skip
     out = ['<table id="summary-table"><thead><tr>' + "".join(
@@ -99,12 +110,15 @@ def _summary_table(rows: list[dict]) -> str:
     for r in rows:
         c, m = _case(r), r.get("memory") or {}
         e = r.get("energy_j") or {}
-        cells = [escape(r.get("label", r["key"])), _status(r["status"]), str(c.get("frames", "")),
+        cells = [escape(r.get("label", r["key"])), _status(r["status"])] + (
+            [escape(peers.engine(r))] if engines else []
+        )
+        cells += [str(c.get("frames", "")),
                  f"{c.get('width')}x{c.get('height')}", escape(str(c.get("attention"))),
                  escape(str(c.get("precision"))), escape(str(c.get("compile"))), escape(str(c.get("pass_order"))),
                  _f(res.p50(r, "total")), _f((r.get("total") or {}).get("p90")), _f(res.p50(r, "s_per_step")),
                  _f(res.p50(r, "pass1")), _f(res.p50(r, "pass2")), escape(str(m.get("plan") or "")),
-                 _gib(m.get("torch_allocated_peak")), _f(m.get("predicted_peak_gib"), 1), _gib(m.get("torch_reserved_peak")),
+                 _vram_cell(r), _f(m.get("predicted_peak_gib"), 1), _gib(m.get("torch_reserved_peak")),
                  _peak_cell(r, "nvml_used_timed_peak", "nvml_used_peak", "gpu_mem_mib"),
                  _peak_cell(r, "host_rss_timed_peak", "host_rss_peak", "rss_mib"),
                  _f(e.get("p50"), 1), _f(r.get("warmup_s"), 2)]  # fmt: skip
@@ -115,6 +129,34 @@ def _summary_table(rows: list[dict]) -> str:
         )
     out.append("</tbody></table>")
     return "".join(out)
+
+
+def _engines_section(rows: list[dict]) -> str:
+    """wanrender and ComfyUI on the same render: p50s and ComfyUI/wanrender ratios."""
+    found = peers.pairs(rows)
+    if not found:
+        return ""
+    head = ["render", "wanrender case", "ComfyUI case"]
+    for m in peers.METRICS:
+        head += [f"{m} wanrender s", f"{m} ComfyUI s", f"{m} ratio"]
+    head += ["VRAM wanrender GiB", "VRAM ComfyUI GiB (device)"]
+    body = []
+    for p in found:
+        cells = [escape(p.render), f"{escape(p.wanrender.get('label', ''))} {_status(p.wanrender['status'])}",
+                 f"{escape(p.comfyui.get('label', ''))} {_status(p.comfyui['status'])}"]  # fmt: skip
+        for m in peers.METRICS:
+            r = p.ratio(m)
+            cells += [_f(p.value(p.wanrender, m)), _f(p.value(p.comfyui, m)), "—" if r is None else f"{r:.2f}x"]
+        cells += [_gib(peers.vram(p.wanrender)), _gib(peers.vram(p.comfyui))]
+        body.append(
+            "<tr>" + "".join(f'<td class="{"l" if i < 3 else ""}">{v}</td>' for i, v in enumerate(cells)) + "</tr>"
+        )
+    th = "".join(f'<th class="{"l" if i < 3 else ""}">{escape(h)}</th>' for i, h in enumerate(head))
+    return (f'<p class="muted">Rows of the two engines with the same image, frames, size, steps and seed. Ratio: '
+            "ComfyUI's p50 over wanrender's (above 1: wanrender is faster). ComfyUI's VRAM is its server's "
+            "/system_stats peak over the device (every process on the GPU counts), wanrender's is torch's "
+            f'allocated peak.</p><table id="engines-table"><thead><tr>{th}</tr></thead><tbody>{"".join(body)}'
+            "</tbody></table>")  # fmt: skip
 
 
 def _stage_section(ok: list[dict]) -> str:
@@ -175,6 +217,10 @@ def _short(key: str, c: dict) -> str:
         return f"cap {v / GIB:.1f}G" if v else ""
     if key in ("attention", "precision"):
         return str(v)
+    if key == "engine":
+        return str(v or "wanrender")  # rows written before the engine field
+    if key == "workflow":
+        return Path(str(v)).name if v else ""
     if key == "compile":
         return "" if v == "off" else f"compiled ({v})"
     if key == "steps":
@@ -265,6 +311,8 @@ def _timeline_charts(row: dict) -> list[str]:
         ("host CPU % (the case's process)", "%", [series("cpu %", "cpu_pct")], ()),
         ("host RSS", "GiB", [series("RSS", "rss_mib", 1 / 1024, PALETTE[1])], ()),
         ("GPU utilisation", "%", [series("gpu", "gpu_util"), series("memory", "mem_util", color=PALETTE[3])], ()),
+        ("ComfyUI device VRAM in use (/system_stats, device-wide)", "GiB",
+         [series("in use", "server_vram_mib", 1 / 1024, PALETTE[1])], ()),
         ("GPU memory used (NVML)", "GiB", [series("used", "gpu_mem_mib", 1 / 1024, PALETTE[1])],
          tuple(HLine(m / GIB, f"card {m / GIB:.0f} GiB") for m in [(row.get("memory") or {}).get("device_total")] if m)),
         ("GPU power", "W", [series("power", "power_w", color=PALETTE[2])], ()),
@@ -379,13 +427,18 @@ def render(rows: res.Rows, source: str = "") -> str:
     status_line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     sections = [
         ("summary", "Summary", _summary_table(latest)),
+        ("engines", "wanrender and ComfyUI side by side", _engines_section(latest)),
         ("stages", "Stage breakdown", _stage_section(ok)),
         ("scaling", "Time and memory vs frames", _scaling_section(latest)),
         ("telemetry", "Telemetry timelines", _telemetry_section(latest)),
         ("failures", "Failures", _failures_section(latest)),
         ("environment", "Environment", _env_section(latest)),
     ]
-    body = "".join(f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>' for sid, title, html in sections)
+    body = "".join(
+        f'<section id="{sid}"><h2>{escape(title)}</h2>{html}</section>'
+        for sid, title, html in sections
+        if html or sid != "engines"
+    )  # that one only when both engines rendered the same thing
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>wanrender bench report</title>'
             f"<style>{CSS}</style></head><body><h1>wanrender bench report</h1>"
             f'<p class="muted">{escape(source)} — {len(latest)} case(s): {escape(status_line)}{escape(skipped)}; '

@@ -199,7 +199,14 @@ def _child_env() -> dict[str, str]:
 
 
 def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep_work: bool = False) -> dict:
-    """Run one case in a child process and return its row (not yet written)."""
+    """Run one case and return its row (not yet written): a wanrender case in a child process,
+    a comfyui case on its ComfyUI server (bench/comfyui.py)."""
+    if case.engine == "comfyui":
+        from wanrender.bench import comfyui
+
+        row = comfyui.run_case(case, label, case_key(case, env["fingerprint"]), out_dir, env, run_id)
+        row["log_tail"] = log_tail(Path(row["log"])) if row["status"] != "ok" else ""
+        return row
     # The child runs in its own work folder: a path relative to the user's folder
     # would point somewhere else there (every case once "crashed" that way).
     out_dir = Path(out_dir).absolute()
@@ -275,7 +282,7 @@ def run_case(case: Case, label: str, out_dir: Path, env: dict, run_id: str, keep
         "plan": (result or {}).get("plan"), "device": (result or {}).get("device"), "gpu": (result or {}).get("gpu"),
         "notes": (result or {}).get("notes", []) + ([tel["note"]] if tel.get("note") else []),
         "log": str(log_path), "log_tail": log_tail(log_path) if status != "ok" else "",
-        "env": env,
+        "env": env, "engine": "wanrender",
     }  # fmt: skip
     if not keep_work:
         shutil.rmtree(work, ignore_errors=True)
@@ -304,6 +311,11 @@ def run_sweep(
             f"{results_path} already has {len(already)} of these {len(keys)} cases — "
             "use --resume to skip them, or --out NEW_DIR for a fresh sweep"
         )
+    todo = [c for c, k in zip(matrix.cases, keys) if k not in done or (retry_failed and done[k]["status"] != "ok")]
+    if any(c.engine == "comfyui" for c in todo):
+        from wanrender.bench.comfyui import check_servers
+
+        check_servers(todo)  # an unreachable ComfyUI is the user's to fix, before any case runs
     from wanrender.media.atomic import atomic_write_text
 
     try:
