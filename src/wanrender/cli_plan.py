@@ -15,8 +15,8 @@ from wanrender.bench.profiles import choose_profile
 from wanrender.cli_errors import flagged
 from wanrender.errors import WanrenderError
 from wanrender.runtime import memory as mem
-from wanrender.runtime.gpus import GIB
 from wanrender.runtime import multigpu
+from wanrender.runtime.gpus import GIB
 from wanrender.runtime.memory import Weights, Workload
 from wanrender.runtime.planner import (
     GUIDE_FRAMES,
