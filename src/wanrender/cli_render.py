@@ -230,7 +230,7 @@ def generate(
         if gpus != 1:
             from wanrender.parallel.render import check_parallel
 
-            check_parallel(dev, gpus, files)
+            check_parallel(dev, gpus, files, req.knobs.memory)
         _check_outputs(req, overwrite)
         _run_render(req, files, dev, gpus)
     except WanrenderError as e:

@@ -67,8 +67,11 @@ def dit_heads(files: ModelFiles) -> int:
     return dit_config(files.high).num_heads
 
 
-def check_parallel(device: torch.device, gpus: int, files: ModelFiles | None) -> int | None:
+def check_parallel(device: torch.device, gpus: int, files: ModelFiles | None, memory: str = "auto") -> int | None:
     """The checks of several processes that need no process; returns the head count."""
+    from wanrender.runtime.planner import check_parallel_memory
+
+    check_parallel_memory(memory, gpus)
     if device.type == "cuda" and device.index is not None and gpus > 1:
         raise WanrenderError(
             f"--device {device} names one GPU but --gpus {gpus} asks for several — use --device cuda and choose the "
@@ -87,7 +90,7 @@ def render_parallel(req: RenderRequest, files: ModelFiles, device: torch.device,
     from wanrender.engine import RenderResult
     from wanrender.runner import Runner
 
-    heads = check_parallel(device, gpus, files)
+    heads = check_parallel(device, gpus, files, req.knobs.memory)
     prep = Runner(device, gpus=gpus).prepare(req, files)  # every one-GPU check, before a process starts
     # The ranks' Runner.prepare repeats the plan; the parent's CUDA probe is done by then.
     out = launch(_rank_render, gpus, device.type, args=(prep.req, files, show_progress), heads=heads)[0]
