@@ -24,6 +24,7 @@ PREDICTION = (
     "wanrender.runtime.memory",
     "wanrender.runtime.timing",
     "wanrender.runtime.gpus",
+    "wanrender.runtime.multigpu",
 )
 NOT_FOR_PREDICTION = ("wanrender.request", "wanrender.runner", "wanrender.engine", "wanrender.outputs",
                       "wanrender.pipeline", "wanrender.runtime.offload", "wanrender.runtime.streaming",

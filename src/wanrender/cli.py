@@ -92,6 +92,11 @@ from wanrender.cli_render import register as _register_render  # noqa: E402
 
 _register_render(app)
 
+# batch: several videos with the models loaded once (sequential, or the two-GPU expert pipeline).
+from wanrender.cli_batch import register as _register_batch  # noqa: E402
+
+_register_batch(app)
+
 # serve, worker and submit: the render service (its packages are the serve extra).
 from wanrender.cli_serve import register as _register_serve  # noqa: E402
 

@@ -344,9 +344,6 @@ def interpolate(
 
 
 def register(app: typer.Typer) -> None:
-    from wanrender.cli_batch import register as register_batch
-
     app.command()(generate)
     app.command()(demo)
     app.command()(interpolate)
-    register_batch(app)

@@ -65,6 +65,7 @@ class Case:
     vram_cap_bytes: int | None = None
     interpolate: str = "off"
     device: str = "auto"
+    gpus: int = 1  # GPUs sharing each render (generate --gpus: sequence parallel); cpu: gloo processes
     repeats: int = 3
     warmup: bool = True
     timeout_s: float = 1800.0
@@ -77,6 +78,8 @@ class Case:
 
     def identity(self) -> dict:
         d = {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY + RESOLVED}
+        if self.gpus == 1:  # keys cases of one GPU as before the field existed
+            del d["gpus"]
         if self.image != "demo":
             d["image"] = self.image_sha256 or self.image
         return d
@@ -123,7 +126,7 @@ class Matrix:
 # Keys a matrix may use -> Case fields they set (resolution sets two).
 KEYS = ("name", "image", "prompt", "models", "preset", "frames", "resolution", "steps", "switch", "seed",
         "pass_order", "attention", "precision", "compile", "memory_plan", "vram_cap", "interpolate", "device",
-        "repeats", "warmup", "timeout_s", "inject")  # fmt: skip
+        "gpus", "repeats", "warmup", "timeout_s", "inject")  # fmt: skip
 
 
 def parse_seconds(text: str | int | float, what: str = "duration") -> float:
@@ -198,7 +201,7 @@ def _apply(case: Case, values: dict, where: str) -> Case:
                 out[key] = v or "none"
             elif key == "timeout_s":
                 out[key] = parse_seconds(v, "timeout_s")
-            elif key in ("frames", "repeats", "seed") or (key in ("steps", "switch") and v is not None):
+            elif key in ("frames", "repeats", "seed", "gpus") or (key in ("steps", "switch") and v is not None):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise WanrenderError(f"{key} {v!r} is invalid — use a whole number")
                 out[key] = v
@@ -212,6 +215,8 @@ def _apply(case: Case, values: dict, where: str) -> Case:
             raise WanrenderError(f"{where}: {e}") from None
     if out.get("repeats", case.repeats) < 1:
         raise WanrenderError(f"{where}: repeats must be at least 1 — use 1 or more")
+    if out.get("gpus", case.gpus) < 1:
+        raise WanrenderError(f"{where}: gpus must be at least 1 — use 1 or more")
     return replace(case, **out)
 
 
@@ -246,6 +251,20 @@ def _check_request(case: Case) -> None:
     for knob, allowed in (("precision", ("auto", "fp8", "bf16")), ("compile", ("off", "default", "max-autotune"))):
         if getattr(case, knob) not in allowed:
             raise WanrenderError(f"{knob} {getattr(case, knob)!r} is invalid — use one of {', '.join(allowed)}")
+    if case.gpus > 1:
+        from wanrender.runtime.multigpu import WAN_HEADS, check_heads
+        from wanrender.runtime.planner import check_parallel_memory
+
+        if case.models == "demo":
+            from wanrender.models.dit import DiTConfig
+
+            check_heads(case.gpus, DiTConfig.preset("demo").num_heads)
+        elif case.models == "random":
+            check_heads(case.gpus, WAN_HEADS)
+        try:
+            check_parallel_memory(case.memory_plan, case.gpus)
+        except WanrenderError as e:
+            raise WanrenderError(str(e).replace("memory ", "memory_plan ")) from None
 
 
 def _matches(case: Case, pattern: dict, where: str) -> bool:

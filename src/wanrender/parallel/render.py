@@ -120,3 +120,48 @@ def _rank_render(world: World, req: RenderRequest, files: ModelFiles, show_progr
     meta = {k: result.meta[k] for k in ("step_seconds", "memory") if k in result.meta}
     return {"video": result.video, "sidecar": result.sidecar, "timings": result.timings,
             "peak_vram_bytes": result.peak_vram_bytes, "meta": meta}  # fmt: skip
+
+
+def render_repeats(req: RenderRequest, files: ModelFiles, device: torch.device, gpus: int, repeats: int,
+                   warmup: bool) -> dict:  # fmt: skip
+    """The bench lab's case on ``gpus`` ranks: load, an untimed warm-up render, then
+    ``repeats`` timed renders (nothing written); rank 0's numbers, as bench/child.py
+    records them for one GPU."""
+    heads = check_parallel(device, gpus, files, req.knobs.memory)
+    return launch(_rank_repeats, gpus, device.type, args=(req, files, repeats, warmup), heads=heads)[0]
+
+
+def _rank_repeats(world: World, req: RenderRequest, files: ModelFiles, repeats: int, warmup: bool) -> dict:
+    import time
+
+    from wanrender.runner import Runner
+
+    cuda = world.device.type == "cuda"
+    runner = Runner(world.device, step_down=False, parallel=Ranks(world))
+    t = time.time()
+    prep = runner.prepare(req, files)
+    runner.ensure_engine(prep.config, files)
+    check_replicas([runner.engine.high, runner.engine.low])
+    out: dict = {"memory_plan": prep.memory.plan.describe(), "load_s": round(time.time() - t, 3),
+                 "plan": runner.engine.plan.to_json(), "windows": [], "repeats": [], "gpus": world.size,
+                 "notes": [f"{world.size} ranks, sequence parallel; the numbers are rank 0's"]}  # fmt: skip
+    for i in range(-1 if warmup else 0, repeats):
+        dist.barrier()  # every rank starts together: the wall time is the slowest rank's
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(world.device)
+        t = time.time()
+        result = runner.render(req, files, write=False)
+        t_end = time.time()
+        if i < 0:
+            out["windows"].append(("warmup", t, t_end))
+            out["warmup_s"] = round(t_end - t, 3)
+            continue
+        steps = result.meta.get("step_seconds") or []
+        out["windows"].append((f"repeat {i + 1}", t, t_end))
+        out["repeats"].append({
+            "wall_s": round(t_end - t, 4), "timings": {k: round(v, 4) for k, v in result.timings.items()},
+            "s_per_step": round(sum(steps) / len(steps), 4) if steps else None, "steps": len(steps),
+            "torch_allocated_peak": int(torch.cuda.max_memory_allocated(world.device)) if cuda else None,
+            "torch_reserved_peak": int(torch.cuda.max_memory_reserved(world.device)) if cuda else None,
+        })  # fmt: skip
+    return out
