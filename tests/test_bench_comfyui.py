@@ -207,7 +207,6 @@ def _matrix(root: Path, case: dict, wf: object = None) -> None:
         ({"engine": "comfyui", "workflow": "missing.json"}, None, ["workflow 'missing.json' not found"]),
         ({"engine": "comfyui", "workflow": "wf.json", "server": "127.0.0.1:8188"}, workflow(),
          ["server '127.0.0.1:8188' is not an http(s) URL"]),
-        ({"engine": "comfyui"}, None, ["this case has no workflow: give `workflow:` (ComfyUI API format)"]),
         ({"engine": "comfyui", "workflow": "wf.json"}, {"nodes": [], "links": [], "version": 0.4},
          ["editor (UI) format", "Export (API)"]),
         ({"engine": "comfyui", "workflow": "wf.json"}, {"1": {"class_type": "KSampler", "inputs": {"model": ["9", 0]}}},
@@ -257,3 +256,24 @@ def test_workflow_settings_fill_the_case_and_patching_keeps_links() -> None:
     a, b = m.cases
     assert (a.frames, a.width, a.height, a.steps, a.seed) == (81, 832, 1216, 6, 42)  # the matrix's steps win
     assert b.steps == 4 and a.case_hash != b.case_hash and m.labels == ("steps=6", "steps=4")
+
+
+def test_a_case_without_workflow_runs_the_exported_template(tmp_path) -> None:
+    """No ``workflow:``: the lab exports the case's own request with ``workflow export``'s
+    exporter, so the ComfyUI side renders the same settings as the wanrender side."""
+    from wanrender.bench import comfy_workflow as cw
+    from wanrender.bench.matrix import load
+
+    case = {"name": "c", "engine": "comfyui", "preset": "turbo", "frames": 33, "resolution": "480x832", "seed": 7}
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"name": "x", "cases": [case]}))
+    (c,) = load(tmp_path / "m.yaml").cases
+    wf = cw.exported_workflow(c)
+    samplers = sorted((n for n in wf.values() if n["class_type"] == "KSamplerAdvanced"),
+                      key=lambda n: n["inputs"]["start_at_step"])  # fmt: skip
+    assert [n["inputs"]["noise_seed"] for n in samplers] == [7, 7]
+    assert [(n["inputs"]["start_at_step"], n["inputs"]["end_at_step"]) for n in samplers] == [(0, 2), (2, 10000)]
+    (i2v,) = (n for n in wf.values() if n["class_type"] == "WanImageToVideo")
+    assert (i2v["inputs"]["width"], i2v["inputs"]["height"], i2v["inputs"]["length"]) == (480, 832, 33)
+    assert c.workflow_sha256 and c.workflow_path is None
+    c2 = load(tmp_path / "m.yaml").cases[0]
+    assert c2.case_hash == c.case_hash  # the export is deterministic: results keep matching on --resume

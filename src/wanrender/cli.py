@@ -92,6 +92,11 @@ from wanrender.cli_render import register as _register_render  # noqa: E402
 
 _register_render(app)
 
+# batch: several videos with the models loaded once (sequential, or the two-GPU expert pipeline).
+from wanrender.cli_batch import register as _register_batch  # noqa: E402
+
+_register_batch(app)
+
 # serve, worker and submit: the render service (its packages are the serve extra).
 from wanrender.cli_serve import register as _register_serve  # noqa: E402
 
@@ -132,15 +137,23 @@ def plan_cmd(
         "auto", "--profile", help="auto (the GPU's profile, as generate uses), off, or a profile YAML."
     ),
     ctx: typer.Context = None,  # which knobs were given (a profile fills only the others, as in generate)
+    gpus: int = typer.Option(
+        1, "--gpus", help="GPUs of this kind sharing each video (sequence parallel; must divide the 40 heads)."
+    ),
+    interconnect: Optional[str] = typer.Option(
+        None, "--interconnect", help="nvlink or pcie between the GPUs (default: nvlink for A100/H100/H200)."
+    ),
 ) -> None:
     """Predict peak VRAM and time for a render and list a frame-count guide, for this GPU or a named one.
 
+    With --gpus N the figures are per GPU with N GPUs sharing the video (the all-to-all bandwidth is an
+    assumption until measured); --gpus 2 also predicts the two-GPU expert pipeline's videos per hour.
     Exits 1 when the request asked about does not fit (the report says what would), 2 on bad input."""
     from wanrender.cli_plan import plan_command
 
     try:
         out = plan_command(size, frames, gpu, vram, reserve_vram, preset, memory, precision, compile, models, ram,
-                           profile, ctx)  # fmt: skip
+                           profile, ctx, gpus, interconnect)  # fmt: skip
     except WanrenderError as e:
         _fail(e)
         return

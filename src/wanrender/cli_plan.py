@@ -15,9 +15,18 @@ from wanrender.bench.profiles import choose_profile
 from wanrender.cli_errors import flagged
 from wanrender.errors import WanrenderError
 from wanrender.runtime import memory as mem
+from wanrender.runtime import multigpu
 from wanrender.runtime.gpus import GIB
 from wanrender.runtime.memory import Weights, Workload
-from wanrender.runtime.planner import GUIDE_FRAMES, Context, PlanRefused, decide, guide, resolve_precision
+from wanrender.runtime.planner import (
+    GUIDE_FRAMES,
+    Context,
+    PlanRefused,
+    decide,
+    expert_pipeline,
+    guide,
+    resolve_precision,
+)
 from wanrender.spec import check_reserve, parse_gib, parse_size
 
 
@@ -38,7 +47,7 @@ def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[
     g = ctx.gpu
     src = "live" if g.free_gib is not None else "named (datasheet figures and estimates)"
     head = [
-        f"GPU: {g.label()} — {src}; budget {ctx.budget_bytes / GIB:.1f} GiB after a {ctx.reserve_gib:g} GiB reserve"
+        f"GPU: {f'{ctx.gpus} x ' if ctx.gpus > 1 else ''}{g.label()} — {src}; budget {ctx.budget_bytes / GIB:.1f} GiB after a {ctx.reserve_gib:g} GiB reserve"
         + ("" if g.free_gib is not None else f" and {mem.CUDA_CONTEXT_GIB:g} GiB CUDA context"),
         f"Compute: precision {ctx.precision if g.fp8_matmul else 'bf16'} ({ctx.path}), {g.attention_tflops:g} TFLOP/s attention; "
         f"weights: {ctx.weights.source} (expert {ctx.weights.expert / GIB:.1f} GiB, text encoder {ctx.weights.text_encoder / GIB:.1f} GiB)",
@@ -57,9 +66,13 @@ def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[
             f"  kept free while sampling: {c.holes_bytes / GIB:.1f} GiB for the allocator's fragmentation (measured under caps)"
         )
         head += [f"  note: {n}" for n in c.notes]
+        if ctx.gpus > 1:
+            head.append(_speedup_line(ctx, work, c))
     else:
         refused = d.refusal()
         head.append(f"{work.label()}: refused — {flagged(refused)}")
+    if ctx.gpus == 2:
+        head.append(_pipeline_line(ctx, work))
     table = Table(title=f"Frame-count guide at {work.width}x{work.height} ({work.steps} steps, cfg {work.cfg:g})",
                   title_justify="left")  # fmt: skip
     for col, just in (("frames", "right"), ("video", "right"), ("plan", "left"), ("peak VRAM", "right"),
@@ -73,13 +86,40 @@ def plan_report(ctx: Context, work: Workload, mode: str = "auto", frames: tuple[
     return PlanOutput([Text("\n".join(head)), table], refused)
 
 
+def _speedup_line(ctx: Context, work: Workload, c) -> str:
+    one = decide(replace(ctx, gpus=1), work).chosen
+    if one is None:
+        return f"  one GPU alone: does not fit; {ctx.gpus} GPUs: {c.seconds:.0f} s"
+    return (f"  {ctx.gpus} GPUs (figures per GPU): {c.seconds:.0f} s image to MP4 vs {one.seconds:.0f} s on one "
+            f"({one.plan.short()}): {one.seconds / c.seconds:.2f}x; DiT {one.step_seconds / c.step_seconds:.2f}x")  # fmt: skip
+
+
+def _pipeline_line(ctx: Context, work: Workload) -> str:
+    p = expert_pipeline(ctx, work)
+    if not p.fits:
+        return (f"Expert pipeline (--pipeline experts, 2 GPUs): does not fit (GPU A {p.peak_bytes['a'] / GIB:.1f} GiB, "
+                f"GPU B {p.peak_bytes['b'] / GIB:.1f} GiB)")  # fmt: skip
+    single = (f"{p.single_videos_per_hour:.0f} videos/h on one GPU ({p.single.plan.short()}), "
+              f"{2 * p.single_videos_per_hour:.0f} on two independent ones") if p.single else "one GPU: does not fit"  # fmt: skip
+    return (f"Expert pipeline (--pipeline experts, 2 GPUs): GPU A {p.peak_bytes['a'] / GIB:.1f} GiB (text encoder "
+            f"{p.text_encoder}), GPU B {p.peak_bytes['b'] / GIB:.1f} GiB; {p.seconds['a']:.0f} s / {p.seconds['b']:.0f} s "
+            f"per job -> {p.videos_per_hour:.0f} videos/h; {single}")  # fmt: skip
+
+
 def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, reserve: float, preset: str, mode: str,
                  precision: str, compile: str, models, ram: str | None, profile: str = "auto",
-                 cmd=None) -> PlanOutput:  # fmt: skip
+                 cmd=None, gpus: int = 1, interconnect: str | None = None) -> PlanOutput:  # fmt: skip
     """`wanrender plan`: parse the flags, build the context, return what to print."""
     from wanrender.request import PRESETS, validate
-    from wanrender.runtime import gpus
+    from wanrender.runtime import gpus as gpu_specs
+    from wanrender.runtime.planner import check_parallel_memory
 
+    if gpus < 1:
+        raise WanrenderError(f"--gpus {gpus} is invalid — use 1 or more")
+    multigpu.check_heads(gpus, multigpu.WAN_HEADS)
+    check_parallel_memory(mode, gpus)
+    if interconnect is not None:
+        multigpu.check_interconnect(interconnect)
     width, height = parse_size(size)
     reserve = check_reserve(reserve)
     if preset not in PRESETS:
@@ -87,11 +127,11 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
     p = PRESETS[preset]
     validate(_probe_request(frames, width, height, p))  # the same limits and messages as generate
     if gpu:
-        spec = gpus.named(gpu)
+        spec = gpu_specs.named(gpu)
     elif vram is None:
-        spec = gpus.probe("cuda")
+        spec = gpu_specs.probe("cuda")
     else:
-        spec = replace(gpus.named("rtx4090"), name="a GPU")  # only the memory is given: 4090-class speed
+        spec = replace(gpu_specs.named("rtx4090"), name="a GPU")  # only the memory is given: 4090-class speed
     if vram is not None:
         spec = spec.with_vram(parse_gib(vram, "vram"))
     check_reserve(reserve, card_gib=spec.total_gib)
@@ -122,8 +162,10 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
         weights = Weights.from_files(resolve_files(Path(models)), prec)
     else:
         weights = Weights.standard(lora=p.lora_strength > 0)
-    host = parse_gib(ram, "ram") if ram else gpus.host_ram_gib()[0]
-    ctx = Context(spec, weights, prec, compile, reserve, host)
+    host = parse_gib(ram, "ram") if ram else gpu_specs.host_ram_gib()[0]
+    ctx = Context(
+        spec, weights, prec, compile, reserve, host, gpus, interconnect or multigpu.default_interconnect(spec.name)
+    )
     return plan_report(ctx, Workload(frames, width, height, p.sampling), mode, profile=line)
 
 

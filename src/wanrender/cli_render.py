@@ -99,9 +99,16 @@ def _summary(result, req) -> None:
     out.print(f"[bold green]video:[/] {result.video}  [dim](sidecar {result.sidecar})[/]", highlight=False)
 
 
-def _run_render(req, files, device) -> None:
+def _run_render(req, files, device, gpus: int = 1) -> None:
     from wanrender.runner import Runner
 
+    if gpus > 1:
+        from wanrender.parallel.render import render_parallel
+
+        console.print(f"rendering on {gpus} {'GPUs' if device.type == 'cuda' else 'CPU processes'} "
+                      "(sequence parallel); rank 0 reports:", highlight=False)  # fmt: skip
+        _summary(render_parallel(req, files, device, gpus), req)
+        return
     bar, on_event = _progress_printer()
     with bar:
         result = Runner(device, one_shot=True).render(req, files, progress=on_event)
@@ -178,12 +185,19 @@ def generate(
     input_dir: Optional[Path] = typer.Option(
         None, "--input-dir", help="With --workflow: where its LoadImage file is (default: COMFY_ROOT/input, or .)."
     ),
+    gpus: int = typer.Option(
+        1,
+        "--gpus",
+        help="GPUs sharing this one video (one process each, sequence parallel; N must divide the DiT's heads, "
+        "40 for Wan: 2, 4, 5 or 8). With --device cpu: N CPU processes (for tests).",
+    ),
 ) -> None:
     """Render a video from IMAGE and a prompt, or from a ComfyUI workflow (--workflow).
 
     Writes OUT.mp4 and OUT.json (the sidecar: request, plan, model hashes, timings). Same seed and settings give
     bit-identical frames (the sidecar's frames_sha256 proves it); the MP4 bytes may still differ between runs, at
-    the encoder level. An existing output is replaced only with --overwrite; a failed render keeps it."""
+    the encoder level. An existing output is replaced only with --overwrite; a failed render keeps it. With
+    --gpus N the frames match one GPU's within rounding (the sidecar records gpus and the mode)."""
     from wanrender.models.inventory import resolve_files
     from wanrender.request import from_preset, with_fields
 
@@ -193,6 +207,11 @@ def generate(
         from wanrender.spec import parse_size
 
         dev = resolve_device(device)
+        if gpus > 1 and device is None and dev.type == "cpu":
+            raise WanrenderError(
+                f"--gpus {gpus} needs CUDA GPUs and none is visible — run on a GPU machine, or pass --device cpu "
+                "to run that many CPU processes (tests)"
+            )
         if workflow is not None:
             from wanrender.cli_workflow import workflow_request
 
@@ -223,8 +242,12 @@ def generate(
         from wanrender.runtime.plan import make_plan
 
         make_plan(dev, req.knobs.precision, req.knobs.attention, req.knobs.compile)  # flag errors before "exists"
+        if gpus != 1:
+            from wanrender.parallel.render import check_parallel
+
+            check_parallel(dev, gpus, files, req.knobs.memory)
         _check_outputs(req, overwrite)
-        _run_render(req, files, dev)
+        _run_render(req, files, dev, gpus)
     except WanrenderError as e:
         _fail(e)
 

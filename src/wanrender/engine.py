@@ -331,10 +331,15 @@ class Engine:
         return (ctx[:1], None) if negative is None else (ctx[:1], ctx[1:])
 
     def render(self, req: RenderRequest, image: torch.Tensor, progress: Progress | None = None,
-               swap_experts: bool = False, on_frames: Callable[[np.ndarray], None] | None = None) -> RenderResult:  # fmt: skip
+               swap_experts: bool = False, on_frames: Callable[[np.ndarray], None] | None = None,
+               parallel=None) -> RenderResult:  # fmt: skip
         """Run the pipeline on an already fitted image [3, H, W] in [0, 1]. ``swap_experts``
         (a benchmark experiment): the low-noise expert takes the high-noise steps.
-        ``on_frames`` receives the uint8 frames chunk by chunk as the VAE decodes them."""
+        ``on_frames`` receives the uint8 frames chunk by chunk as the VAE decodes them.
+        ``parallel``: this process is one rank of several rendering one video
+        (``parallel.render.Ranks``: ``share`` makes rank 0's conditioning everyone's,
+        ``wrap`` turns an expert into the ranks' joint denoiser, ``decodes`` says whether
+        this rank decodes; one that does not returns no frames)."""
         from wanrender.request import negative_prompt
         from wanrender.runtime.plan import compiled_scope
 
@@ -352,6 +357,9 @@ class Engine:
             ctx, neg = self.encode_prompts(r.prompt, negative_prompt(req) if s.cfg != 1.0 else None)
         with self._stage(timings, Stage.VAE_ENCODE, progress):
             cond = i2v.image_condition(self.vae, image, r.frames).to(self.device)
+        if parallel is not None:
+            ctx, cond = parallel.share(ctx), parallel.share(cond)
+            neg = parallel.share(neg) if neg is not None else None
         noise = i2v.initial_noise(r.seed, i2v.latent_shape(r.frames, r.width, r.height)).to(self.device)
         if self.memory is not None:
             timings[Stage.EXPERT_INSTALL.value] = self.memory.begin_sampling()  # swap/stream: the high expert in
@@ -379,6 +387,8 @@ class Engine:
             t_pass[0] = t_pass[-1]
 
         first, second = (self.low, self.high) if swap_experts else (self.high, self.low)
+        if parallel is not None:
+            first, second = parallel.wrap(first), parallel.wrap(second)
         t_start = time.perf_counter()
         if progress:
             progress(Stage.PASS1_HIGH.value, 0, s.switch, "start")
@@ -388,9 +398,12 @@ class Engine:
         timings[Stage.PASS2_LOW.value] = time.perf_counter() - t_pass[0]
         timings[Stage.SAMPLING.value] = time.perf_counter() - t_start
         del cond, noise, ctx, neg
-        with self._stage(timings, Stage.VAE_DECODE, progress):
-            frames = i2v.decode(self.vae, latent, tiled=self.memory is not None and self.memory.plan.tiled_decode,
-                                on_frames=on_frames)  # fmt: skip
+        if parallel is not None and not parallel.decodes:
+            frames = np.zeros((0, r.height, r.width, 3), np.uint8)
+        else:
+            with self._stage(timings, Stage.VAE_DECODE, progress):
+                frames = i2v.decode(self.vae, latent, tiled=self.memory is not None and self.memory.plan.tiled_decode,
+                                    on_frames=on_frames)  # fmt: skip
         result = RenderResult(None, None, frames, latent.cpu(), timings)
         result.meta["step_seconds"] = step_times
         if self.memory is not None:

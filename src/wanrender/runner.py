@@ -122,12 +122,17 @@ class Runner:
     ``gpu`` and ``weights``: what the planner assumes instead of probing the device and
     reading file headers (an emulated card, models built in memory). ``step_down``:
     recover from an out-of-memory error on a leaner plan (the bench lab turns it off: a
-    case records the plan it was given, or its failure).
+    case records the plan it was given, or its failure). ``gpus``: the render is planned
+    for that many GPUs sharing it (``parallel/``); ``parallel``: this runner is one rank
+    of them (a ``parallel.render.Ranks``, passed to the engine; the sidecar records it).
     """
 
     def __init__(self, device: str | torch.device | None = None, *, engine: Engine | None = None,
-                 gpu=None, weights=None, step_down: bool = True, one_shot: bool = False) -> None:  # fmt: skip
+                 gpu=None, weights=None, step_down: bool = True, one_shot: bool = False, gpus: int = 1,
+                 parallel=None) -> None:  # fmt: skip
         self.device = resolve_device(device, present=False)
+        self.parallel = parallel
+        self.gpus = parallel.size if parallel is not None else gpus
         self.engine = engine
         self.gpu, self.weights = gpu, weights
         self.step_down = step_down
@@ -197,7 +202,7 @@ class Runner:
         from wanrender.runtime.planner import plan_render
 
         gpu = self.gpu if self.gpu is not None or self.engine is None else self._live_gpu()
-        return plan_render(req, files, self.device, gpu=gpu, weights=self.weights)  # refuses here
+        return plan_render(req, files, self.device, gpu=gpu, weights=self.weights, gpus=self.gpus)  # refuses here
 
     def _live_gpu(self):
         """This GPU as the next render finds it: what the device has free plus what this
@@ -259,7 +264,8 @@ class Runner:
         try:
             stream = self._stream(req, write)
             try:
-                result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put)
+                result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put,
+                                            self.parallel)  # fmt: skip
             except torch.cuda.OutOfMemoryError as e:
                 stream = _abort(stream)
                 if not self.step_down:  # the allocator's error stays attached: the bench logs its words
@@ -280,7 +286,8 @@ class Runner:
                 loading.update(self.ensure_engine(replace(prep.config, memory=lower.plan), files, progress))
                 stream = self._stream(req, write)
                 try:
-                    result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put)
+                    result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put,
+                                                self.parallel)  # fmt: skip
                 except torch.cuda.OutOfMemoryError:
                     raise WanrenderError(
                         f"the GPU ran out of memory again after stepping down to '{lower.plan.short()}' — free GPU memory and retry"
@@ -352,10 +359,15 @@ class Runner:
             frames,
             result.frames,
             result.timings,
-            lambda: sidecar(req, self.engine, result, memory, self._hashes),
+            lambda: sidecar(req, self.engine, result, memory, self._hashes, self._parallel_record()),
             progress,
             stream=stream,
         )
+
+    def _parallel_record(self) -> dict:
+        if self.parallel is None:
+            return {"gpus": 1, "mode": "none"}
+        return self.parallel.describe()
 
 
 def _abort(stream) -> None:
@@ -372,8 +384,9 @@ def frames_sha256(frames) -> str:
 
 
 def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: MemoryRecord | None = None,
-            hashes=None) -> dict:  # fmt: skip
-    """``hashes``: a media.sidecar.FileHashes already under way for the engine's files."""
+            hashes=None, parallel: dict | None = None) -> dict:  # fmt: skip
+    """``hashes``: a media.sidecar.FileHashes already under way for the engine's files;
+    ``parallel``: how many GPUs rendered it, and how (one, when not given)."""
     from wanrender.media.sidecar import describe_files, versions
 
     if engine.files is None:
@@ -398,6 +411,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
             "passes": [p.__dict__ for p in passes(req.sampling)],
             "lora": engine.lora_report,
             "runtime": runtime,
+            "parallel": parallel or {"gpus": 1, "mode": "none"},
         },
         "models": models,
         "seed": req.render.seed,

@@ -169,6 +169,8 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
                       precision=case.precision, attention=case.attention, compile=case.compile,
                       memory=case.memory_plan, out=work / "render.mp4",
                       lora_strength_high=0.0 if random else None, lora_strength_low=0.0 if random else None)  # fmt: skip
+    if case.gpus > 1:
+        return _run_parallel(case, req, files, dev, res)
     hooks = _Hooks(case.inject, float(os.environ.get("WANRENDER_BENCH_STEP_DELAY") or 0))
     t = time.time()
     # The VRAM planner sees the emulated card: the cap, not the physical memory.
@@ -242,6 +244,28 @@ def run_case(case: Case, work: Path, res: dict | None = None) -> dict:
     if cuda:
         res["device_total_bytes"] = int(torch.cuda.get_device_properties(dev).total_memory)
     res["device"] = device
+    return res
+
+
+def _run_parallel(case: Case, req, files, dev, res: dict) -> dict:
+    """A case on ``case.gpus`` ranks (parallel/render.py); test hooks and the VRAM cap
+    apply to one process only, so they are refused or noted here."""
+    from wanrender.errors import WanrenderError
+    from wanrender.parallel.render import render_repeats
+
+    if files is None:
+        raise WanrenderError("gpus > 1 needs model files — use models: demo or a model folder (not random)")
+    if case.inject != "none":
+        raise WanrenderError("inject runs in one process — use gpus: 1 for the failure hooks")
+    if case.pass_order != "high-low":
+        raise WanrenderError("pass_order low-high runs in one process — use gpus: 1 for it")
+    if case.vram_cap_bytes:
+        res["notes"].append("vram_cap recorded, not applied: the ranks are separate processes")
+    notes = [n for n in res["notes"] if n != "vram_cap recorded, not applied: no CUDA device"]
+    ranks = render_repeats(req, files, dev, case.gpus, case.repeats, case.warmup)
+    res.update({k: v for k, v in ranks.items() if k != "notes"})
+    res["notes"] = notes + ranks["notes"]
+    res["device"] = str(dev)
     return res
 
 

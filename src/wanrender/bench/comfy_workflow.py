@@ -149,6 +149,13 @@ def patch(wf: dict, image_name: str, values: dict, run: str) -> dict:
 
 
 def exported_workflow(case: object) -> dict:
-    """The hook for a case without ``workflow:``: the lab will export one from the case's
-    request (``wanrender.workflow.export.to_api``) once that exporter lands."""
-    raise WanrenderError("this case has no workflow: give `workflow:` (ComfyUI API format)")
+    """The workflow of a case without ``workflow:``: what ``wanrender workflow export``
+    writes for the case's request (the Wan 2.2 i2v template's shape and model file
+    names), so ComfyUI renders what the matching wanrender case renders."""
+    from wanrender.request import from_preset
+    from wanrender.workflow.export import to_api
+
+    image = Path(getattr(case, "image_path", None) or "input.png")  # LoadImage is patched to the upload anyway
+    req = from_preset(case.preset, image, case.prompt, frames=case.frames, width=case.width, height=case.height,
+                      steps=case.steps, switch=case.switch, seed=case.seed)  # fmt: skip
+    return to_api(req)

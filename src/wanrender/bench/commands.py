@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -245,8 +246,13 @@ def tune(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Profile YAML (default: $WANRENDER_HOME/profiles/DEVICE.yaml)."
     ),
+    gpus: int = typer.Option(
+        1, "--gpus", help="Measure every candidate on N GPUs per video (generate --gpus N; cpu: N processes)."
+    ),
 ) -> None:
-    """Search attention, precision, compile and memory plan on this device; write a GPU profile that generate uses."""
+    """Search attention, precision, compile and memory plan on this device; write a GPU profile that generate uses.
+
+    With --gpus N the profile is written as DEVICE-xN.yaml and applies only when named (--profile FILE)."""
     import torch
 
     from wanrender.bench import tune as tn
@@ -274,6 +280,9 @@ def tune(
         else:
             base = Case(models=str(models.resolve()) if models else "demo", models_path=str(models.resolve()) if models else None,
                         preset="turbo" if models else "demo", repeats=repeats, timeout_s=1800.0 if on_gpu else 300.0)  # fmt: skip
+        if gpus < 1:
+            raise WanrenderError(f"--gpus {gpus} is invalid — use 1 or more")
+        base = replace(base, gpus=gpus)
         wanted = tn.parse_buckets(buckets) if buckets else tn.default_buckets(dev)
         dname = device_name(dev)
         work_dir = work or Path("bench-results") / f"tune-{tn._slug(dname)}"
@@ -290,7 +299,7 @@ def tune(
                 console.print(f"  skip {d['knobs']}: {d['why']}", highlight=False, markup=False)
 
         doc = tn.tune(dev, base, wanted, space, parse_seconds(budget, "--budget"), work_dir, events)
-        path = out or tn.default_output(dname)
+        path = out or tn.default_output(dname, gpus)
         header = (f"GPU profile written by `wanrender tune` on {dname}, {doc['provenance']['measured']}.\n"
                   "Knobs per bucket are the fastest candidates that finished ok (p50 of the timed renders).")  # fmt: skip
         write_profile(path, doc, header)

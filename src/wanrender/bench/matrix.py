@@ -79,6 +79,7 @@ class Case:
     vram_cap_bytes: int | None = None
     interpolate: str = "off"
     device: str = "auto"
+    gpus: int = 1  # GPUs sharing each render (generate --gpus: sequence parallel); cpu: gloo processes
     repeats: int = 3
     warmup: bool = True
     timeout_s: float = 1800.0
@@ -100,6 +101,8 @@ class Case:
             d["workflow"] = self.workflow_sha256 or self.workflow
         else:
             d = {k: v for k, v in asdict(self).items() if k not in NOT_IDENTITY + RESOLVED + ENGINE_FIELDS}
+            if self.gpus == 1:  # keys cases of one GPU as before the field existed
+                del d["gpus"]
         if self.image != "demo":
             d["image"] = self.image_sha256 or self.image
         return d
@@ -146,7 +149,7 @@ class Matrix:
 # Keys a matrix may use -> Case fields they set (resolution sets two).
 KEYS = ("name", "image", "prompt", "models", "preset", "frames", "resolution", "steps", "switch", "seed",
         "pass_order", "attention", "precision", "compile", "memory_plan", "vram_cap", "interpolate", "device",
-        "repeats", "warmup", "timeout_s", "inject", "engine", "server", "workflow")  # fmt: skip
+        "gpus", "repeats", "warmup", "timeout_s", "inject", "engine", "server", "workflow")  # fmt: skip
 
 
 def parse_seconds(text: str | int | float, what: str = "duration") -> float:
@@ -230,7 +233,7 @@ def _apply(case: Case, values: dict, where: str) -> Case:
                 if u.scheme not in ("http", "https") or not u.hostname:
                     raise WanrenderError(f"server {v!r} is not an http(s) URL — use e.g. http://127.0.0.1:8188")
                 out[key] = str(v).rstrip("/")
-            elif key in ("frames", "repeats", "seed") or (key in ("steps", "switch") and v is not None):
+            elif key in ("frames", "repeats", "seed", "gpus") or (key in ("steps", "switch") and v is not None):
                 if isinstance(v, bool) or not isinstance(v, int):
                     raise WanrenderError(f"{key} {v!r} is invalid — use a whole number")
                 out[key] = v
@@ -244,6 +247,8 @@ def _apply(case: Case, values: dict, where: str) -> Case:
             raise WanrenderError(f"{where}: {e}") from None
     if out.get("repeats", case.repeats) < 1:
         raise WanrenderError(f"{where}: repeats must be at least 1 — use 1 or more")
+    if out.get("gpus", case.gpus) < 1:
+        raise WanrenderError(f"{where}: gpus must be at least 1 — use 1 or more")
     return replace(case, **out)
 
 
@@ -269,8 +274,9 @@ def _resolve_paths(case: Case, base: Path | None) -> Case:
 def _resolve_workflow(case: Case, base: Path | None) -> Case:
     from wanrender.bench import comfy_workflow as cw
 
-    if not case.workflow:
-        cw.exported_workflow(case)  # raises until the exporter is wired in
+    if not case.workflow:  # exported from the case's own request: its hash keys the case
+        text = json.dumps(cw.exported_workflow(case), sort_keys=True).encode()
+        return replace(case, workflow_sha256=hashlib.sha256(text).hexdigest())
     p = _resolve(case.workflow, base)
     if not p.is_file():
         raise WanrenderError(f"workflow {case.workflow!r} not found (looked at {p}) — fix the path in the matrix")
@@ -282,6 +288,8 @@ def _from_workflow(case: Case, given: set[str]) -> Case:
     """A comfyui case's frames, size, steps, switch and seed: the matrix's where it sets them, else the workflow's."""
     from wanrender.bench import comfy_workflow as cw
 
+    if not case.workflow:  # exported from the case itself: nothing to read back
+        return case
     found = cw.settings(cw.read_workflow(Path(case.workflow_path or case.workflow)))
     return replace(case, **{k: v for k, v in found.items() if k not in given})
 
@@ -307,6 +315,20 @@ def _check_request(case: Case) -> None:
     for knob, allowed in (("precision", ("auto", "fp8", "bf16")), ("compile", ("off", "default", "max-autotune"))):
         if getattr(case, knob) not in allowed:
             raise WanrenderError(f"{knob} {getattr(case, knob)!r} is invalid — use one of {', '.join(allowed)}")
+    if case.gpus > 1:
+        from wanrender.runtime.multigpu import WAN_HEADS, check_heads
+        from wanrender.runtime.planner import check_parallel_memory
+
+        if case.models == "demo":
+            from wanrender.models.dit import DiTConfig
+
+            check_heads(case.gpus, DiTConfig.preset("demo").num_heads)
+        elif case.models == "random":
+            check_heads(case.gpus, WAN_HEADS)
+        try:
+            check_parallel_memory(case.memory_plan, case.gpus)
+        except WanrenderError as e:
+            raise WanrenderError(str(e).replace("memory ", "memory_plan ")) from None
 
 
 def _matches(case: Case, pattern: dict, where: str) -> bool:

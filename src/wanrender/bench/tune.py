@@ -78,12 +78,15 @@ def parse_buckets(text: str) -> list[tuple[int, int, int]]:
     return out  # type: ignore[return-value]
 
 
-def runnable(device: str, knobs: dict[str, str]) -> str | None:
-    """Why the knobs cannot run on ``device`` (None: they can)."""
+def runnable(device: str, knobs: dict[str, str], gpus: int = 1) -> str | None:
+    """Why the knobs cannot run on ``device`` (None: they can); ``gpus`` > 1: sequence
+    parallel, which keeps both experts resident (other memory plans are skipped)."""
     from wanrender.runtime.plan import make_plan
+    from wanrender.runtime.planner import check_parallel_memory
 
     try:
         make_plan(device, knobs["precision"], knobs["attention"], knobs["compile"])
+        check_parallel_memory(knobs.get("memory_plan", "auto"), gpus)
     except WanrenderError as e:
         return str(e)
     return None
@@ -126,7 +129,7 @@ def tune(
                     if prev.get("row") is not None:
                         scores[value] = (prev["p50"], prev["row"])
                     continue
-                why = runnable(device, knobs)
+                why = runnable(device, knobs, base.gpus)
                 if why:
                     tried.append({"knobs": knobs, "status": "skipped", "why": why})
                     say("skip", {"knobs": knobs, "why": why})
@@ -185,7 +188,9 @@ def tune(
     return {
         "schema": 1,
         "device": dname,
-        "match": [dname],
+        # A profile measured on several GPUs per video is applied only when named
+        # (--profile FILE): this match string occurs in no device name.
+        "match": [dname] if base.gpus == 1 else [f"{dname} x{base.gpus} GPUs"],
         "estimated": False,
         "provenance": {
             "source": "wanrender tune",
@@ -199,6 +204,7 @@ def tune(
             "models": base.models,
             "preset": base.preset,
             "repeats": base.repeats,
+            "gpus": base.gpus,
             "budget_s": round(budget_s, 1),
             "spent_s": round(time.monotonic() - t_start, 1),
             "complete": not exhausted and len(out_buckets) == len(buckets),
@@ -217,7 +223,7 @@ def _gib(v: int | None) -> float | None:
     return None if v is None else round(v / 2**30, 3)
 
 
-def default_output(device_label: str) -> Path:
+def default_output(device_label: str, gpus: int = 1) -> Path:
     from wanrender.bench.profiles import user_dir
 
-    return user_dir() / f"{_slug(device_label)}.yaml"
+    return user_dir() / f"{_slug(device_label)}{f'-x{gpus}' if gpus > 1 else ''}.yaml"

@@ -302,3 +302,18 @@ def _place(model: nn.Module, device: DeviceLike, dtype: torch.dtype | None) -> N
                 if dtype is not None and new.is_floating_point() and not is_fp8(new.dtype):
                     new = new.to(dtype)
                 set_tensor(mod, name, new)
+
+
+def dit_config(source: str | os.PathLike) -> ditmod.DiTConfig:
+    """A DiT file's architecture (head count included) from its header and shapes,
+    without reading its weights: what must be known before processes start."""
+    path, ck, info, folder_cfg = _open(source)
+    _expect_role(path, info, "dit", "a Wan DiT expert")
+    if info.layout == "diffusers":
+        if folder_cfg:
+            return ditmod.config_from_diffusers(folder_cfg)
+        raw, _ = canonical_state(ck)
+        shapes = {k: tuple(v.shape) for k, v in ditmod.official_keys_from_diffusers(raw).items()}
+        return ditmod.config_from_state_dict(shapes)
+    weights, _ = canonical_state(ck, info.prefix)
+    return _dit_config(ck, weights, folder_cfg)

@@ -31,19 +31,9 @@ import torch.nn.functional as F
 
 from wanrender.errors import WanrenderError
 from wanrender.models.dit import AttentionFn, WanDiT, rope_tables, unpatchify
+from wanrender.runtime.multigpu import check_heads, head_divisors
 
-
-def head_divisors(heads: int, most: int = 16) -> list[int]:
-    return [n for n in range(2, min(heads, most) + 1) if heads % n == 0]
-
-
-def check_heads(ranks: int, heads: int) -> None:
-    """Ulysses gives every rank whole heads: the rank count must divide the head count."""
-    if ranks < 1 or heads % ranks:
-        choices = ", ".join(map(str, head_divisors(heads))) or "1"
-        raise WanrenderError(
-            f"{ranks} GPUs cannot share the DiT's {heads} attention heads evenly — use {choices} (a divisor of {heads})"
-        )
+__all__ = ["SequenceParallel", "check_heads", "check_replicas", "head_divisors", "ulysses_attention"]
 
 
 def _exchange(send: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:

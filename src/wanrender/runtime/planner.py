@@ -14,6 +14,11 @@ Candidates (``MemoryPlan``):
 - the DiT's token-wise work in 1, 4 or 16 sequence chunks (attention itself is not
   chunked in K/V, so the result is the same).
 
+Several GPUs (``Context.gpus``, sequence parallelism): per GPU the weights are
+replicated and the DiT's activations and time divide by N, plus the all-to-all
+(runtime/multigpu.py); only resident, unchunked plans run that way. The two-GPU expert
+pipeline's throughput is ``expert_pipeline``.
+
 Memory per stage comes from runtime/memory.py, time from runtime/timing.py. A plan
 fits when every stage's allocated peak, plus allocator slack, is within the budget:
 free memory now (live GPU) or total minus the CUDA context (named GPU), minus
@@ -32,7 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from wanrender.errors import WanrenderError
 from wanrender.runtime import memory as mem
-from wanrender.runtime import timing
+from wanrender.runtime import multigpu, timing
 from wanrender.runtime.gpus import GIB, GPUSpec
 from wanrender.runtime.memory import Weights, Workload
 from wanrender.spec import SpecError, Stage, check_reserve
@@ -126,6 +131,8 @@ class Context:
     compile: str = "off"
     reserve_gib: float = DEFAULT_RESERVE_GIB
     host_ram_gib: float | None = None
+    gpus: int = 1  # GPUs of this kind sharing each video (sequence parallel); budgets are per GPU
+    interconnect: str = "nvlink"  # between them (multigpu.INTERCONNECT_GBS)
 
     @property
     def path(self) -> str:
@@ -142,7 +149,11 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
     te_gpu = w.text_encoder if plan.text_encoder == "resident" else 0
     te_stage = w.text_encoder if plan.text_encoder != "cpu" else 0
     lora = w.lora if plan.experts != "resident" else 0  # LoRAs stay unmerged when weights move
-    act = mem.dit_activation_bytes(work, ctx.path, plan.chunks) + mem.misc_bytes(work)
+    g = ctx.gpus
+    act = mem.dit_activation_bytes(work, ctx.path, plan.chunks)
+    if g > 1:  # each GPU holds its shard's tokens, and the all-to-all's copies of them
+        act = act * multigpu.shard_tokens(work, g) // work.tokens + multigpu.exchange_buffer_bytes(work, g)
+    act += mem.misc_bytes(work)
     if plan.experts == "resident":
         dit_weights, base = 0, 2 * w.expert + w.vae + te_gpu
     else:
@@ -172,6 +183,14 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
     # --- time
     parts = timing.dit_step_seconds(gpu, work, ctx.path, plan.chunks, lora_unmerged=plan.experts != "resident")
     step = parts["total"]
+    if g > 1:
+        a2a = multigpu.all_to_all_seconds(work, g, ctx.interconnect)
+        step = step / g + a2a
+        notes.append(
+            f"{g} GPUs, sequence parallel: DiT {parts['total']:.2f} s/step on one GPU -> {parts['total'] / g:.2f} s "
+            f"+ {a2a:.2f} s all-to-all ({multigpu.INTERCONNECT_GBS[ctx.interconnect]:g} GB/s {ctx.interconnect}, "
+            "assumed); text encode and VAE not split"
+        )
     if plan.experts == "stream":
         n = plan.resident_blocks or 0
         step += timing.stream_overhead(parts["total"], w.block, w.num_blocks - n, n, link)
@@ -217,7 +236,11 @@ def candidates(ctx: Context, work: Workload, mode: str = "auto") -> list[Predict
         raise SpecError("memory", f"memory {mode!r} is invalid — choose one of {', '.join(MODES)}")
     out: list[Prediction] = []
     experts = EXPERTS if mode == "auto" else (mode,)
-    for ex, te, tiled, chunks in itertools.product(experts, TEXT_ENCODER, (False, True), CHUNKS):
+    chunk_counts = CHUNKS
+    if ctx.gpus > 1:
+        check_parallel_memory(mode, ctx.gpus)
+        experts, chunk_counts = ("resident",), (1,)
+    for ex, te, tiled, chunks in itertools.product(experts, TEXT_ENCODER, (False, True), chunk_counts):
         plan = MemoryPlan(ex, None, te, tiled, chunks)
         if ex == "stream":
             n = _stream_blocks(ctx, work, plan)
@@ -229,6 +252,13 @@ def candidates(ctx: Context, work: Workload, mode: str = "auto") -> list[Predict
     # robustness (a streamed copy depends on the host keeping up).
     out.sort(key=lambda p: (not p.fits, _bucket(p.seconds), p.plan.complexity(ctx.weights.num_blocks)))
     return out
+
+
+def check_parallel_memory(mode: str, gpus: int) -> None:
+    """Sequence parallelism runs both experts resident on every GPU, unchunked."""
+    if gpus > 1 and mode not in ("auto", "resident"):
+        raise SpecError("memory", f"memory {mode!r} cannot be used with {gpus} GPUs: every GPU keeps both experts "
+                                  "resident — use memory auto or resident")  # fmt: skip
 
 
 def _bucket(seconds: float) -> int:
@@ -349,7 +379,7 @@ def resolve_precision(precision: str, gpu: GPUSpec, compile: str = "off") -> str
 
 
 def plan_render(
-    req, files, device, gpu: GPUSpec | None = None, weights: Weights | None = None
+    req, files, device, gpu: GPUSpec | None = None, weights: Weights | None = None, gpus: int = 1
 ) -> Decision | MemoryPlan:
     """The memory plan for a render (a ``spec.RenderRequest``: ``.render``, ``.sampling``,
     ``.knobs``), decided before any model is loaded.
@@ -358,25 +388,75 @@ def plan_render(
     is no VRAM to plan: ``auto`` keeps everything resident and an explicit mode runs
     its code path with the CPU standing in for the device (tests, the demo).
     ``weights`` replaces the sizes read from ``files`` (models built in memory).
+    ``gpus``: that many GPUs like this one share the render (sequence parallel).
     """
     import torch
 
-    from wanrender.runtime import gpus
+    from wanrender.runtime import gpus as gpu_specs
 
     knobs = req.knobs
     dev = torch.device(device)
+    check_parallel_memory(knobs.memory, gpus)
     if gpu is None and dev.type != "cuda":
         return cpu_plan(knobs.memory)
-    spec = gpu or gpus.probe(dev)
+    spec = gpu or gpu_specs.probe(dev)
     precision = resolve_precision(knobs.precision, spec, knobs.compile)
     reserve = check_reserve(knobs.reserve_vram if knobs.reserve_vram is not None else DEFAULT_RESERVE_GIB,
                             card_gib=spec.total_gib)  # fmt: skip
     ctx = Context(spec, weights or Weights.from_files(files, precision), precision, knobs.compile, reserve,
-                  gpus.host_ram_gib()[0])  # fmt: skip
+                  gpu_specs.host_ram_gib()[0], gpus, multigpu.default_interconnect(spec.name))  # fmt: skip
     decision = decide(ctx, Workload.of(req), knobs.memory)
     if decision.chosen is None:
         raise decision.refusal()
     return decision
+
+
+@dataclass(frozen=True)
+class PipelinePrediction:
+    """The two-GPU expert pipeline on a stream of equal jobs: GPU A runs text encode,
+    VAE encode and pass 1 (high-noise expert); GPU B pass 2 (low-noise expert), VAE
+    decode and the MP4. A job leaves every ``period`` seconds once the pipe is full."""
+
+    peak_bytes: dict[str, int]  # "a", "b": the allocated peak of each GPU
+    seconds: dict[str, float]  # "a", "b": one job's work on each GPU
+    single: Prediction | None  # one GPU alone (its fastest fitting plan), for comparison
+    fits: bool
+    text_encoder: str = "resident"  # on GPU A: resident, or released after each encode
+
+    @property
+    def period(self) -> float:
+        return max(self.seconds.values())
+
+    @property
+    def videos_per_hour(self) -> float:
+        return 3600.0 / self.period
+
+    @property
+    def single_videos_per_hour(self) -> float | None:
+        return 3600.0 / self.single.seconds if self.single is not None else None
+
+
+def expert_pipeline(ctx: Context, work: Workload) -> PipelinePrediction:
+    """Memory and throughput of the expert pipeline on two GPUs like ``ctx.gpu``. GPU A
+    keeps the text encoder resident when that fits, else releases it after each encode."""
+    one = replace(ctx, gpus=1)
+    w = ctx.weights
+    both = predict(MemoryPlan(), one, work)  # both experts, text encoder and VAE resident
+    st, sec = both.stage_bytes, both.stage_seconds
+    room = one.budget_bytes + int(mem.CUDA_CONTEXT_GIB * GIB)
+    b = {k: st[k] - w.expert - w.text_encoder for k in (Stage.SAMPLING, Stage.VAE_DECODE)}
+    seconds_b = sec[Stage.PASS2_LOW] + sec[Stage.VAE_DECODE] + sec[Stage.VIDEO_ENCODE]
+    for te in ("resident", "release"):
+        kept = w.text_encoder if te == "resident" else 0
+        a = {Stage.TEXT_ENCODE: st[Stage.TEXT_ENCODE] - w.expert}
+        a.update({k: st[k] - w.expert - w.text_encoder + kept for k in (Stage.VAE_ENCODE, Stage.SAMPLING)})
+        peak = {"a": need_bytes(a, both.holes_bytes), "b": need_bytes(b, both.holes_bytes)}
+        fits = all(mem.device_bytes(v) <= room for v in peak.values())
+        if fits:
+            break
+    text = timing.text_encode_seconds(ctx.gpu, te, w.text_encoder)
+    seconds = {"a": text + sec[Stage.VAE_ENCODE] + sec[Stage.PASS1_HIGH], "b": seconds_b}
+    return PipelinePrediction(peak, seconds, decide(one, work).chosen, fits, te)
 
 
 def cpu_plan(mode: str) -> MemoryPlan:
