@@ -20,6 +20,7 @@ from wanrender.service.metrics import CONTENT_TYPE, Metrics
 from wanrender.service.monitor import JobsMonitor
 from wanrender.service.priority import queue_ahead
 
+DRAIN_BYTES = 32 << 20  # above the upload limit (20 MB): bigger bodies are cut off, as the 413 check does
 CALLER: ContextVar[ApiKey | None] = ContextVar("wanrender_api_key", default=None)
 
 
@@ -86,6 +87,15 @@ async def extras(state: dict, record: JobRecord) -> dict:
     return {"queue_position": ahead, "eta_s": eta_seconds(record, ahead, workers, cal)}
 
 
+async def _drain(request, cap: int = DRAIN_BYTES) -> None:
+    """Read (and drop) a refused request's body when it is small enough: a client still
+    sending its upload would otherwise see a broken pipe instead of the 401."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and 0 < int(length) <= cap:
+        async for _ in request.stream():
+            pass
+
+
 def install(app, state: dict, gate: Gate | None) -> None:
     from fastapi import Request
     from fastapi.responses import JSONResponse, Response
@@ -109,6 +119,7 @@ def install(app, state: dict, gate: Gate | None) -> None:
         try:
             key = gate.check(request.headers.get("authorization"))
         except Limited as exc:
+            await _drain(request)
             return refused(exc)
         token = CALLER.set(key)
         try:
