@@ -41,6 +41,7 @@ from wanrender.service.natsauth import open_jetstream
 from wanrender.service.priority import Puller
 
 log = logging.getLogger(__name__)
+HEALTH_FILE_ENV = "WANRENDER_HEALTH_FILE"
 
 
 class Stop(BaseException):
@@ -153,10 +154,12 @@ class Worker:
 
     async def beat(self) -> None:
         info = {"name": self.name, "device": self.device, "warm": self._runner is not None and self._runner.engine is not None,
-                "job": self.current, "jobs_done": self.jobs_done, "gpu": getattr(self, "gpu", None), "host": socket.gethostname(), "pid": os.getpid(),
-                "seen_at": time.time()}  # fmt: skip
+                "job": self.current, "jobs_done": self.jobs_done, "host": socket.gethostname(), "pid": os.getpid(),
+                "seen_at": time.time(), "gpu": getattr(self, "gpu", None)}  # fmt: skip
         try:
             await self._workers_kv.put(self.name, json.dumps(info).encode())
+            if os.environ.get(HEALTH_FILE_ENV):  # the Docker HEALTHCHECK reads its age (docker/worker.Dockerfile)
+                Path(os.environ[HEALTH_FILE_ENV]).touch()
         except Exception as e:  # noqa: BLE001 - a missed heartbeat is not fatal; NATS reconnects
             log.warning("worker %s: heartbeat failed (%s)", self.name, e)
 
