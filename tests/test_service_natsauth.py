@@ -114,3 +114,43 @@ def test_nats_creds_command_writes_a_fleet_folder(demo_set, tmp_path: Path) -> N
                        env=_env(home), capture_output=True, text=True, timeout=60)  # fmt: skip
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert sorted(p.name for p in (tmp_path / "fleet").iterdir()) == ["api.creds", "nats.conf", "worker.creds"]
+
+
+def test_serve_runs_the_api_alone_against_a_fleet_nats_with_the_api_user(fleet, demo_set, tmp_path: Path) -> None:
+    """The API container's command (docker/api.Dockerfile): no embedded server, no local worker."""
+    import signal
+
+    from test_service import _wait
+
+    from wanrender.service.broker import free_port
+    from wanrender.service.client import Client
+
+    b, paths, _, _ = fleet
+    home, _, _ = demo_set
+    env = _env(home)
+    _one_line_error(
+        _cli(env, "serve", "--data", str(tmp_path), "--creds", str(paths["api"])), 2, "--creds goes with --nats"
+    )
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "serve", "--nats", b.url, "--creds", str(paths["api"]),
+                             "--workers", "0", "--data", str(tmp_path / "api"), "--listen", f"127.0.0.1:{port}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    client = Client(f"http://127.0.0.1:{port}")
+    try:
+
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError(proc.communicate())
+            try:
+                return client._json("GET", "/health")["ok"]
+            except Exception:  # noqa: BLE001 - not listening yet
+                return None
+
+        assert _wait(up, 60, 0.2)
+        assert client.workers() == []
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "Traceback" not in out + err, err
+    assert "no local worker" in err and paths["api"].read_text().split('"')[-2] not in err  # no password shown
+    assert not (tmp_path / "api" / "nats").exists()  # no embedded server was started
