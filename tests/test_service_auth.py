@@ -79,13 +79,16 @@ class Api:
         ctype = resp.getheader("content-type", "")
         return resp.status, (json.loads(raw) if "json" in ctype else {"text": raw.decode()}), dict(resp.getheaders())
 
-    def submit(self, key: str | None, image: Path, **params) -> tuple[int, dict, dict]:
+    def submit(self, key: str | None, image: Path, idempotency: str | None = None, **params) -> tuple[int, dict, dict]:
         boundary = "b0undary"
         body = (f'--{boundary}\r\nContent-Disposition: form-data; name="params"\r\n\r\n'
                 f'{json.dumps({"prompt": "x", **TINY, **params})}\r\n'
                 f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
                 "Content-Type: image/png\r\n\r\n").encode() + image.read_bytes() + f"\r\n--{boundary}--\r\n".encode()  # fmt: skip
-        return self.call("POST", "/v1/jobs", key, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        if idempotency is not None:
+            headers["Idempotency-Key"] = idempotency
+        return self.call("POST", "/v1/jobs", key, body, headers)
 
     def final(self, key: str, job_id: str, timeout: float = 120) -> dict:
         def done():
@@ -158,10 +161,12 @@ def test_rate_limit_is_429_with_retry_after(secured) -> None:
 
 def test_too_many_unfinished_jobs_is_429_until_one_ends(secured) -> None:
     api, keys, _, image, _ = secured
-    status, first, _ = api.submit(keys["bob"], image, steps=200)
+    status, first, _ = api.submit(keys["bob"], image, steps=200, idempotency="bob-1")
     assert status == 201
     status, body, headers = api.submit(keys["bob"], image)
     assert status == 429 and "limit is 1" in body["error"] and headers["retry-after"]
+    status, again, _ = api.submit(keys["bob"], image, steps=200, idempotency="bob-1")  # a retry is not a new job
+    assert status == 200 and again["id"] == first["id"]
     assert api.call("POST", f"/v1/jobs/{first['id']}/cancel", keys["bob"])[0] == 200
     api.final(keys["bob"], first["id"])
     _wait(lambda: api.submit(keys["bob"], image, steps=1)[0] == 201, 10, 0.2)

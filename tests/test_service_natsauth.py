@@ -66,6 +66,7 @@ def test_a_worker_with_its_creds_works_and_cannot_publish_a_job(fleet) -> None:
             await msg.ack()
             await jobs_kv.put("job-1", b"{}")
             await workers_kv.put("w1", b"{}")
+            await workers_kv.delete("w1")  # a worker leaving (the later test expects no worker)
             before = (await ajs.stream_info(STREAM)).state.messages
             violations: list[str] = []
 

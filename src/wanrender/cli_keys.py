@@ -43,9 +43,12 @@ def list_keys(data: Path = typer.Option(Path("wanrender-data"), "--data", help=D
     """The keys' names and limits (never the keys)."""
     import time
 
-    keys = _store(data).load()
+    store = _store(data)
+    keys = store.load()
     if not keys:
-        console.print(f"no API keys under {data} — the service runs open on loopback only", highlight=False)
+        why = ("every key was revoked: the service refuses all /v1 requests" if store.exists
+               else "the service runs open, on loopback only")  # fmt: skip
+        console.print(f"no API keys under {data} — {why}; add one with 'wanrender keys add NAME'", highlight=False)
         return
     for k in sorted(keys.values(), key=lambda k: k.name):
         made = time.strftime("%Y-%m-%d %H:%M", time.localtime(k.created_at))

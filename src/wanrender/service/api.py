@@ -104,7 +104,8 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         suffix = check_image(blob, limits)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise Refused(400, "Idempotency-Key: use 1..255 characters")
-        key = await api_extras.admit(state, gate)  # 429 over the key's limits, before anything is stored
+        # 429 over the key's limits, before anything is stored
+        key = await api_extras.admit(state, gate, idempotency_key)
         record, created = await submit(state["js"], state["store"], data, parsed, blob, suffix, idempotency_key,
                                        owner=key.name if key else None)  # fmt: skip
         state["monitor"].note(record)  # counted now, not when the watch catches up

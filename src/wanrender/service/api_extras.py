@@ -69,11 +69,16 @@ def visible(record: JobRecord) -> bool:
     return caller is None or record.owner == caller.name
 
 
-async def admit(state: dict, gate: Gate | None) -> ApiKey | None:
-    """The caller's key after its concurrency and rate checks (``Limited`` 429 otherwise)."""
+async def admit(state: dict, gate: Gate | None, idempotency_key: str | None = None) -> ApiKey | None:
+    """The caller's key after its concurrency and rate checks (``Limited`` 429 otherwise);
+    a retry of a job the key already submitted (same Idempotency-Key) is not a new job."""
+    from wanrender.service.jobs import new_job_id
+
     key = CALLER.get()
     if gate is None or key is None:
         return None
+    if idempotency_key is not None and await state["store"].get(new_job_id(f"{key.name}\0{idempotency_key}")):
+        return key
     gate.admit(key, state["monitor"].unfinished(key.name))
     gate.take(key)
     return key
