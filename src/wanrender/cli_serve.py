@@ -62,21 +62,40 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="The worker's device: cuda, cuda:N or cpu."),
     lease: float = typer.Option(60.0, "--lease", help="Seconds a worker may go silent before its job goes to another."),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Deliveries of a job before it fails."),
+    nats: Optional[str] = typer.Option(
+        None, "--nats", help="Use this NATS server (a fleet's) instead of starting one; with --creds FILE (api user)."
+    ),
+    creds: Optional[Path] = typer.Option(None, "--creds", help="NATS credentials file of the api user (with --nats)."),
+    workers: int = typer.Option(
+        1, "--workers", help="Local workers: 1, or 0 for the API alone (workers join via NATS)."
+    ),
 ) -> None:
-    """Run the render service on this machine: an embedded nats-server (JetStream) keeping its data under --data,
-    the HTTP API (/v1, docs at /docs) and one warm worker. Ctrl-C stops all of it."""
-    _need_serve_extra("fastapi", "uvicorn", "multipart", "nats")
+    """Run the render service on this machine: an embedded nats-server (JetStream, with an api and a worker user)
+    keeping its data under --data, the HTTP API (/v1, docs at /docs) and one warm worker. Ctrl-C stops all of it.
+    Beyond loopback, --listen needs an API key first ('wanrender keys add')."""
+    _need_serve_extra("fastapi", "uvicorn", "multipart", "nats", "prometheus_client", "bcrypt")
     from wanrender.runner import resolve_device
+    from wanrender.service.auth import check_exposure
     from wanrender.service.broker import find_nats_server
+    from wanrender.service.natsauth import read_creds
     from wanrender.service.serve import ServeConfig, parse_listen, run_serve
 
     host, port = parse_listen(listen)
+    check_exposure(host, data)
+    if workers not in (0, 1):
+        raise WanrenderError(f"--workers {workers} is invalid — use 1 (a local worker) or 0 (the API alone)")
+    if creds is not None and nats is None:
+        raise WanrenderError("--creds goes with --nats (the embedded NATS server writes its own) — add --nats URL")
+    if creds is not None:
+        read_creds(creds)
     dev = str(resolve_device(device))
     queue = _queue(lease, max_attempts)
-    find_nats_server()
-    files = _model_files(models, demo)
+    if nats is None:
+        find_nats_server()
+    files = _model_files(models, demo) if workers else None
     data.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue)
+    cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue, nats=nats, creds=creds,
+                      workers=workers)  # fmt: skip
     run_serve(cfg, files, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
     console.print("stopped", highlight=False)
 
@@ -89,6 +108,12 @@ def worker(
     ),
     demo: bool = typer.Option(False, "--demo", help="Render with the tiny random-weight demo models."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu."),
+    creds: Optional[Path] = typer.Option(
+        None,
+        "--creds",
+        envvar="WANRENDER_NATS_CREDS",
+        help="The NATS worker credentials file (serve writes DATA/nats/worker.creds).",
+    ),  # fmt: skip
 ) -> None:
     """Join a running service as one more warm worker (it reads uploads from and writes results to --data)."""
     _need_serve_extra("nats")
@@ -96,13 +121,15 @@ def worker(
     import signal
 
     from wanrender.runner import resolve_device
+    from wanrender.service.natsauth import read_creds
     from wanrender.service.worker import Worker
 
     dev = str(resolve_device(device))
     if not data.is_dir():
         raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder")
     files = _model_files(models, demo)
-    w = Worker(nats, data.resolve(), files, dev)
+    url = read_creds(creds).url(nats) if creds is not None else nats
+    w = Worker(url, data.resolve(), files, dev)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -136,6 +163,14 @@ def submit(
     key: Optional[str] = typer.Option(
         None, "--idempotency-key", help="A retry with the same key returns the same job."
     ),
+    api_key: Optional[str] = typer.Option(
+        None,
+        "--key",
+        envvar="WANRENDER_API_KEY",
+        help="The service's API key (wanrender keys add).",
+        show_default=False,
+    ),
+    priority: str = typer.Option("normal", "--priority", help="high or normal: high jobs are handed out first."),
     wait: bool = typer.Option(False, "--wait", help="Follow the job's progress until it ends."),
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Download the MP4 here (and its sidecar .json); implies --wait."
@@ -147,7 +182,9 @@ def submit(
     from wanrender.service.client import Client
     from wanrender.spec import parse_size
 
-    params: dict = {"prompt": prompt, "preset": preset, "seed": seed}
+    if priority not in ("high", "normal"):
+        raise WanrenderError(f"--priority {priority!r} is invalid — use high or normal")
+    params: dict = {"prompt": prompt, "preset": preset, "seed": seed, "priority": priority}
     if frames is not None:
         params["frames"] = frames
     if size:
@@ -168,7 +205,7 @@ def submit(
         found = [p for p in (out, out.with_suffix(".json")) if p.exists()]
         if found and not overwrite:
             raise WanrenderError(f"{shown(found[0])} exists — pass --overwrite to replace it, or choose another --out")
-    client = Client(server)
+    client = Client(server, api_key=api_key or None)
     job = client.submit(image, params, key)
     console.print(f"job {job['id']}: {job['state']}", highlight=False)
     if not (wait or out is not None):
@@ -203,6 +240,9 @@ def submit(
 
 
 def register(app: typer.Typer) -> None:
+    from wanrender import cli_keys
+
     app.command()(serve)
     app.command()(worker)
     app.command()(submit)
+    cli_keys.register(app)

@@ -15,7 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from wanrender.service.broker import CONSUMER, STREAM, QueueConfig, connect, ensure_jetstream
+from wanrender.service import api_extras
+from wanrender.service.auth import Gate
+from wanrender.service.broker import QueueConfig, connect, ensure_jetstream
 from wanrender.service.intake import Limits, Refused, check_image, check_params, submit
 from wanrender.service.jobs import JOB_ID, SIDECAR, VIDEO, JobPaths, JobRecord, JobState, JobStore
 
@@ -30,7 +32,9 @@ def job_view(record: JobRecord, position: int | None = None) -> dict:
     return view
 
 
-def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: QueueConfig = QueueConfig()):
+def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: QueueConfig = QueueConfig(),
+               gate: Gate | None = None):  # fmt: skip
+    """``gate``: the API key checks (auth.py); None runs the API open."""
     data = Path(data)
     state: dict = {}
 
@@ -41,8 +45,10 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         jobs_kv, workers_kv = await ensure_jetstream(js, queue)
         state.update(nc=nc, js=js, store=JobStore(jobs_kv), jobs_kv=jobs_kv, workers_kv=workers_kv)
         try:
+            await api_extras.start(state)
             yield
         finally:
+            await api_extras.stop(state)
             await nc.close()
 
     app = FastAPI(title="wanrender", version="1", lifespan=lifespan)
@@ -77,20 +83,12 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
 
     async def record_of(job_id: str) -> JobRecord:
         got = await state["store"].get(job_id) if JOB_ID.match(job_id) else None
-        if got is None:
+        if got is None or not api_extras.visible(got[0]):  # another key's job: as if it did not exist
             raise HTTPException(404, f"no job {job_id[:64]!r} — check the id returned by POST /v1/jobs")
         return got[0]
 
-    async def position(record: JobRecord) -> int | None:
-        """Jobs ahead of a queued one: messages not yet handed to a worker before it (cheap:
-        one consumer-info call; jobs canceled while queued still count until a worker drops them)."""
-        if record.state is not JobState.QUEUED or record.seq is None:
-            return None
-        try:
-            info = await state["js"].consumer_info(STREAM, CONSUMER)
-        except Exception:  # noqa: BLE001 - the position is a convenience
-            return None
-        return max(0, record.seq - info.delivered.stream_seq - 1)
+    async def view(record: JobRecord) -> dict:
+        return {**job_view(record), **await api_extras.extras(state, record)}
 
     @app.get("/health")
     async def health():
@@ -106,13 +104,16 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         suffix = check_image(blob, limits)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise Refused(400, "Idempotency-Key: use 1..255 characters")
-        record, created = await submit(state["js"], state["store"], data, parsed, blob, suffix, idempotency_key)
-        return JSONResponse(job_view(record, await position(record)), status_code=201 if created else 200)
+        # 429 over the key's limits, before anything is stored
+        key = await api_extras.admit(state, gate, idempotency_key)
+        record, created = await submit(state["js"], state["store"], data, parsed, blob, suffix, idempotency_key,
+                                       owner=key.name if key else None)  # fmt: skip
+        state["monitor"].note(record)  # counted now, not when the watch catches up
+        return JSONResponse(await view(record), status_code=201 if created else 200)
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str):
-        record = await record_of(job_id)
-        return job_view(record, await position(record))
+        return await view(await record_of(job_id))
 
     @app.post("/v1/jobs/{job_id}/cancel")
     async def cancel_job(job_id: str):
@@ -173,21 +174,7 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
 
     @app.get("/v1/workers")
     async def workers():
-        kv = state["workers_kv"]
-        out = []
-        try:
-            names = await kv.keys()
-        except Exception as e:  # noqa: BLE001 - NoKeysError: no worker has registered
-            if type(e).__name__ != "NoKeysError":
-                raise
-            names = []
-        for name in sorted(names):
-            try:
-                entry = await kv.get(name)
-            except Exception:  # noqa: BLE001 - expired between keys() and get()
-                continue
-            if entry.value:
-                out.append(json.loads(entry.value))
-        return {"workers": out}
+        return {"workers": await api_extras.live_workers(state["workers_kv"])}
 
+    api_extras.install(app, state, gate)  # outermost middleware: keys are checked before the upload limits
     return app

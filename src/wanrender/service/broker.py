@@ -22,8 +22,10 @@ from pathlib import Path
 from wanrender.errors import WanrenderError
 
 STREAM = "WANRENDER_JOBS"
-SUBJECT = "wanrender.jobs.render"
+SUBJECT = "wanrender.jobs.render"  # normal priority (the first slice's only subject)
 CONSUMER = "workers"
+HIGH_SUBJECT = "wanrender.jobs.high"  # priority.py: workers pull this consumer first
+HIGH_CONSUMER = "workers-high"
 JOBS_KV = "wanrender_jobs"
 WORKERS_KV = "wanrender_workers"
 INSTALL_HINT = (
@@ -66,10 +68,13 @@ class EmbeddedBroker:
     """A nats-server with JetStream on loopback, its store under ``data``; ``stop``
     ends it (also when the owner is interrupted: no orphan server)."""
 
-    def __init__(self, data: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, data: Path, port: int | None = None, host: str = "127.0.0.1", config: Path | None = None
+    ) -> None:
         self.data = Path(data)
         self.host = host
         self.port = port or free_port(host)
+        self.config = config  # a nats-server config (natsauth.write_fleet: users and permissions)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -86,6 +91,8 @@ class EmbeddedBroker:
         store.mkdir(parents=True, exist_ok=True)
         log = open(self.data / "nats-server.log", "ab")  # noqa: SIM115 - the server writes it while it runs
         cmd = [binary, "-js", "-a", self.host, "-p", str(self.port), "-sd", str(store), "-P", str(self.pid_file)]
+        if self.config is not None:
+            cmd[1:1] = ["-c", str(self.config)]  # the flags after it override its listen and store settings
         # Its own process group: a Ctrl-C in the terminal reaches us, and we stop it in order.
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
         log.close()
@@ -124,15 +131,26 @@ class EmbeddedBroker:
 
 
 async def connect(url: str, name: str):
-    """A client connection, refused in one line when nothing answers at ``url``."""
+    """A client connection, refused in one line when nothing answers at ``url`` or the
+    server refuses its credentials (``nats://user:password@host:port``, natsauth.py)."""
     import nats
 
+    from wanrender.service.natsurl import AuthRefused, ConnectWatch, redact
+
+    watch = ConnectWatch()
     try:
-        return await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
-                                  allow_reconnect=True, reconnect_time_wait=0.5)  # fmt: skip
+        nc = await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
+                                allow_reconnect=True, reconnect_time_wait=0.5, error_cb=watch.error_cb)  # fmt: skip
+        watch.connecting = False
+        return nc
+    except AuthRefused:
+        raise WanrenderError(
+            f"NATS at {redact(url)} refused the credentials — pass the worker's credentials file with --creds "
+            "(serve writes it under DATA/nats/)"
+        ) from None
     except (OSError, TimeoutError, nats.errors.NoServersError) as e:
         raise WanrenderError(
-            f"cannot reach NATS at {url} ({type(e).__name__}) — start 'wanrender serve' or check --nats"
+            f"cannot reach NATS at {redact(url)} ({type(e).__name__}) — start 'wanrender serve' or check --nats"
         ) from None
 
 
@@ -142,7 +160,7 @@ async def ensure_jetstream(js, cfg: QueueConfig):
     from nats.js import api
 
     stream = api.StreamConfig(
-        name=STREAM, subjects=[SUBJECT], retention=api.RetentionPolicy.WORK_QUEUE,
+        name=STREAM, subjects=[SUBJECT, HIGH_SUBJECT], retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE, duplicate_window=cfg.dedupe_window_s,
     )  # fmt: skip
     try:
@@ -152,16 +170,17 @@ async def ensure_jetstream(js, cfg: QueueConfig):
         if type(e).__name__ != "NotFoundError":
             raise
         await js.add_stream(stream)
-    consumer = api.ConsumerConfig(
-        durable_name=CONSUMER, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=cfg.ack_wait_s,
-        max_deliver=cfg.max_deliver, filter_subject=SUBJECT, max_ack_pending=-1,
-    )  # fmt: skip
-    try:
-        await js.consumer_info(STREAM, CONSUMER)  # the first to create it (serve) sets the lease terms
-    except Exception as e:  # noqa: BLE001 - NotFoundError
-        if type(e).__name__ != "NotFoundError":
-            raise
-        await js.add_consumer(STREAM, consumer)
+    for durable, subject in ((CONSUMER, SUBJECT), (HIGH_CONSUMER, HIGH_SUBJECT)):
+        consumer = api.ConsumerConfig(
+            durable_name=durable, ack_policy=api.AckPolicy.EXPLICIT, ack_wait=cfg.ack_wait_s,
+            max_deliver=cfg.max_deliver, filter_subject=subject, max_ack_pending=-1,
+        )  # fmt: skip
+        try:
+            await js.consumer_info(STREAM, durable)  # the first to create it (serve) sets the lease terms
+        except Exception as e:  # noqa: BLE001 - NotFoundError
+            if type(e).__name__ != "NotFoundError":
+                raise
+            await js.add_consumer(STREAM, consumer)
     jobs = await _bucket(js, api.KeyValueConfig(bucket=JOBS_KV, history=1, storage=api.StorageType.FILE))
     workers = await _bucket(js, api.KeyValueConfig(bucket=WORKERS_KV, ttl=cfg.heartbeat_ttl_s))
     return jobs, workers

@@ -14,13 +14,22 @@ from wanrender.errors import WanrenderError, shown
 
 
 class Client:
-    def __init__(self, server: str = "http://127.0.0.1:8000", timeout: float = 30.0) -> None:
+    def __init__(
+        self, server: str = "http://127.0.0.1:8000", timeout: float = 30.0, api_key: str | None = None
+    ) -> None:
+        """``api_key``: sent as a bearer token (default: the WANRENDER_API_KEY environment variable)."""
+        import os
+
         self.server = server.rstrip("/")
         self.timeout = timeout
+        self.api_key = api_key if api_key is not None else os.environ.get("WANRENDER_API_KEY") or None
 
     def _open(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
               timeout: float | None = None):  # fmt: skip
-        req = urllib.request.Request(self.server + path, data=body, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.server + path, data=body, method=method, headers=headers)
         try:
             return urllib.request.urlopen(req, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as e:

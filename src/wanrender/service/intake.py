@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
-from wanrender.service.broker import SUBJECT
 from wanrender.service.jobs import JobParams, JobPaths, JobRecord, JobState, JobStore, build_request, new_job_id
+from wanrender.service.priority import subject_for
 
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
@@ -87,8 +87,11 @@ def check_params(text: str | bytes, limits: Limits) -> JobParams:
 
 
 async def submit(js, store: JobStore, data: Path, params: JobParams, image: bytes, suffix: str,
-                 idempotency_key: str | None) -> tuple[JobRecord, bool]:  # fmt: skip
-    """(the job, whether this call created it)."""
+                 idempotency_key: str | None, owner: str | None = None) -> tuple[JobRecord, bool]:  # fmt: skip
+    """(the job, whether this call created it). An Idempotency-Key is scoped to the
+    ``owner`` (the API key's name): two clients never share a job by choosing the same key."""
+    if owner is not None and idempotency_key is not None:
+        idempotency_key = f"{owner}\0{idempotency_key}"
     job_id = new_job_id(idempotency_key)
     got = await store.get(job_id)
     if got is not None:
@@ -105,7 +108,7 @@ async def submit(js, store: JobStore, data: Path, params: JobParams, image: byte
     req = build_request(params, Path(target.name), Path("result.mp4"))
     now = time.time()
     record = JobRecord(id=job_id, params=params.model_dump(exclude_none=True), request=req.to_json(),
-                       created_at=now, updated_at=now)  # fmt: skip
+                       created_at=now, updated_at=now, owner=owner)  # fmt: skip
     if not await store.create(record):  # a concurrent retry with the same key won
         return (await store.get(job_id))[0], False
     return await _queue(js, store, record), True
@@ -113,7 +116,8 @@ async def submit(js, store: JobStore, data: Path, params: JobParams, image: byte
 
 async def _queue(js, store: JobStore, record: JobRecord) -> JobRecord:
     try:
-        ack = await js.publish(SUBJECT, record.id.encode(), headers={"Nats-Msg-Id": record.id})
+        subject = subject_for(record.params.get("priority"))
+        ack = await js.publish(subject, record.id.encode(), headers={"Nats-Msg-Id": record.id})
     except Exception as e:  # noqa: BLE001 - the record says why; a retry with the same key queues it
         raise Refused(503, f"the job could not be queued ({type(e).__name__}) — retry with the same Idempotency-Key")
     new = await store.update(record.id, lambda r: r.touch(seq=ack.seq) if r.seq is None else None)

@@ -15,7 +15,7 @@ import time
 import uuid
 from enum import Enum
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -63,6 +63,7 @@ class JobParams(BaseModel):
     interpolate: str = "off"
     lora_strength_high: Optional[float] = None
     lora_strength_low: Optional[float] = None
+    priority: Literal["high", "normal"] = "normal"  # priority.py: high jobs are handed out first
 
 
 class JobProgress(BaseModel):
@@ -89,6 +90,7 @@ class JobRecord(BaseModel):
     last_reason: Optional[str] = None  # why the previous attempt ended (a retry carries it)
     cancel_requested: bool = False
     seq: Optional[int] = None  # the job message's stream sequence (queue position)
+    owner: Optional[str] = None  # the API key's name that submitted it (auth.py); None on an open service
 
     @property
     def terminal(self) -> bool:
@@ -112,7 +114,7 @@ def build_request(params: JobParams, image: Path, out: Path) -> RenderRequest:
     """The checked request (``SpecError`` names the field, as the CLI's checks do)."""
     from wanrender.request import from_preset
 
-    fields = params.model_dump(exclude={"prompt", "preset"})
+    fields = params.model_dump(exclude={"prompt", "preset", "priority"})
     return from_preset(params.preset, image, params.prompt, out=out, **fields)
 
 

@@ -33,6 +33,9 @@ class ServeConfig:
     device: str = "cpu"
     queue: QueueConfig = QueueConfig()
     limits: Limits = Limits()
+    nats: str | None = None  # an external NATS server instead of the embedded one (then ``creds``: its api user)
+    creds: Path | None = None
+    workers: int = 1  # 0: the API alone (a fleet's API container; workers join through NATS)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -95,15 +98,26 @@ def run_serve(cfg: ServeConfig, files, announce=print) -> None:
         except OSError as e:
             raise WanrenderError(f"--listen {cfg.host}:{cfg.port}: cannot listen there ({e.strerror}) — choose another "
                                  "address or port") from None  # fmt: skip
-    broker = EmbeddedBroker(cfg.data / "nats")
+    from wanrender.service.auth import Gate, KeyStore, is_loopback
+    from wanrender.service.natsauth import read_creds, write_fleet
+
+    gate = Gate(KeyStore(cfg.data), required=not is_loopback(cfg.host))
+    if cfg.nats is not None:  # a fleet's NATS: this process is its api user
+        api_url = read_creds(cfg.creds).url(cfg.nats) if cfg.creds else cfg.nats
+        asyncio.run(_serve(cfg, files, api_url, api_url, announce, gate))
+        return
+    fleet = write_fleet(cfg.data / "nats")  # users with subject permissions (natsauth.py)
+    broker = EmbeddedBroker(cfg.data / "nats", config=fleet["config"])
     broker.start()
+    announce(f"NATS {broker.url}: worker credentials in {fleet['worker']} (wanrender worker --creds)")
     try:
-        asyncio.run(_serve(cfg, files, broker.url, announce))
+        urls = (read_creds(fleet["api"]).url(broker.url), read_creds(fleet["worker"]).url(broker.url))
+        asyncio.run(_serve(cfg, files, *urls, announce, gate))
     finally:
         broker.stop()
 
 
-async def _serve(cfg: ServeConfig, files, nats_url: str, announce) -> None:
+async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announce, gate) -> None:
     import uvicorn
 
     from wanrender.service.api import create_app
@@ -113,20 +127,27 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, announce) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(nats_url, cfg.data, cfg.limits, cfg.queue)
+    from wanrender.service.natsurl import redact
+
+    app = create_app(nats_url, cfg.data, cfg.limits, cfg.queue, gate)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # older uvicorn; ours are above
     server.capture_signals = contextlib.nullcontext  # newer uvicorn: it would re-raise the signal after stopping
-    worker = Worker(nats_url, cfg.data, files, cfg.device, queue=cfg.queue)
+    worker = Worker(worker_url, cfg.data, files, cfg.device, queue=cfg.queue) if cfg.workers else None
     ready = asyncio.Event()
     tasks = [asyncio.create_task(server.serve(), name="api"),
-             asyncio.create_task(worker.run(stop, ready), name="worker"),
              asyncio.create_task(reap_exhausted(nats_url, cfg.queue, stop), name="reaper")]  # fmt: skip
+    if worker is not None:
+        tasks.append(asyncio.create_task(worker.run(stop, ready), name="worker"))
+    else:
+        ready.set()
     waiter = asyncio.create_task(stop.wait())
     started = asyncio.create_task(_started(server, ready))
     done, _ = await asyncio.wait([waiter, started, *tasks], return_when=asyncio.FIRST_COMPLETED)
     if started in done and not stop.is_set():
-        announce(f"serving on http://{cfg.host}:{cfg.port} (NATS {nats_url}, worker {worker.name} on {cfg.device}, "
+        who = f"worker {worker.name} on {cfg.device}" if worker else "no local worker"
+        keys = "API keys required" if gate.enabled else "open: no API keys (loopback only)"
+        announce(f"serving on http://{cfg.host}:{cfg.port} (NATS {redact(nats_url)}, {who}, {keys}, "
                  f"data {cfg.data}) — Ctrl-C stops")  # fmt: skip
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     stop.set()

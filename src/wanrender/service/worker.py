@@ -23,7 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
-from wanrender.service.broker import CONSUMER, STREAM, QueueConfig, connect, ensure_jetstream
+from wanrender.service.broker import CONSUMER, STREAM, QueueConfig, connect
+from wanrender.service.eta import device_gpu
 from wanrender.service.jobs import (
     JOB_ID,
     SIDECAR,
@@ -36,8 +37,11 @@ from wanrender.service.jobs import (
     JobStore,
     build_request,
 )
+from wanrender.service.natsauth import open_jetstream
+from wanrender.service.priority import Puller
 
 log = logging.getLogger(__name__)
+HEALTH_FILE_ENV = "WANRENDER_HEALTH_FILE"
 
 
 class Stop(BaseException):
@@ -108,14 +112,13 @@ class Worker:
         return self._runner
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        import nats.errors
-
         nc = await connect(self.url, f"wanrender-worker-{self.name}")
         try:
             js = nc.jetstream()
-            jobs_kv, self._workers_kv = await ensure_jetstream(js, self.queue)
+            jobs_kv, self._workers_kv = await open_jetstream(js)  # lookups only: the NATS worker user's rights
             self.store = JobStore(jobs_kv)
-            sub = await js.pull_subscribe_bind(durable=CONSUMER, stream=STREAM)
+            puller = await Puller(js).bind()  # high priority first
+            self.gpu = device_gpu(self.device)  # advertised for the API's ETA
             # The lease terms are the consumer's (set by whoever created it), not this worker's defaults.
             terms = (await js.consumer_info(STREAM, CONSUMER)).config
             self.lease_s, self.max_deliver = (
@@ -128,11 +131,7 @@ class Worker:
             log.info("worker %s on %s: waiting for jobs", self.name, self.device)
             try:
                 while not stop.is_set():
-                    try:
-                        msgs = await sub.fetch(1, timeout=1.0)
-                    except nats.errors.TimeoutError:
-                        continue
-                    for msg in msgs:
+                    for msg in await puller.next(1.0):
                         await self.handle(msg, stop)
             finally:
                 beat.cancel()
@@ -156,9 +155,11 @@ class Worker:
     async def beat(self) -> None:
         info = {"name": self.name, "device": self.device, "warm": self._runner is not None and self._runner.engine is not None,
                 "job": self.current, "jobs_done": self.jobs_done, "host": socket.gethostname(), "pid": os.getpid(),
-                "seen_at": time.time()}  # fmt: skip
+                "seen_at": time.time(), "gpu": getattr(self, "gpu", None)}  # fmt: skip
         try:
             await self._workers_kv.put(self.name, json.dumps(info).encode())
+            if os.environ.get(HEALTH_FILE_ENV):  # the Docker HEALTHCHECK reads its age (docker/worker.Dockerfile)
+                Path(os.environ[HEALTH_FILE_ENV]).touch()
         except Exception as e:  # noqa: BLE001 - a missed heartbeat is not fatal; NATS reconnects
             log.warning("worker %s: heartbeat failed (%s)", self.name, e)
 
