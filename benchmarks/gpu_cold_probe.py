@@ -199,6 +199,38 @@ def part_load(args) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 
 
+def part_upload(args) -> None:
+    """Engine.load with the plain per-tensor copies and with pinned staging
+    (models/upload.py), alternated in one process; the experts' bytes must agree."""
+    import gc
+    import os
+
+    from wanrender.engine import Engine, EngineConfig
+    from wanrender.models.inventory import resolve_files
+    from wanrender.runtime.plan import make_plan
+
+    files = resolve_files(Path(args.models))
+    plan, _ = make_plan("cuda", "fp8", "sage8", "off")
+    torch.zeros(1, device="cuda")
+    sums: dict[str, list[int]] = {}
+    for i, mode in enumerate(("0", "1", "0", "1")):
+        os.environ["WANRENDER_STAGED_UPLOAD"] = mode
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine = Engine.load(files, "cuda", EngineConfig(plan, None, 1.0, 1.0))
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        got = [int(t.detach().contiguous().view(-1).view(torch.uint8).sum()) for m in (engine.high, engine.low)
+               for t in m.state_dict().values()]  # fmt: skip
+        same = sums.setdefault("ref", got) == got
+        row(f"Engine.load, staged={mode} (#{i + 1})", dt,
+            f"{ {k: round(v, 2) for k, v in engine.load_parts.items()} } experts' bytes as the first: {same}")  # fmt: skip
+        engine.release()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def part_vae2(args) -> None:
     """VAE decode with every conv in channels-last (NDHWC / NHWC) memory."""
     from wanrender.models.random_init import init_random_
@@ -234,7 +266,7 @@ def part_vae2(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=("merge", "compile", "vae", "load", "vae2"))
+    ap.add_argument("part", choices=("merge", "compile", "vae", "load", "vae2", "upload"))
     ap.add_argument("--models", default="/tmp/wr-models")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--size", default="832x1216")
@@ -242,9 +274,14 @@ def main() -> None:
     ap.add_argument("--attention", default="sage8", help="the compile part's attention backend")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    {"merge": part_merge, "compile": part_compile, "vae": part_vae, "load": part_load, "vae2": part_vae2}[args.part](
-        args
-    )
+    {
+        "merge": part_merge,
+        "compile": part_compile,
+        "vae": part_vae,
+        "load": part_load,
+        "vae2": part_vae2,
+        "upload": part_upload,
+    }[args.part](args)
     row(f"part {args.part} total", time.perf_counter() - t0)
 
 

@@ -154,3 +154,35 @@ def test_plan_says_a_one_video_generate_runs_eager_on_a_cold_cache() -> None:
                          text=True, env={**os.environ, "PYTHONPATH": src, "COLUMNS": "400"}, timeout=120)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "compile default" in res.stdout and "runs eager until a render has compiled this shape" in res.stdout
+
+
+def test_upload_off_a_gpu_is_the_plain_copy_in_order() -> None:
+    from wanrender.models import upload
+
+    items = [("a", torch.arange(6, dtype=torch.float16).reshape(2, 3)), ("b", torch.tensor(3.0)), ("c", torch.ones(0))]
+    out = list(upload.to_device(iter(items), torch.device("cpu")))
+    assert [n for n, _ in out] == ["a", "b", "c"]
+    assert all(torch.equal(t, dict(items)[n]) and t.dtype == dict(items)[n].dtype for n, t in out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: staging goes through pinned memory")
+def test_staged_upload_is_bit_exact_in_order_across_chunk_boundaries(monkeypatch) -> None:
+    """The staged path against the plain ``.to(device)`` (the reference): every dtype a
+    checkpoint holds (fp8, fp16, bf16, fp32, uint8, 0-d scales), tensors that straddle a
+    chunk, one larger than a chunk, and an empty one."""
+    from wanrender.models import upload
+
+    monkeypatch.setattr(upload, "CHUNK_BYTES", 1 << 16)
+    g = torch.Generator().manual_seed(0)
+    items = []
+    for i, (dt, shape) in enumerate([(torch.float8_e4m3fn, (300, 70)), (torch.float16, (129, 77)),
+                                     (torch.bfloat16, (5,)), (torch.float32, ()), (torch.uint8, (70000,)),
+                                     (torch.float32, (40000,)), (torch.float16, (0,)), (torch.float16, (3, 5))]):  # fmt: skip
+        t = torch.randn(shape, generator=g) * 3
+        items.append((f"t{i}", t.to(dt) if dt != torch.uint8 else (t.abs() * 40).to(dt)))
+    dev = torch.device("cuda")
+    staged = list(upload.to_device(iter(items), dev))
+    assert [n for n, _ in staged] == [n for n, _ in items]
+    for (n, got), (_, ref) in zip(staged, items):
+        assert got.device.type == "cuda" and got.dtype == ref.dtype and got.shape == ref.shape, n
+        assert torch.equal(got.cpu().view(-1).view(torch.uint8), ref.reshape(-1).view(torch.uint8)), n

@@ -19,6 +19,7 @@ from torch import nn
 
 from wanrender.errors import ModelFileError
 from wanrender.models import dit as ditmod
+from wanrender.models import upload
 from wanrender.models.common import Linear, is_fp8, set_tensor
 from wanrender.models.formats import (
     QUANT_AUX_SUFFIXES,
@@ -135,7 +136,7 @@ def assign_weights(
         raise ModelFileError(source, "does not fit the network: " + ", ".join(parts), "check it is the right file")
     modules = dict(model.named_modules())
     fallback = dtype or torch.bfloat16
-    for name, target in expected.items():
+    for name, target in expected.items():  # shapes first: a wrong file fails before any copy
         t = weights[name]
         if tuple(t.shape) != tuple(target.shape):
             raise ModelFileError(
@@ -143,6 +144,8 @@ def assign_weights(
                 f"tensor {name} has shape {tuple(t.shape)}, the network needs {tuple(target.shape)}",
                 "check it is the right file for this model",
             )
+    dev = torch.device(device)
+    for name, t in upload.to_device(((n, weights[n]) for n in expected), dev):
         mod_name, _, attr = name.rpartition(".")
         mod = modules[mod_name]
         scale = scales.get(name)
