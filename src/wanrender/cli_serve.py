@@ -52,6 +52,34 @@ def _queue(lease: float, attempts: int):
     return QueueConfig(ack_wait_s=lease, max_deliver=attempts)
 
 
+def _storage(s3: Optional[str], bucket: Optional[str]):
+    """--s3 URL --bucket B (checked now: a wrong endpoint, bucket or credentials is one line), or None."""
+    if s3 is None and bucket is None:
+        return None
+    if not (s3 and bucket):
+        raise WanrenderError("--s3 and --bucket go together — give the S3 endpoint URL and the bucket name")
+    if not s3.startswith(("http://", "https://")):
+        raise WanrenderError(f"--s3 {s3!r} is invalid — give the endpoint's URL, e.g. http://127.0.0.1:9000")
+    _need_serve_extra("boto3")
+    from wanrender.service.storage import S3Storage
+
+    storage = S3Storage(s3, bucket)
+    storage.check()
+    return storage
+
+
+def _vram(vram: Optional[str]) -> Optional[float]:
+    if vram is None:
+        return None
+    from wanrender.spec import parse_gib
+
+    return parse_gib(vram, "vram")
+
+
+S3_HELP = "An S3-compatible endpoint URL for inputs and results (credentials: the standard AWS env vars or profile)."
+VRAM_HELP = "Plan and advertise as if the device had this much memory (e.g. 24GiB): an emulated card."
+
+
 def serve(
     data: Path = typer.Option(Path("wanrender-data"), "--data", help="Jobs, uploads, results and the NATS store."),
     models: Optional[Path] = typer.Option(
@@ -62,9 +90,14 @@ def serve(
     device: Optional[str] = typer.Option(None, "--device", help="The worker's device: cuda, cuda:N or cpu."),
     lease: float = typer.Option(60.0, "--lease", help="Seconds a worker may go silent before its job goes to another."),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Deliveries of a job before it fails."),
+    s3: Optional[str] = typer.Option(None, "--s3", help=S3_HELP),
+    bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
+    keep: str = typer.Option("7d", "--keep", help="How long results are kept, then deleted (7d, 12h, 30m, 90s)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help=VRAM_HELP),
 ) -> None:
     """Run the render service on this machine: an embedded nats-server (JetStream) keeping its data under --data,
-    the HTTP API (/v1, docs at /docs) and one warm worker. Ctrl-C stops all of it."""
+    the HTTP API (/v1, docs at /docs) and one warm worker. Inputs and results live under --data, or in an S3 bucket
+    with --s3/--bucket; results are deleted after --keep. Ctrl-C stops all of it."""
     _need_serve_extra("fastapi", "uvicorn", "multipart", "nats")
     from wanrender.runner import resolve_device
     from wanrender.service.broker import find_nats_server
@@ -73,24 +106,37 @@ def serve(
     host, port = parse_listen(listen)
     dev = str(resolve_device(device))
     queue = _queue(lease, max_attempts)
+    from wanrender.service.expiry import parse_keep
+
+    keep_s = parse_keep(keep)
+    gib = _vram(vram)
     find_nats_server()
+    storage = _storage(s3, bucket)
     files = _model_files(models, demo)
     data.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue)
+    cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue, storage=storage,
+                      keep_s=keep_s, vram_gib=gib)  # fmt: skip
     run_serve(cfg, files, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
     console.print("stopped", highlight=False)
 
 
 def worker(
     nats: str = typer.Option(..., "--nats", help="The service's NATS URL (nats://HOST:PORT)."),
-    data: Path = typer.Option(Path("wanrender-data"), "--data", help="The service's data folder (shared with it)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="The service's data folder (shared with it); not needed with --s3."
+    ),
     models: Optional[Path] = typer.Option(
         None, "--models", help="Folder with the model files (default: the demo models)."
     ),
     demo: bool = typer.Option(False, "--demo", help="Render with the tiny random-weight demo models."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu."),
+    s3: Optional[str] = typer.Option(None, "--s3", help=S3_HELP),
+    bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help=VRAM_HELP),
 ) -> None:
-    """Join a running service as one more warm worker (it reads uploads from and writes results to --data)."""
+    """Join a running service as one more warm worker: it reads uploads from and writes results to --data, or to
+    the service's S3 bucket (--s3/--bucket: no shared folder needed). It takes only the jobs that its model files
+    and its VRAM can run (the planner decides)."""
     _need_serve_extra("nats")
     import asyncio
     import signal
@@ -99,10 +145,15 @@ def worker(
     from wanrender.service.worker import Worker
 
     dev = str(resolve_device(device))
-    if not data.is_dir():
-        raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder")
+    gib = _vram(vram)
+    storage = _storage(s3, bucket)
+    if storage is None:
+        data = data if data is not None else Path("wanrender-data")
+        if not data.is_dir():
+            raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder (or --s3)")
+        storage = data.resolve()
     files = _model_files(models, demo)
-    w = Worker(nats, data.resolve(), files, dev)
+    w = Worker(nats, storage, files, dev, vram_gib=gib)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -4,6 +4,7 @@ Every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status. The app o
 one NATS connection, opened at startup (``create_app(nats_url, data)``).
 """
 
+import asyncio
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,11 +14,24 @@ from pathlib import Path
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException
 
-from wanrender.service.broker import CONSUMER, STREAM, QueueConfig, connect, ensure_jetstream
+from wanrender.service.broker import STREAM, QueueConfig, connect, ensure_jetstream
+from wanrender.service.expiry import run_sweeper, shown
 from wanrender.service.intake import Limits, Refused, check_image, check_params, submit
-from wanrender.service.jobs import JOB_ID, SIDECAR, VIDEO, JobPaths, JobRecord, JobState, JobStore
+from wanrender.service.jobs import JOB_ID, JobRecord, JobState, JobStore, build_request
+from wanrender.service.routing import (
+    NO_WORKER,
+    NoWorkerCould,
+    can_take,
+    caps_bucket,
+    consumer_of,
+    ensure_class_consumer,
+    online,
+    route_job,
+)
+from wanrender.service.storage import LocalStorage, as_storage, result_key
 
 UPLOAD_PATH = "/v1/jobs"
 
@@ -30,8 +44,11 @@ def job_view(record: JobRecord, position: int | None = None) -> dict:
     return view
 
 
-def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: QueueConfig = QueueConfig()):
-    data = Path(data)
+def create_app(nats_url: str, data, limits: Limits = Limits(), queue: QueueConfig = QueueConfig(),
+               keep_s: float | None = None, sweep_s: float | None = None):  # fmt: skip
+    """``data``: the data folder or a storage (storage.py: local disk or S3); ``keep_s``:
+    how long results are kept (None: for ever), swept every ``sweep_s``."""
+    storage = as_storage(data)
     state: dict = {}
 
     @asynccontextmanager
@@ -39,10 +56,15 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         nc = await connect(nats_url, "wanrender-api")
         js = nc.jetstream()
         jobs_kv, workers_kv = await ensure_jetstream(js, queue)
-        state.update(nc=nc, js=js, store=JobStore(jobs_kv), jobs_kv=jobs_kv, workers_kv=workers_kv)
+        store = JobStore(jobs_kv)
+        state.update(nc=nc, js=js, store=store, jobs_kv=jobs_kv, workers_kv=workers_kv, caps_kv=await caps_bucket(js))
+        sweeper = asyncio.create_task(run_sweeper(store, storage, keep_s, every=sweep_s)) if keep_s else None
         try:
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                await asyncio.gather(sweeper, return_exceptions=True)
             await nc.close()
 
     app = FastAPI(title="wanrender", version="1", lifespan=lifespan)
@@ -87,7 +109,7 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         if record.state is not JobState.QUEUED or record.seq is None:
             return None
         try:
-            info = await state["js"].consumer_info(STREAM, CONSUMER)
+            info = await state["js"].consumer_info(STREAM, consumer_of(record.route))
         except Exception:  # noqa: BLE001 - the position is a convenience
             return None
         return max(0, record.seq - info.delivered.stream_seq - 1)
@@ -106,12 +128,23 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         suffix = check_image(blob, limits)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise Refused(400, "Idempotency-Key: use 1..255 characters")
-        record, created = await submit(state["js"], state["store"], data, parsed, blob, suffix, idempotency_key)
+        req = build_request(parsed, Path("input.png"), Path("result.mp4"))
+        try:
+            route = await route_job(req, parsed.models, state["caps_kv"], state["workers_kv"])
+        except NoWorkerCould as e:
+            raise Refused(422, str(e)) from None
+        await ensure_class_consumer(state["js"], route.route, queue)
+        record, created = await submit(state["js"], state["store"], storage, parsed, blob, suffix, idempotency_key,
+                                       route)  # fmt: skip
         return JSONResponse(job_view(record, await position(record)), status_code=201 if created else 200)
 
     @app.get("/v1/jobs/{job_id}")
     async def get_job(job_id: str):
         record = await record_of(job_id)
+        if record.state is JobState.QUEUED:  # said now, from the live heartbeats
+            live = await online(state["workers_kv"])
+            record = record.model_copy(update={"waiting": None if any(can_take(h, record.route) for h in live)
+                                               else NO_WORKER})  # fmt: skip
         return job_view(record, await position(record))
 
     @app.post("/v1/jobs/{job_id}/cancel")
@@ -129,21 +162,30 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
 
         return job_view(await state["store"].update(job_id, cancel))
 
-    def _file(record: JobRecord, name: str, media_type: str):
+    async def _file(record: JobRecord, what: str, media_type: str):
+        if record.state is JobState.EXPIRED:
+            kept = f"results are kept for {shown(keep_s)}" if keep_s else "results are kept for a limited time"
+            raise HTTPException(410, f"job {record.id} expired: {kept} — submit it again")
         if record.state is not JobState.SUCCEEDED:
             raise HTTPException(409, f"job {record.id} is {record.state.value}, not succeeded — no result to fetch")
-        path = JobPaths(data, record.id).result / name
-        if not path.is_file():
+        key = result_key(record, what)
+        if not await asyncio.to_thread(storage.exists, key):
             raise HTTPException(410, f"job {record.id}: the result file is gone from the server")
-        return FileResponse(path, media_type=media_type, filename=f"{record.id}{Path(name).suffix}")
+        name = f"{record.id}{Path(key).suffix}"
+        if isinstance(storage, LocalStorage):
+            return FileResponse(storage.path(key), media_type=media_type, filename=name)
+        # Streamed through the API, not a redirect to a presigned URL: the bucket may sit on a
+        # private network the clients cannot reach, and the API's checks (expiry, auth) stay in force.
+        return StreamingResponse(iterate_in_threadpool(storage.stream(key)), media_type=media_type,
+                                 headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
 
     @app.get("/v1/jobs/{job_id}/result")
     async def result(job_id: str):
-        return _file(await record_of(job_id), VIDEO, "video/mp4")
+        return await _file(await record_of(job_id), "video", "video/mp4")
 
     @app.get("/v1/jobs/{job_id}/sidecar")
     async def sidecar(job_id: str):
-        return _file(await record_of(job_id), SIDECAR, "application/json")
+        return await _file(await record_of(job_id), "sidecar", "application/json")
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str):

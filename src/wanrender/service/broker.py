@@ -142,7 +142,7 @@ async def ensure_jetstream(js, cfg: QueueConfig):
     from nats.js import api
 
     stream = api.StreamConfig(
-        name=STREAM, subjects=[SUBJECT], retention=api.RetentionPolicy.WORK_QUEUE,
+        name=STREAM, subjects=[SUBJECT, SUBJECT + ".>"], retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE, duplicate_window=cfg.dedupe_window_s,
     )  # fmt: skip
     try:

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanrender.service.broker import CONSUMER, STREAM, EmbeddedBroker, QueueConfig, connect, ensure_jetstream
+from wanrender.service.broker import STREAM, EmbeddedBroker, QueueConfig, connect, ensure_jetstream
 from wanrender.service.intake import Limits
 from wanrender.service.jobs import JOB_ID, JobRecord, JobState, JobStore
 
 log = logging.getLogger(__name__)
-ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"  # consumer "*": every class
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class ServeConfig:
     device: str = "cpu"
     queue: QueueConfig = QueueConfig()
     limits: Limits = Limits()
+    storage: object = None  # storage.S3Storage for a fleet; None: local disk under ``data``
+    keep_s: float | None = None  # results kept this long, then expired (None: for ever)
+    vram_gib: float | None = None  # the worker plans as if its device had this much memory
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -78,7 +81,7 @@ async def reap_exhausted(nats_url: str, queue: QueueConfig, stop: asyncio.Event)
             except Exception:  # noqa: BLE001 - already removed
                 pass
 
-        sub = await nc.subscribe(ADVISORY.format(stream=STREAM, consumer=CONSUMER), cb=on_advisory)
+        sub = await nc.subscribe(ADVISORY.format(stream=STREAM, consumer="*"), cb=on_advisory)
         await stop.wait()
         await sub.unsubscribe()
     finally:
@@ -113,11 +116,13 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, announce) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    app = create_app(nats_url, cfg.data, cfg.limits, cfg.queue)
+    storage = cfg.storage if cfg.storage is not None else cfg.data
+    app = create_app(nats_url, storage, cfg.limits, cfg.queue, keep_s=cfg.keep_s)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # older uvicorn; ours are above
     server.capture_signals = contextlib.nullcontext  # newer uvicorn: it would re-raise the signal after stopping
-    worker = Worker(nats_url, cfg.data, files, cfg.device, queue=cfg.queue)
+    worker = Worker(nats_url, storage, files, cfg.device, queue=cfg.queue, vram_gib=cfg.vram_gib,
+                    scratch=cfg.data / "scratch")  # fmt: skip
     ready = asyncio.Event()
     tasks = [asyncio.create_task(server.serve(), name="api"),
              asyncio.create_task(worker.run(stop, ready), name="worker"),
@@ -127,7 +132,7 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, announce) -> None:
     done, _ = await asyncio.wait([waiter, started, *tasks], return_when=asyncio.FIRST_COMPLETED)
     if started in done and not stop.is_set():
         announce(f"serving on http://{cfg.host}:{cfg.port} (NATS {nats_url}, worker {worker.name} on {cfg.device}, "
-                 f"data {cfg.data}) — Ctrl-C stops")  # fmt: skip
+                 f"data {cfg.data}{', results in ' + cfg.storage.describe() if cfg.storage else ''}) — Ctrl-C stops")  # fmt: skip
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     server.should_exit = True
