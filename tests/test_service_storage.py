@@ -71,8 +71,12 @@ def _watch_messages(nats_url: str, seen: list, ready: threading.Event, done: thr
         import nats
 
         nc = await nats.connect(nats_url)
+
+        async def got(msg) -> None:
+            seen.append(msg.data)
+
         for subject in ("wanrender.jobs.render", "wanrender.jobs.render.>"):
-            await nc.subscribe(subject, cb=lambda m: seen.append(m.data) or asyncio.sleep(0))
+            await nc.subscribe(subject, cb=got)
         ready.set()
         while not done.is_set():
             await asyncio.sleep(0.05)
