@@ -76,7 +76,7 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> str:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err
-    assert "Traceback" not in (out or "") + (err or "")
+    assert "Traceback" not in (out or "") + (err or ""), err[-3000:]
     return err
 
 

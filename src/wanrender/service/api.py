@@ -142,9 +142,13 @@ def create_app(nats_url: str, data, limits: Limits = Limits(), queue: QueueConfi
     async def get_job(job_id: str):
         record = await record_of(job_id)
         if record.state is JobState.QUEUED:  # said now, from the live heartbeats
-            live = await online(state["workers_kv"])
-            record = record.model_copy(update={"waiting": None if any(can_take(h, record.route) for h in live)
-                                               else NO_WORKER})  # fmt: skip
+            try:
+                live = await online(state["workers_kv"])
+            except Exception:  # noqa: BLE001 - NATS busy or reconnecting: the record's own word stands
+                live = None
+            if live is not None:
+                waiting = None if any(can_take(h, record.route) for h in live) else NO_WORKER
+                record = record.model_copy(update={"waiting": waiting})
         return job_view(record, await position(record))
 
     @app.post("/v1/jobs/{job_id}/cancel")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
@@ -188,13 +189,29 @@ async def _values(kv) -> list[dict]:
     return out
 
 
+_SNAPSHOTS: dict[int, tuple[float, list]] = {}
+SNAPSHOT_S = 1.0
+
+
+async def _snapshot(kv) -> list[dict]:
+    """A bucket's values, read at most once a second per bucket: listing keys costs
+    JetStream an ephemeral consumer, too much for every GET and submit under load."""
+    now = time.monotonic()
+    got = _SNAPSHOTS.get(id(kv))
+    if got is not None and now - got[0] < SNAPSHOT_S:
+        return got[1]
+    values = await _values(kv)
+    _SNAPSHOTS[id(kv)] = (now, values)
+    return values
+
+
 async def registered(caps_kv) -> list[Capability]:
-    return [Capability.from_json(d) for d in await _values(caps_kv)]
+    return [Capability.from_json(d) for d in await _snapshot(caps_kv)]
 
 
 async def online(workers_kv) -> list[dict]:
-    """Live workers' heartbeats (the bucket's TTL drops the dead)."""
-    return await _values(workers_kv)
+    """Live workers' heartbeats (the bucket's TTL drops the dead), at most a second old."""
+    return await _snapshot(workers_kv)
 
 
 def can_take(heartbeat: dict, route: str | None) -> bool:

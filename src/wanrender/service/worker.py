@@ -375,6 +375,7 @@ class Worker:
         if await publish_result(self.store, self.storage, job_id, attempt) is not None:
             self.jobs_done += 1
             await msg.ack()
+            await self.beat()  # the count is current once the job is (the next job's beat came before)
         else:
             got = await self.store.get(job_id)
             if got is not None and got[0].cancel_requested and got[0].attempt == attempt:
