@@ -58,6 +58,7 @@ async def sweep_once(store: JobStore, storage, keep_s: float, now: float | None 
             continue
         if record.finished_at + keep_s > now:
             continue
+
         # The record first: a reader never sees 'succeeded' with its files gone.
         def expire(r: JobRecord) -> JobRecord | None:
             if r.state is not JobState.SUCCEEDED:
