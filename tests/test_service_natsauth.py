@@ -160,6 +160,7 @@ def test_serve_runs_the_api_alone_against_a_fleet_nats_with_the_api_user(fleet, 
 
         assert _wait(up, 60, 0.2)
         assert client.workers() == []
+        time.sleep(0.5)  # serve announces itself up to a poll (50 ms) after it listens: not a Ctrl-C before that
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
