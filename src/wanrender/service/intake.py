@@ -4,16 +4,17 @@ Idempotency-Key retry finds the same record, and JetStream drops the duplicate m
 
 from __future__ import annotations
 
+import asyncio
 import io
-import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
-from wanrender.service.jobs import JobParams, JobPaths, JobRecord, JobState, JobStore, build_request, new_job_id
-from wanrender.service.priority import subject_for
+from wanrender.service.jobs import JobParams, JobRecord, JobState, JobStore, build_request, new_job_id
+from wanrender.service.routing import subject_of
+from wanrender.service.storage import as_storage, job_prefix
 
 FORMATS = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp"}
 
@@ -86,10 +87,11 @@ def check_params(text: str | bytes, limits: Limits) -> JobParams:
     return params
 
 
-async def submit(js, store: JobStore, data: Path, params: JobParams, image: bytes, suffix: str,
-                 idempotency_key: str | None, owner: str | None = None) -> tuple[JobRecord, bool]:  # fmt: skip
+async def submit(js, store: JobStore, data, params: JobParams, image: bytes, suffix: str,
+                 idempotency_key: str | None, owner: str | None = None, route=None) -> tuple[JobRecord, bool]:  # fmt: skip
     """(the job, whether this call created it). An Idempotency-Key is scoped to the
-    ``owner`` (the API key's name): two clients never share a job by choosing the same key."""
+    ``owner`` (the API key's name): two clients never share a job by choosing the same key.
+    ``data``: the data folder or a storage (storage.py); ``route``: routing.Route (None: generic)."""
     if owner is not None and idempotency_key is not None:
         idempotency_key = f"{owner}\0{idempotency_key}"
     job_id = new_job_id(idempotency_key)
@@ -99,16 +101,14 @@ async def submit(js, store: JobStore, data: Path, params: JobParams, image: byte
         if record.state is JobState.QUEUED and record.seq is None:  # created, then not queued (crash): queue it now
             record = await _queue(js, store, record)
         return record, False
-    paths = JobPaths(data, job_id)
-    target = paths.image(suffix)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.partial")
-    tmp.write_bytes(image)
-    os.replace(tmp, target)
-    req = build_request(params, Path(target.name), Path("result.mp4"))
+    storage = as_storage(data)  # a data folder (local disk) or an S3 bucket
+    name = f"input{suffix}"
+    await asyncio.to_thread(storage.put_bytes, job_prefix(job_id) + name, image)
+    req = build_request(params, Path(name), Path("result.mp4"))
     now = time.time()
     record = JobRecord(id=job_id, params=params.model_dump(exclude_none=True), request=req.to_json(),
-                       created_at=now, updated_at=now, owner=owner)  # fmt: skip
+                       created_at=now, updated_at=now, owner=owner, route=route and route.route,
+                       waiting=route and route.waiting)  # fmt: skip
     if not await store.create(record):  # a concurrent retry with the same key won
         return (await store.get(job_id))[0], False
     return await _queue(js, store, record), True
@@ -116,7 +116,7 @@ async def submit(js, store: JobStore, data: Path, params: JobParams, image: byte
 
 async def _queue(js, store: JobStore, record: JobRecord) -> JobRecord:
     try:
-        subject = subject_for(record.params.get("priority"))
+        subject = subject_of(record.route, record.params.get("priority"))
         ack = await js.publish(subject, record.id.encode(), headers={"Nats-Msg-Id": record.id})
     except Exception as e:  # noqa: BLE001 - the record says why; a retry with the same key queues it
         raise Refused(503, f"the job could not be queued ({type(e).__name__}) — retry with the same Idempotency-Key")

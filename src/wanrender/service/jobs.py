@@ -45,6 +45,7 @@ class JobParams(BaseModel):
 
     prompt: str
     preset: str = "turbo"
+    models: Optional[str] = None  # a model set id (GET /v1/workers): only workers holding those files take it
     negative: Optional[str] = None
     frames: Optional[int] = None
     width: Optional[int] = None
@@ -91,6 +92,9 @@ class JobRecord(BaseModel):
     cancel_requested: bool = False
     seq: Optional[int] = None  # the job message's stream sequence (queue position)
     owner: Optional[str] = None  # the API key's name that submitted it (auth.py); None on an open service
+    route: Optional[str] = None  # "<model set>.t<tier>": the class of workers that may take it (routing.py)
+    waiting: Optional[str] = None  # why a queued job is not taken yet ("no capable worker online")
+    rendered_at: Optional[float] = None  # frames done; encode and publish then overlap the next job
 
     @property
     def terminal(self) -> bool:
@@ -114,7 +118,7 @@ def build_request(params: JobParams, image: Path, out: Path) -> RenderRequest:
     """The checked request (``SpecError`` names the field, as the CLI's checks do)."""
     from wanrender.request import from_preset
 
-    fields = params.model_dump(exclude={"prompt", "preset", "priority"})
+    fields = params.model_dump(exclude={"prompt", "preset", "priority", "models"})
     return from_preset(params.preset, image, params.prompt, out=out, **fields)
 
 

@@ -1,7 +1,8 @@
 """GET /metrics in the Prometheus text format (prometheus_client, one registry per app).
 
 - ``wanrender_jobs{state}``: jobs in each state (monitor.JobsMonitor's counts);
-- ``wanrender_queue_depth{priority}``: jobs waiting for a worker (the consumers' pending counts);
+- ``wanrender_queue_depth{priority}``: jobs waiting for a worker (the pending counts of
+  every consumer of that priority: the generic one and each routing class's);
 - ``wanrender_job_duration_seconds{outcome}``: render time (start to end) of each job
   that ended while this API ran;
 - ``wanrender_workers``, ``wanrender_workers_warm``, ``wanrender_workers_busy``: live workers (heartbeats);
@@ -13,8 +14,9 @@ same numbers; the histogram and the counter are this process's.
 
 from __future__ import annotations
 
-from wanrender.service.broker import CONSUMER, HIGH_CONSUMER, STREAM
+from wanrender.service.broker import STREAM
 from wanrender.service.jobs import JobRecord, JobState
+from wanrender.service.routing import parse_consumer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600)
@@ -46,11 +48,18 @@ class Metrics:
 
         for state, n in counts.items():
             self.jobs.labels(state).set(n)
-        for priority, durable in (("high", HIGH_CONSUMER), ("normal", CONSUMER)):
-            try:
-                self.queue.labels(priority).set((await js.consumer_info(STREAM, durable)).num_pending)
-            except Exception:  # noqa: BLE001 - NATS reconnecting: this scrape leaves the last value
-                pass
+        try:
+            infos = await js.consumers_info(STREAM)
+        except Exception:  # noqa: BLE001 - NATS reconnecting: this scrape leaves the last values
+            infos = None
+        if infos is not None:
+            depth = {"high": 0, "normal": 0}
+            for info in infos:
+                parsed = parse_consumer(info.name)
+                if parsed is not None:
+                    depth[parsed[2]] += info.num_pending
+            for priority, n in depth.items():
+                self.queue.labels(priority).set(n)
         self.workers.set(len(workers))
         self.warm.set(sum(1 for w in workers if w.get("warm")))
         self.busy.set(sum(1 for w in workers if w.get("job")))

@@ -2,13 +2,18 @@
 
 Two users with subject permissions, in the server's ``authorization`` block:
 
-- ``api`` (the API process and its reaper): publishes jobs, creates and reads the
-  stream, consumers and KV buckets (``$JS.API.>``), writes both KV buckets, follows
-  the max-deliveries advisories;
-- ``worker``: only what a worker does — looks up the stream, its two consumers and
-  the KV buckets, pulls from the two consumers, acks/naks/extends leases, reads and
-  writes job records and its heartbeat. It cannot publish a job, create or delete a
-  stream or consumer, or read any other subject.
+- ``api`` (the API process, its reaper and its expiry sweep): publishes jobs (generic
+  and class subjects of both priorities), creates and reads the stream, consumers and KV
+  buckets (``$JS.API.>``), writes the three KV buckets, follows the max-deliveries
+  advisories;
+- ``worker``: only what a worker does — looks up the stream, lists and looks up the job
+  consumers and the KV buckets, pulls from any job consumer, acks/naks/extends leases,
+  reads and writes job records, its heartbeat and its capability (routing.py), and
+  hears publishes on the job subjects (its wake-up). For routing it may also create a
+  class consumer (only one whose filter is a class subject: the filter is part of the
+  permitted create subject) and publish to a class subject (a job it moves from the
+  generic subject to its class). It cannot publish to a generic job subject (submit a
+  job), delete a stream or consumer, create any other consumer, or read any other subject.
 
 Passwords are 32 random bytes; the server's config keeps only their bcrypt hash.
 A credentials file is JSON, mode 0600: ``{"user": "worker", "password": "..."}``
@@ -27,6 +32,7 @@ from pathlib import Path
 
 from wanrender.errors import WanrenderError, shown
 from wanrender.service.broker import (
+    CAPS_KV,
     CONSUMER,
     HIGH_CONSUMER,
     HIGH_SUBJECT,
@@ -35,9 +41,11 @@ from wanrender.service.broker import (
     SUBJECT,
     WORKERS_KV,
 )
+from wanrender.service.routing import JOB_SUBJECTS
 
 CONF, API_CREDS, WORKER_CREDS = "nats.conf", "api.creds", "worker.creds"
-BUCKETS = (JOBS_KV, WORKERS_KV)
+BUCKETS = (JOBS_KV, WORKERS_KV, CAPS_KV)
+CLASS_SUBJECTS = (f"{SUBJECT}.*.*", f"{HIGH_SUBJECT}.*.*")  # routing.subject_of: <base>.<model set>.t<tier>
 
 
 def worker_permissions() -> dict:
@@ -45,18 +53,19 @@ def worker_permissions() -> dict:
     kv_reads = [f"$JS.API.DIRECT.GET.KV_{b}.>" for b in BUCKETS] + [f"$JS.API.STREAM.MSG.GET.KV_{b}" for b in BUCKETS]
     return {
         "publish": {"allow": [
-            *lookups, *kv_reads, "$JS.API.INFO",
-            f"$JS.API.CONSUMER.INFO.{STREAM}.{CONSUMER}", f"$JS.API.CONSUMER.INFO.{STREAM}.{HIGH_CONSUMER}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{CONSUMER}", f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.{HIGH_CONSUMER}",
+            *lookups, *kv_reads, "$JS.API.INFO", f"$JS.API.CONSUMER.LIST.{STREAM}",
+            f"$JS.API.CONSUMER.INFO.{STREAM}.*", f"$JS.API.CONSUMER.MSG.NEXT.{STREAM}.*",
+            *(f"$JS.API.CONSUMER.CREATE.{STREAM}.*.{s}" for s in CLASS_SUBJECTS), *CLASS_SUBJECTS,
             f"$JS.ACK.{STREAM}.>", *(f"$KV.{b}.>" for b in BUCKETS),
         ]},
-        "subscribe": {"allow": ["_INBOX.>"]},
+        "subscribe": {"allow": ["_INBOX.>", JOB_SUBJECTS]},  # a worker's wake-up (routing.Puller)
     }  # fmt: skip
 
 
 def api_permissions() -> dict:
+    jobs = [SUBJECT, f"{SUBJECT}.>", HIGH_SUBJECT, f"{HIGH_SUBJECT}.>"]
     return {
-        "publish": {"allow": [SUBJECT, HIGH_SUBJECT, "$JS.API.>", "$JS.FC.>", *(f"$KV.{b}.>" for b in BUCKETS)]},
+        "publish": {"allow": [*jobs, "$JS.API.>", "$JS.FC.>", *(f"$KV.{b}.>" for b in BUCKETS)]},
         "subscribe": {"allow": ["_INBOX.>", "$JS.EVENT.ADVISORY.>"]},
     }
 
@@ -129,8 +138,8 @@ def write_fleet(folder: Path) -> dict[str, Path]:
 
 async def open_jetstream(js, wait_s: float = 15.0):
     """A worker's view of the service's JetStream objects: (jobs kv, workers kv), by
-    lookups only (a worker may not create them). The API creates them at its start;
-    until then, wait up to ``wait_s``."""
+    lookups only (a worker may not create them; the capabilities bucket is checked too).
+    The API creates them at its start; until then, wait up to ``wait_s``."""
     import asyncio
     import time
 
@@ -141,6 +150,7 @@ async def open_jetstream(js, wait_s: float = 15.0):
         try:
             for durable in (CONSUMER, HIGH_CONSUMER):
                 await js.consumer_info(STREAM, durable)
+            await js.key_value(CAPS_KV)
             return await js.key_value(JOBS_KV), await js.key_value(WORKERS_KV)
         except (NotFoundError, BucketNotFoundError):
             if time.monotonic() > deadline:

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wanrender.service.broker import CONSUMER, STREAM, EmbeddedBroker, QueueConfig, connect, ensure_jetstream
+from wanrender.service.broker import STREAM, EmbeddedBroker, QueueConfig, connect, ensure_jetstream
 from wanrender.service.intake import Limits
 from wanrender.service.jobs import JOB_ID, JobRecord, JobState, JobStore
 
 log = logging.getLogger(__name__)
-ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"
+ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}"  # consumer "*": every class
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class ServeConfig:
     nats: str | None = None  # an external NATS server instead of the embedded one (then ``creds``: its api user)
     creds: Path | None = None
     workers: int = 1  # 0: the API alone (a fleet's API container; workers join through NATS)
+    storage: object = None  # storage.S3Storage for a fleet; None: local disk under ``data``
+    keep_s: float | None = None  # results kept this long, then expired (None: for ever)
+    vram_gib: float | None = None  # the worker plans as if its device had this much memory
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -81,7 +84,7 @@ async def reap_exhausted(nats_url: str, queue: QueueConfig, stop: asyncio.Event)
             except Exception:  # noqa: BLE001 - already removed
                 pass
 
-        sub = await nc.subscribe(ADVISORY.format(stream=STREAM, consumer=CONSUMER), cb=on_advisory)
+        sub = await nc.subscribe(ADVISORY.format(stream=STREAM, consumer="*"), cb=on_advisory)
         await stop.wait()
         await sub.unsubscribe()
     finally:
@@ -129,11 +132,15 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announ
         loop.add_signal_handler(sig, stop.set)
     from wanrender.service.natsurl import redact
 
-    app = create_app(nats_url, cfg.data, cfg.limits, cfg.queue, gate)
+    storage = cfg.storage if cfg.storage is not None else cfg.data
+    app = create_app(nats_url, storage, cfg.limits, cfg.queue, gate, keep_s=cfg.keep_s)
     server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", lifespan="on"))
     server.install_signal_handlers = lambda: None  # older uvicorn; ours are above
     server.capture_signals = contextlib.nullcontext  # newer uvicorn: it would re-raise the signal after stopping
-    worker = Worker(worker_url, cfg.data, files, cfg.device, queue=cfg.queue) if cfg.workers else None
+    worker = None
+    if cfg.workers:
+        worker = Worker(worker_url, storage, files, cfg.device, queue=cfg.queue, vram_gib=cfg.vram_gib,
+                        scratch=cfg.data / "scratch")  # fmt: skip
     ready = asyncio.Event()
     tasks = [asyncio.create_task(server.serve(), name="api"),
              asyncio.create_task(reap_exhausted(nats_url, cfg.queue, stop), name="reaper")]  # fmt: skip
@@ -147,8 +154,9 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announ
     if started in done and not stop.is_set():
         who = f"worker {worker.name} on {cfg.device}" if worker else "no local worker"
         keys = "API keys required" if gate.enabled else "open: no API keys (loopback only)"
+        where = f", results in {cfg.storage.describe()}" if cfg.storage else ""
         announce(f"serving on http://{cfg.host}:{cfg.port} (NATS {redact(nats_url)}, {who}, {keys}, "
-                 f"data {cfg.data}) — Ctrl-C stops")  # fmt: skip
+                 f"data {cfg.data}{where}) — Ctrl-C stops")  # fmt: skip
         done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
     stop.set()
     server.should_exit = True
