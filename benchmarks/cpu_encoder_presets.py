@@ -55,7 +55,7 @@ def main() -> None:
     w, h = (int(v) for v in a.size.split("x"))
     frames = camera_frames(a.frames, w, h)
     print(f"{a.frames} frames {w}x{h}, crf 18, torch threads {torch.get_num_threads()}")
-    print(f"| preset | encode s | size MB | PSNR dB vs source |\n|---|---|---|---|")
+    print("| preset | encode s | size MB | PSNR dB vs source |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for preset in a.presets.split(","):
             path = Path(tmp) / f"{preset}.mp4"

@@ -166,7 +166,9 @@ def test_a_loaded_engine_does_not_count_against_its_own_plan(monkeypatch) -> Non
     monkeypatch.setattr(gpus, "probe", lambda *a, **k: card)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a, **k: 29 * 2**30)
     seen = []
-    monkeypatch.setattr(planner, "plan_render", lambda req, files, dev, gpu=None, weights=None, gpus=1: seen.append(gpu))
+    monkeypatch.setattr(
+        planner, "plan_render", lambda req, files, dev, gpu=None, weights=None, gpus=1: seen.append(gpu)
+    )
     runner = Runner("cuda")
     runner._decide(None, None)
     runner.engine = object()  # a loaded engine
