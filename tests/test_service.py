@@ -20,36 +20,11 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("nats")
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
-TINY = {"preset": "demo", "frames": 5, "width": 80, "height": 64}
-
-
-def _env(home: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": SRC, "WANRENDER_HOME": str(home)}
-
-
-def _cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "wanrender.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-
-
-def _one_line_error(r: subprocess.CompletedProcess, code: int, *words: str) -> None:
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stdout + r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
-    for w in words:
-        assert w in lines[0], (w, lines[0])
-
-
-def _wait(check, timeout: float = 60.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
+from helpers_service import TINY  # noqa: E402,F401 - after the skips; test_service_auth imports it from here
+from helpers_service import cli as _cli  # noqa: E402
+from helpers_service import env as _env  # noqa: E402
+from helpers_service import one_line_error as _one_line_error  # noqa: E402
+from helpers_service import wait as _wait  # noqa: E402
 
 
 @pytest.fixture(scope="module")
