@@ -54,6 +54,18 @@ def workflow(text: str = "slow dolly-in") -> dict:
     return wf
 
 
+# No text encoder and no model: the shape of the workflow checked against a real ComfyUI
+# 0.3.64 server, which served its repeats whole from the cache before every node got the
+# per-render input.
+PLAIN = {
+    "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+    "2": {"class_type": "RepeatImageBatch", "inputs": {"image": ["1", 0], "amount": 9}},
+    "3": {"class_type": "CreateVideo", "inputs": {"images": ["2", 0], "fps": 16.0}},
+    "4": {"class_type": "SaveVideo", "inputs": {"video": ["3", 0], "filename_prefix": "video/x", "format": "auto",
+                                                "codec": "auto"}},
+}  # fmt: skip
+
+
 def cli(*args: str, cwd: Path, home: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(SRC), "WANRENDER_HOME": str(home), "COLUMNS": "250"}
     env.pop("WANRENDER_BENCH_STEP_DELAY", None)
@@ -97,6 +109,7 @@ def sweep(server, home, tmp_path_factory):
     for name, text in (("ok", "slow dolly-in"), ("oom", "simulate:oom"), ("hang", "simulate:hang"),
                        ("reject", "simulate:reject")):  # fmt: skip
         (root / f"wf-{name}.json").write_text(json.dumps(workflow(text)))
+    (root / "wf-plain.json").write_text(json.dumps(PLAIN))
     comfy = {"engine": "comfyui", "server": server.url}
     matrix = {
         "name": "two-engines",
@@ -108,6 +121,7 @@ def sweep(server, home, tmp_path_factory):
             {"name": "comfy-oom", **comfy, "workflow": "wf-oom.json"},
             {"name": "comfy-hang", **comfy, "workflow": "wf-hang.json", "timeout_s": 3},
             {"name": "comfy-reject", **comfy, "workflow": "wf-reject.json"},
+            {"name": "comfy-plain", **comfy, "workflow": "wf-plain.json", "repeats": 2},
         ],
     }  # fmt: skip
     (root / "m.yaml").write_text(yaml.safe_dump(matrix))
@@ -124,7 +138,8 @@ def test_one_sweep_runs_both_engines_with_their_statuses(sweep, server) -> None:
     assert "Traceback" not in p.stdout + p.stderr
     assert {k: (r["engine"], r["status"]) for k, r in rows.items()} == {
         "wan": ("wanrender", "ok"), "comfy": ("comfyui", "ok"), "comfy-oom": ("comfyui", "oom"),
-        "comfy-hang": ("comfyui", "timeout"), "comfy-reject": ("comfyui", "error")}  # fmt: skip
+        "comfy-hang": ("comfyui", "timeout"), "comfy-reject": ("comfyui", "error"),
+        "comfy-plain": ("comfyui", "ok")}  # fmt: skip
     ok = rows["comfy"]
     assert {"text_encode", "vae_encode", "pass1", "pass2", "vae_decode", "video_encode"} <= set(ok["stages"])
     assert ok["total"]["n"] == 2 and ok["total"]["p50"] >= ok["stages"]["pass1"]["p50"] + ok["stages"]["pass2"]["p50"]
@@ -149,7 +164,7 @@ def test_one_sweep_runs_both_engines_with_their_statuses(sweep, server) -> None:
 
 
 def test_the_workflow_is_patched_from_the_case_and_every_timed_render_runs(sweep, server) -> None:
-    sent = [pr for pr in server.prompts if "slow dolly-in" in pr["7"]["inputs"]["text"]]
+    sent = [pr for pr in server.prompts if "7" in pr and "slow dolly-in" in pr["7"]["inputs"]["text"]]
     assert len(sent) == 3  # warm-up and two timed renders of the "comfy" case
     for pr in sent:
         assert pr["9"]["inputs"]["image"] in server.uploads  # the uploaded demo image
@@ -277,3 +292,36 @@ def test_a_case_without_workflow_runs_the_exported_template(tmp_path) -> None:
     assert c.workflow_sha256 and c.workflow_path is None
     c2 = load(tmp_path / "m.yaml").cases[0]
     assert c2.case_hash == c.case_hash  # the export is deterministic: results keep matching on --resume
+
+
+def test_a_workflow_without_text_encoder_still_runs_every_timed_render(sweep, server) -> None:
+    """Every node but the loaders gets the per-render input, so a ComfyUI that caches
+    outputs too (as 0.3.64 does) runs each timed render; the history, filed a moment
+    after the end message, is waited for."""
+    row = sweep["rows"]["comfy-plain"]
+    assert row["status"] == "ok", row["message"]
+    assert row["total"]["n"] == 2 and min(row["total"]["values"]) > 0
+    assert row["output"] and Path(row["output"]).is_file()
+    sent = [pr for pr in server.prompts if pr.get("2", {}).get("class_type") == "RepeatImageBatch"]
+    assert len(sent) == 3 and len({pr["1"]["inputs"]["wanrender_run"] for pr in sent}) == 3
+    log = Path(row["log"]).read_text()
+    assert log.count("(SaveVideo)") == 3
+
+
+def test_a_render_served_whole_from_the_cache_is_an_error_not_zero_seconds(tmp_path, home) -> None:
+    """If a server ignores the per-render input, nothing runs in a timed render: the row
+    says so instead of recording 0 s as a result."""
+    s = StandIn(tmp_path / "srv").start()
+    try:
+        s.ignore_nonce = True
+        (tmp_path / "wf.json").write_text(json.dumps(PLAIN))
+        m = {"name": "x", "cases": [{"name": "c", "engine": "comfyui", "server": s.url, "workflow": "wf.json",
+                                     "image": "demo", "repeats": 1, "timeout_s": 60}]}  # fmt: skip
+        (tmp_path / "m.yaml").write_text(yaml.safe_dump(m))
+        cli("bench", "run", "m.yaml", "--out", "out", cwd=tmp_path, home=home)
+        from wanrender.bench.results import read_rows
+
+        (row,) = read_rows(tmp_path / "out" / "results.jsonl").rows
+        assert row["status"] == "error" and "served the whole render from its cache" in row["message"], row
+    finally:
+        s.stop()

@@ -41,6 +41,7 @@ from wanrender.errors import WanrenderError
 
 HTTP_TIMEOUT_S = 30.0
 VRAM_POLL_S = 0.1
+HISTORY_WAIT_S = 10.0  # how long an ended prompt may take to appear in /history
 STAGE_OF_NODE = {"CLIPTextEncode": "text_encode", "WanImageToVideo": "vae_encode", "VAEDecode": "vae_decode",
                  "VAEDecodeTiled": "vae_decode", "CreateVideo": "video_encode", "SaveVideo": "video_encode",
                  "VHS_VideoCombine": "video_encode", "SaveAnimatedWEBP": "video_encode", "SaveWEBM": "video_encode"}  # fmt: skip
@@ -242,8 +243,15 @@ class Session:
 
     def output(self, prompt_id: str, dest: Path) -> Path | None:
         """The prompt's first output file (``/history`` then ``/view``), saved as dest + its suffix."""
-        status, data = http("GET", f"{self.server}/history/{quote(prompt_id)}")
-        hist = (_json(data) or {}).get(prompt_id) if status == 200 else None
+        # ComfyUI announces the end ("executing" with node null) before it files the
+        # prompt's history: a real 0.3.64 server answered {} for a few milliseconds.
+        give_up = time.monotonic() + HISTORY_WAIT_S
+        while True:
+            status, data = http("GET", f"{self.server}/history/{quote(prompt_id)}")
+            hist = (_json(data) or {}).get(prompt_id) if status == 200 else None
+            if isinstance(hist, dict) or time.monotonic() > give_up:
+                break
+            time.sleep(0.05)
         if not isinstance(hist, dict):
             raise RuntimeError(f"ComfyUI has no history for prompt {prompt_id} (HTTP {status})")
         for node_out in (hist.get("outputs") or {}).values():
@@ -368,6 +376,11 @@ def run_case(case: Case, label: str, key: str, out_dir: Path, env: dict, run_id:
                     break
                 skipped = [n for n, nd in session.prompt.items() if nd["class_type"] in cw.SAMPLERS
                            and n not in {x[0] for x in run.nodes}]  # fmt: skip
+                if not run.nodes and phase != "warmup":
+                    status = "error"
+                    message = (f"ComfyUI served the whole render from its cache (no node ran): nothing to time — "
+                               f"its cache ignored the lab's per-render input {cw.NONCE!r}; report this with the version")  # fmt: skip
+                    break
                 if skipped and phase != "warmup":
                     status = "error"
                     message = (f"ComfyUI served sampler node {skipped[0]} from its cache: nothing to time — its "
