@@ -20,7 +20,10 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("nats")
 
-from helpers_service import TINY  # noqa: E402,F401 - after the skips; test_service_auth imports it from here
+from helpers_service import (
+    TINY,  # noqa: E402,F401 - after the skips; test_service_auth imports it from here
+    start_serve,  # noqa: E402
+)
 from helpers_service import cli as _cli  # noqa: E402
 from helpers_service import env as _env  # noqa: E402
 from helpers_service import one_line_error as _one_line_error  # noqa: E402
@@ -49,25 +52,8 @@ def image():
 @pytest.fixture(scope="module")
 def service(home, tmp_path_factory):
     """`wanrender serve` in a process: embedded nats-server, API and one CPU worker."""
-    from wanrender.service.broker import free_port
-    from wanrender.service.client import Client
-
     data = tmp_path_factory.mktemp("data")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "serve", "--data", str(data), "--listen",
-                             f"127.0.0.1:{port}", "--device", "cpu", "--lease", "5"], env=_env(home),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    client = Client(f"http://127.0.0.1:{port}")
-
-    def up():
-        if proc.poll() is not None:
-            raise AssertionError(proc.communicate())
-        try:
-            return client.workers()
-        except Exception:  # noqa: BLE001 - not listening yet
-            return None
-
-    _wait(up, 90, 0.2)
+    proc, client = start_serve(_env(home), data)
     yield client, data, proc
     # Ctrl-C: everything stops, the embedded nats-server included.
     nats_pid = int((data / "nats" / "nats-server.pid").read_text())
