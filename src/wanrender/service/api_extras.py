@@ -10,10 +10,10 @@ submission is admitted only under the key's concurrency and rate limits.
 from __future__ import annotations
 
 import asyncio
-import json
 from contextvars import ContextVar
 
 from wanrender.service.auth import ApiKey, Gate, Limited
+from wanrender.service.broker import kv_values
 from wanrender.service.eta import eta_seconds
 from wanrender.service.jobs import JobRecord
 from wanrender.service.metrics import CONTENT_TYPE, Metrics
@@ -47,21 +47,7 @@ async def stop(state: dict) -> None:
 
 async def live_workers(kv) -> list[dict]:
     """The workers' heartbeat records (each expires with the bucket's TTL)."""
-    try:
-        names = await kv.keys()
-    except Exception as e:  # noqa: BLE001 - NoKeysError: no worker has registered
-        if type(e).__name__ != "NoKeysError":
-            raise
-        names = []
-    out = []
-    for name in sorted(names):
-        try:
-            entry = await kv.get(name)
-        except Exception:  # noqa: BLE001 - expired between keys() and get()
-            continue
-        if entry.value:
-            out.append(json.loads(entry.value))
-    return out
+    return await kv_values(kv)
 
 
 def visible(record: JobRecord) -> bool:

@@ -8,6 +8,7 @@ bucket of job records; another, with a TTL, of worker heartbeats).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -197,3 +198,23 @@ async def _bucket(js, config):
         return await js.key_value(config.bucket)
     except BucketNotFoundError:
         return await js.create_key_value(config)
+
+
+async def kv_values(kv) -> list[dict]:
+    """Every JSON record of a KV bucket, by key (an empty bucket, or a key that expires
+    between listing and reading, is not an error: heartbeats expire with the bucket's TTL)."""
+    try:
+        names = await kv.keys()
+    except Exception as e:  # noqa: BLE001 - NoKeysError: the bucket is empty
+        if type(e).__name__ != "NoKeysError":
+            raise
+        return []
+    out = []
+    for name in sorted(names):
+        try:
+            entry = await kv.get(name)
+        except Exception:  # noqa: BLE001 - deleted or expired between keys() and get()
+            continue
+        if entry.value:
+            out.append(json.loads(entry.value))
+    return out

@@ -28,12 +28,11 @@ id, then the old one acked).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 
-from wanrender.service.broker import CAPS_KV, CONSUMER, HIGH_CONSUMER, HIGH_SUBJECT, STREAM, SUBJECT
+from wanrender.service.broker import CAPS_KV, CONSUMER, HIGH_CONSUMER, HIGH_SUBJECT, STREAM, SUBJECT, kv_values
 
 LADDER_GIB = (1, 2, 3, 4, 6, 8, 11, 15, 19, 23, 31, 39, 47, 79, 95, 139, 179, 255)
 JOB_SUBJECTS = SUBJECT.rpartition(".")[0] + ".>"  # every job subject, both priorities: a worker's wake-up
@@ -183,24 +182,6 @@ class NoWorkerCould(Exception):
     """No registered worker could ever run the job: the planner's reason (HTTP 422)."""
 
 
-async def _values(kv) -> list[dict]:
-    try:
-        names = await kv.keys()
-    except Exception as e:  # noqa: BLE001 - NoKeysError: the bucket is empty
-        if type(e).__name__ != "NoKeysError":
-            raise
-        return []
-    out = []
-    for name in sorted(names):
-        try:
-            entry = await kv.get(name)
-        except Exception:  # noqa: BLE001 - deleted or expired between keys() and get()
-            continue
-        if entry.value:
-            out.append(json.loads(entry.value))
-    return out
-
-
 _SNAPSHOTS: dict[int, tuple[float, list]] = {}
 SNAPSHOT_S = 1.0
 
@@ -212,7 +193,7 @@ async def _snapshot(kv) -> list[dict]:
     got = _SNAPSHOTS.get(id(kv))
     if got is not None and now - got[0] < SNAPSHOT_S:
         return got[1]
-    values = await _values(kv)
+    values = await kv_values(kv)
     _SNAPSHOTS[id(kv)] = (now, values)
     return values
 
