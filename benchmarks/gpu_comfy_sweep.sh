@@ -7,6 +7,8 @@
 # pydantic-settings, torchsde, einops, sentencepiece, av, ...) must be importable.
 # Run from the repository root with PYTHONPATH=src (and the deps); results in $OUT.
 #   COMFY=/tmp/c/comfy OUT=out bash benchmarks/gpu_comfy_sweep.sh
+# The tree must hold what main.py imports: app/, api_server/, middleware/, utils/, comfy*/,
+# alembic_db/ and the top-level modules (a tree without api_server/ fails at "import server").
 # The parity of the frames is measured on lossless tensors by benchmarks/gpu_comfy_parity.py:
 # MP4s of random-weight renders measure the codec (docs/pitfalls.md).
 set -uo pipefail
@@ -39,10 +41,23 @@ name: comfyui-vs-wanrender
 defaults: {image: input.png, models: $M, preset: turbo, frames: 81, resolution: 832x1216, seed: 42,
            repeats: ${REPEATS:-1}, timeout_s: 400}
 cases:
-  - {name: wanrender}
+  # The H200 profile's knobs, as `generate` applies them: a lab case takes its knobs literally,
+  # and its defaults (compile off, precision auto) resolve to bf16 + sdpa-cudnn.
+  - {name: wanrender, precision: fp8, attention: sage8}
   - {name: comfyui, engine: comfyui, server: "http://127.0.0.1:$PORT"}
 YAML
 timeout "${SWEEP_S:-480}" python3 -m wanrender.cli bench run "$OUT/matrix.yaml" --out "$OUT/sweep" 2>&1 | tail -12
 python3 -m wanrender.cli bench report "$OUT/sweep" 2>&1 | tail -2
 grep -i "tiled\|out of memory\|error" "$OUT/comfyui.log" | head -5
+# The same request through `wanrender generate` (a later process), and the MP4s' PSNR.
+if [ -n "${GENERATE-1}" ]; then  # GENERATE= (empty) skips it
+    t0=$(date +%s.%N)
+    timeout "${GENERATE_S:-200}" python3 -m wanrender.cli generate "$OUT/input.png" \
+        --prompt "slow dolly-in, gentle camera motion, soft light" --models "$M" --frames 81 --size 832x1216 \
+        --seed 42 -o "$OUT/ours.mp4" 2>&1 | grep -v "Warning\|warn(" | tail -4
+    echo "generate, command to MP4: $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s"
+    theirs=$(ls "$OUT"/sweep/outputs/* 2>/dev/null | grep -i "mp4$" | head -1)
+    [ -n "$theirs" ] && [ -f "$OUT/ours.mp4" ] && python3 benchmarks/mp4_psnr.py "$OUT/ours.mp4" "$theirs"
+fi
 pkill -f "main.py --listen 127.0.0.1 --port $PORT" || true
+[ -n "${KEEP_VIDEOS:-}" ] || find "$OUT" -name "*.mp4" -delete  # 35 MB each; the numbers are in the logs and rows
