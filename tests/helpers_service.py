@@ -48,14 +48,15 @@ def final(client, job_id: str, timeout: float = 90) -> dict:
     return wait(lambda: (j := client.job(job_id))["state"] in done and j, timeout, 0.1)
 
 
-def start_serve(e: dict, data: Path, *args: str):
-    """`wanrender serve` on a free port; returns (process, client) once its worker is listed."""
+def start_serve(e: dict, data: Path, *args: str, device: str = "cpu", lease: float = 5, timeout: float = 90):
+    """`wanrender serve` on a free port; returns (process, client) once its worker is listed
+    (a GPU worker: ``device="cuda"``, a longer ``lease`` and ``timeout`` for its start)."""
     from wanrender.service.broker import free_port
     from wanrender.service.client import Client
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "serve", "--data", str(data), "--listen",
-                             f"127.0.0.1:{port}", "--device", "cpu", "--lease", "5", *args], env=e,
+                             f"127.0.0.1:{port}", "--device", device, "--lease", f"{lease:g}", *args], env=e,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     client = Client(f"http://127.0.0.1:{port}")
 
@@ -67,7 +68,7 @@ def start_serve(e: dict, data: Path, *args: str):
         except Exception:  # noqa: BLE001 - not listening yet
             return None
 
-    wait(up, 90, 0.2)
+    wait(up, timeout, 0.2)
     return proc, client
 
 
