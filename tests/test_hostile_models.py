@@ -190,7 +190,16 @@ HOSTILE = {
     "rank0_vae.safetensors": lambda p: _raw(p, json.dumps({k: {"dtype": "F32", "shape": [], "data_offsets": [0, 4]}
                                                            for k in ("encoder.conv1.weight", "decoder.conv1.weight",
                                                                      "conv2.weight")}).encode(), data=b"\0" * 4),
+    # Pickled dicts of tensors that are not state dicts (found in a user's folder of latents).
+    "dtype_keys.pt": lambda p: _torch_save(p, {__import__("torch").float32: __import__("torch").ones(2)}),
+    "int_keys.pt": lambda p: _torch_save(p, {0: __import__("torch").ones(2)}),
 }  # fmt: skip
+
+
+def _torch_save(path: Path, obj: object) -> None:
+    import torch
+
+    torch.save(obj, path)
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,11 @@ class PthFile(Mapping[str, torch.Tensor]):
             raise ModelFileError(self.path, f"cannot read this .pth file ({type(e).__name__})", _REDOWNLOAD) from None
         if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
             sd = sd["state_dict"]
-        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        # Any pickled dict of tensors loads with weights_only (tensors keyed by dtype, by
+        # index): only names make it a state dict that the key-based detection can read.
+        if not isinstance(sd, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+        ):
             raise ModelFileError(self.path, "this .pth file does not hold a plain state dict", "convert it")
         self._sd: dict[str, torch.Tensor] = sd
         self.metadata: dict[str, str] = {}
