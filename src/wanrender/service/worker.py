@@ -188,8 +188,8 @@ class Worker:
             beat = asyncio.create_task(self._heartbeat(stop))
             if ready is not None:
                 ready.set()
-            log.info("worker %s on %s (%s): waiting for jobs", self.name, self.device,
-                     f"GPU profile {described}" if described else "no GPU profile: the render's defaults")  # fmt: skip
+            log.info("worker %s on %s: %s; waiting for jobs", self.name, self.device,
+                     f"GPU profile {described}" if described else "no GPU profile (the render's defaults)")  # fmt: skip
             try:
                 while not stop.is_set():
                     msg = await puller.next(stop)
