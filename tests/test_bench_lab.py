@@ -385,7 +385,7 @@ def test_report_renders_in_headless_chromium(sweep, lab, tmp_path) -> None:
 
 
 def test_tune_writes_a_profile_that_generate_uses_unless_overridden(lab, tmp_path) -> None:
-    from wanrender.bench.profiles import user_dir
+    from wanrender.runtime.profiles import user_dir
 
     runner = CliRunner()
     res = runner.invoke(app, ["tune", "--budget", "3m", "--attention", "sdpa,reference", "--compile", "off",
@@ -421,8 +421,8 @@ def test_tune_writes_a_profile_that_generate_uses_unless_overridden(lab, tmp_pat
 
 
 def test_shipped_profiles_match_their_gpus_with_provenance(lab) -> None:
-    from wanrender.bench.profiles import all_profiles, apply_profile, find_profile
     from wanrender.request import from_preset
+    from wanrender.runtime.profiles import all_profiles, apply_profile, find_profile
 
     h200 = find_profile("NVIDIA H200")
     assert h200 is not None and not h200.estimated

@@ -288,7 +288,7 @@ def test_plan_uses_the_profile_generate_uses() -> None:
 
 def test_plan_and_generate_share_one_profile_rule() -> None:
     """The same function decides for both: generate's apply_profile on an H200 name gives plan's knobs."""
-    from wanrender.bench.profiles import choose_profile
+    from wanrender.runtime.profiles import choose_profile
 
     c = choose_profile("auto", "NVIDIA H200", 81, 832, 1216, set())
     assert c is not None and c.chosen == {"precision": "fp8", "attention": "sage8", "compile": "default"}

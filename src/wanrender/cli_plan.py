@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from wanrender.bench.commands import explicit_knobs
-from wanrender.bench.profiles import choose_profile
 from wanrender.cli_errors import flagged
 from wanrender.errors import WanrenderError
 from wanrender.runtime import memory as mem
@@ -27,6 +26,7 @@ from wanrender.runtime.planner import (
     guide,
     resolve_precision,
 )
+from wanrender.runtime.profiles import choose_profile
 from wanrender.spec import check_reserve, parse_gib, parse_size
 
 

@@ -78,6 +78,10 @@ def _vram(vram: Optional[str]) -> Optional[float]:
 
 S3_HELP = "An S3-compatible endpoint URL for inputs and results (credentials: the standard AWS env vars or profile)."
 VRAM_HELP = "Plan and advertise as if the device had this much memory (e.g. 24GiB): an emulated card."
+PROFILE_HELP = (
+    "auto (the GPU profile matching this device fills the knobs, as in generate; jobs set none, so it picks every "
+    "job's precision, attention and compile by the job's size), off, or a profile YAML."
+)
 
 
 def serve(
@@ -101,6 +105,7 @@ def serve(
     bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
     keep: str = typer.Option("7d", "--keep", help="How long results are kept, then deleted (7d, 12h, 30m, 90s)."),
     vram: Optional[str] = typer.Option(None, "--vram", help=VRAM_HELP),
+    profile: str = typer.Option("auto", "--profile", help=PROFILE_HELP),
 ) -> None:
     """Run the render service on this machine: an embedded nats-server (JetStream, with an api and a worker user)
     keeping its data under --data, the HTTP API (/v1, docs at /docs) and one warm worker. Inputs and results live
@@ -129,11 +134,14 @@ def serve(
     gib = _vram(vram)
     if nats is None:
         find_nats_server()
+    from wanrender.service.worker import worker_profile
+
+    prof = worker_profile(profile, dev) if workers else None  # once, before any model loads
     storage = _storage(s3, bucket)
     files = _model_files(models, demo) if workers else None
     data.mkdir(parents=True, exist_ok=True)
     cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue, nats=nats, creds=creds,
-                      workers=workers, storage=storage, keep_s=keep_s, vram_gib=gib)  # fmt: skip
+                      workers=workers, storage=storage, keep_s=keep_s, vram_gib=gib, profile=prof)  # fmt: skip
     run_serve(cfg, files, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
     console.print("stopped", highlight=False)
 
@@ -157,6 +165,7 @@ def worker(
     s3: Optional[str] = typer.Option(None, "--s3", help=S3_HELP),
     bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
     vram: Optional[str] = typer.Option(None, "--vram", help=VRAM_HELP),
+    profile: str = typer.Option("auto", "--profile", help=PROFILE_HELP),
 ) -> None:
     """Join a running service as one more warm worker: it reads uploads from and writes results to --data, or to
     the service's S3 bucket (--s3/--bucket: no shared folder needed). It takes only the jobs that its model files
@@ -167,10 +176,11 @@ def worker(
 
     from wanrender.runner import resolve_device
     from wanrender.service.natsauth import read_creds
-    from wanrender.service.worker import Worker
+    from wanrender.service.worker import Worker, worker_profile
 
     dev = str(resolve_device(device))
     gib = _vram(vram)
+    prof = worker_profile(profile, dev)  # once, before any model loads
     storage = _storage(s3, bucket)
     if storage is None:
         data = data if data is not None else Path("wanrender-data")
@@ -179,7 +189,7 @@ def worker(
         storage = data.resolve()
     files = _model_files(models, demo)
     url = read_creds(creds).url(nats) if creds is not None else nats
-    w = Worker(url, storage, files, dev, vram_gib=gib)
+    w = Worker(url, storage, files, dev, vram_gib=gib, profile=prof)
 
     async def run() -> None:
         stop = asyncio.Event()

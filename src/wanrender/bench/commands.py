@@ -256,9 +256,8 @@ def tune(
     import torch
 
     from wanrender.bench import tune as tn
-    from wanrender.bench.env import device_name
     from wanrender.bench.matrix import Case, parse_seconds
-    from wanrender.bench.profiles import write_profile
+    from wanrender.runtime.hardware import device_name
 
     try:
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -302,7 +301,7 @@ def tune(
         path = out or tn.default_output(dname, gpus)
         header = (f"GPU profile written by `wanrender tune` on {dname}, {doc['provenance']['measured']}.\n"
                   "Knobs per bucket are the fastest candidates that finished ok (p50 of the timed renders).")  # fmt: skip
-        write_profile(path, doc, header)
+        tn.write_profile(path, doc, header)
     except WanrenderError as e:
         _fail(e)
         return
@@ -316,7 +315,7 @@ def tune(
 
 def profile_for_generate(req, profile: str, device: Optional[str], ctx: Optional[typer.Context]):
     """``generate --profile``: the profile's knobs for those not given on the command line."""
-    from wanrender.bench.profiles import apply_profile
+    from wanrender.runtime.profiles import apply_profile
 
     req, line = apply_profile(req, profile, device, explicit_knobs(ctx))
     if line:
@@ -327,7 +326,7 @@ def profile_for_generate(req, profile: str, device: Optional[str], ctx: Optional
 def explicit_knobs(ctx: Optional[typer.Context]) -> set[str]:
     """The profile knobs given on the command line (a profile fills only the others);
     ``generate`` and ``plan`` both ask this. A knob the command has no flag for is not set."""
-    from wanrender.bench.profiles import REQUEST_KNOBS
+    from wanrender.runtime.profiles import REQUEST_KNOBS
 
     if ctx is None:  # a direct call: every knob counts as set, nothing is overridden
         return set(REQUEST_KNOBS)

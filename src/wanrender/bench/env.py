@@ -4,9 +4,9 @@
 carries; ``fingerprint()`` hashes the part of it that can change a timing, so
 results from different stacks are never mistaken for each other.
 
-GPUs are listed through NVML when it is available, because asking torch would
-create a CUDA context in the sweep's parent process — hundreds of MiB of VRAM
-that would then show up in every child's NVML memory reading.
+GPUs are listed through NVML when it is available (``runtime.hardware``): asking
+torch would create a CUDA context in the sweep's parent process — hundreds of MiB
+of VRAM that would then show up in every child's NVML memory reading.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+
+from wanrender.runtime.hardware import cpu_info, nvml_gpus
 
 # Distributions whose version can change a render's speed or result.
 PACKAGES = (
@@ -45,22 +47,6 @@ def _env_vars() -> dict[str, str]:
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES) or k in ENV_NAMES}
 
 
-def _cpu() -> dict:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        usable = os.cpu_count()
-    return {"model": model, "logical_cores": os.cpu_count(), "usable_cores": usable, "arch": platform.machine()}
-
-
 def _ram_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -80,39 +66,6 @@ def _os() -> dict:
     except OSError:
         pass
     return info
-
-
-def nvml_gpus() -> tuple[list[dict], str | None] | None:
-    """(GPUs, driver) from NVML, or None when NVML is not installed or finds no driver."""
-    try:
-        import pynvml
-    except ImportError:
-        return None
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError:
-        return None
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        gpus = []
-        for i in range(pynvml.nvmlDeviceGetCount()):
-            h = pynvml.nvmlDeviceGetHandleByIndex(i)
-            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            g = {"index": i, "name": _text(pynvml.nvmlDeviceGetName(h)), "memory_gib": round(mem.total / 2**30, 1)}
-            try:
-                g["capability"] = "%d.%d" % pynvml.nvmlDeviceGetCudaComputeCapability(h)
-                g["power_limit_w"] = round(pynvml.nvmlDeviceGetPowerManagementLimit(h) / 1000, 1)
-                g["max_sm_mhz"] = pynvml.nvmlDeviceGetMaxClockInfo(h, pynvml.NVML_CLOCK_SM)
-            except pynvml.NVMLError:  # older GPUs lack some queries
-                pass
-            gpus.append(g)
-        return gpus, _text(driver)
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _text(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
 
 
 def _torch_gpus() -> list[dict]:
@@ -179,7 +132,7 @@ def snapshot() -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    env["cpu"] = _cpu()
+    env["cpu"] = cpu_info()
     env["ram_gib"] = _ram_gib()
     env["os"] = _os()
     env["packages"] = {d: v for d in PACKAGES if (v := _version(d)) is not None}
@@ -195,17 +148,3 @@ def fingerprint(env: dict) -> str:
     stable["cpu"] = (env.get("cpu") or {}).get("model")
     blob = json.dumps(stable, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def device_name(device: str) -> str:
-    """The name profiles are matched against: the GPU's marketing name, or 'cpu <model>'."""
-    import torch
-
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        found = nvml_gpus()
-        idx = dev.index or 0
-        if found is not None and idx < len(found[0]) and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-            return found[0][idx]["name"]
-        return torch.cuda.get_device_name(idx)
-    return f"cpu {_cpu()['model']}"

@@ -42,6 +42,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from wanrender.errors import WanrenderError
+from wanrender.runtime.profiles import read_yaml
 from wanrender.spec import parse_bytes
 from wanrender.spec import tokens as dit_tokens
 
@@ -435,20 +436,6 @@ def expand(doc: dict, path: Path | None = None) -> Matrix:
     if twice:
         raise WanrenderError(f"{where}: two different cases are labelled {twice[0]!r} — give each its own name")
     return Matrix(str(doc.get("name") or (path.stem if path else "matrix")), path, tuple(cases), tuple(labels))
-
-
-def read_yaml(path: Path, what: str) -> object:
-    """A YAML document (a matrix, a profile), with one-line errors that name the file."""
-    import yaml
-
-    try:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise WanrenderError(f"{path}: cannot read the {what} ({e.strerror}) — check the path") from None
-    except UnicodeDecodeError:
-        raise WanrenderError(f"{path}: not a text file (invalid UTF-8) — pass the {what} YAML file") from None
-    except yaml.YAMLError as e:
-        raise WanrenderError(f"{path}: not valid YAML ({str(e).splitlines()[0]}) — fix the file") from None
 
 
 def load(path: Path) -> Matrix:

@@ -105,9 +105,10 @@ def tune(
     work_dir: Path,
     events: Events | None = None,
 ) -> dict:
-    """Search, and return the profile document (``profiles.write_profile`` writes it)."""
-    from wanrender.bench.env import device_name, snapshot
+    """Search, and return the profile document (``write_profile`` writes it)."""
+    from wanrender.bench.env import snapshot
     from wanrender.bench.runner import case_key, run_case
+    from wanrender.runtime.hardware import device_name
 
     env = snapshot()
     results_path = work_dir / "results.jsonl"
@@ -224,6 +225,21 @@ def _gib(v: int | None) -> float | None:
 
 
 def default_output(device_label: str, gpus: int = 1) -> Path:
-    from wanrender.bench.profiles import user_dir
+    from wanrender.runtime.profiles import user_dir
 
     return user_dir() / f"{_slug(device_label)}{f'-x{gpus}' if gpus > 1 else ''}.yaml"
+
+
+def write_profile(path: Path, doc: dict, header: str) -> Path:
+    import json
+
+    import yaml
+
+    from wanrender.media.atomic import atomic_write_text
+    from wanrender.runtime.profiles import parse_profile
+
+    doc = json.loads(json.dumps(doc, default=str))  # plain types only (torch's version is a str subclass)
+    parse_profile(doc, str(path))  # never write a profile the readers could not read back
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(doc, sort_keys=False, width=110)
+    atomic_write_text(path, text)
+    return path

@@ -93,6 +93,7 @@ class Capability:
     weights: dict  # runtime.memory.Weights as a dict: the API plans with it
     model_files: dict = field(default_factory=dict)  # role -> file name
     guide: dict = field(default_factory=dict)  # "WxH" -> most frames that fit (0: none)
+    profile: str | None = None  # the GPU profile its jobs render with, e.g. "h200.yaml (NVIDIA H200, measured)"
 
     @property
     def key(self) -> str:
@@ -147,9 +148,10 @@ def job_tier(work, weights: dict, top: int = LADDER_GIB[-1]) -> tuple[int | None
     return _job_tier(work, tuple(sorted(weights.items())), top)
 
 
-def capability_of(files, device: str, vram_gib: float | None) -> Capability:
+def capability_of(files, device: str, vram_gib: float | None, profile: str | None = None) -> Capability:
     """This worker's capability: asks the planner what fits its VRAM (``vram_gib`` None
-    on a GPU: the card's total memory; on the CPU: no limit)."""
+    on a GPU: the card's total memory; on the CPU: no limit); ``profile``: the GPU
+    profile's description (``Profile.describe``), shown by GET /v1/workers."""
     from wanrender.request import PRESETS
     from wanrender.runtime import gpus
     from wanrender.runtime.memory import Weights, Workload
@@ -169,7 +171,7 @@ def capability_of(files, device: str, vram_gib: float | None) -> Capability:
         rows = guide(ctx, Workload(81, w, h, PRESETS["turbo"].sampling), GUIDE_FRAMES)
         table[f"{w}x{h}"] = max([r["frames"] for r in rows if r["fits"]], default=0)
     names = {role: p.name for role, p in files.as_dict().items() if p is not None}
-    return Capability(model_set_id(files), tier, device, gpu, vram_gib, weights, names, table)
+    return Capability(model_set_id(files), tier, device, gpu, vram_gib, weights, names, table, profile)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from wanrender.runtime.profiles import Profile
 from wanrender.service.broker import STREAM, EmbeddedBroker, QueueConfig, connect, ensure_jetstream
 from wanrender.service.intake import Limits
 from wanrender.service.jobs import JOB_ID, JobRecord, JobState, JobStore
@@ -39,6 +40,7 @@ class ServeConfig:
     storage: object = None  # storage.S3Storage for a fleet; None: local disk under ``data``
     keep_s: float | None = None  # results kept this long, then expired (None: for ever)
     vram_gib: float | None = None  # the worker plans as if its device had this much memory
+    profile: Profile | None = None  # the GPU profile the local worker applies to each job (worker.worker_profile)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -140,7 +142,7 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announ
     worker = None
     if cfg.workers:
         worker = Worker(worker_url, storage, files, cfg.device, queue=cfg.queue, vram_gib=cfg.vram_gib,
-                        scratch=cfg.data / "scratch")  # fmt: skip
+                        scratch=cfg.data / "scratch", profile=cfg.profile)  # fmt: skip
     ready = asyncio.Event()
     tasks = [asyncio.create_task(server.serve(), name="api"),
              asyncio.create_task(reap_exhausted(nats_url, cfg.queue, stop), name="reaper")]  # fmt: skip

@@ -16,6 +16,11 @@ encodes the MP4, writes the sidecar, uploads and publishes, while the render thr
 starts the next job: the CPU-side end of job N overlaps the GPU work of job N+1. The
 job is acked only after its publish, and its lease is renewed until then, so a crash
 mid-publish redelivers it.
+
+A GPU profile (``--profile``, as ``generate`` has) is resolved once at start for this
+worker's device and fills each job's precision, attention and compile (jobs cannot
+set them) from the bucket nearest the job's size, so a job renders as fast through the
+service as through ``generate``; the capability record advertises which profile it is.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 
 from wanrender.errors import WanrenderError
 from wanrender.runtime.planner import PlanRefused
+from wanrender.runtime.profiles import Profile, apply_resolved
 from wanrender.service.broker import CONSUMER, HIGH_CONSUMER, STREAM, QueueConfig, connect
 from wanrender.service.eta import device_gpu
 from wanrender.service.jobs import (
@@ -78,6 +84,19 @@ def default_name(device: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)
 
 
+def worker_profile(spec: str, device: str) -> Profile | None:
+    """``--profile`` of ``serve`` and ``worker``, resolved once before any model loads:
+    ``auto`` (the profile matching this device, if any), ``off``, or a profile file, which
+    must be readable and whose every bucket must run on ``device`` (one line otherwise)."""
+    from wanrender.runtime.hardware import device_name
+    from wanrender.runtime.profiles import check_profile_fits, resolve_profile
+
+    prof = resolve_profile(spec, device_name(device))
+    if prof is not None and spec != "auto":
+        check_profile_fits(prof, device)
+    return prof
+
+
 async def publish_result(store: JobStore, where, job_id: str, attempt: int) -> JobRecord | None:
     """Publish attempt ``attempt``'s outputs (already in ``where``: a storage, or the
     first slice's JobPaths) if the job still belongs to it; otherwise delete them.
@@ -109,10 +128,12 @@ class Worker:
 
     def __init__(self, nats_url: str, data, files, device: str = "cpu", name: str | None = None,
                  queue: QueueConfig = QueueConfig(), heartbeat_s: float = 5.0, runner=None,
-                 vram_gib: float | None = None, overlap: bool = True, scratch: Path | None = None) -> None:  # fmt: skip
+                 vram_gib: float | None = None, overlap: bool = True, scratch: Path | None = None,
+                 profile: Profile | None = None) -> None:  # fmt: skip
         """``data``: a data folder or a storage (storage.py); ``vram_gib``: plan as if the
         device had this much memory (an emulated card; routing and the render's plan agree);
-        ``scratch``: where an S3 worker renders before uploading (default: the temp folder)."""
+        ``scratch``: where an S3 worker renders before uploading (default: the temp folder);
+        ``profile``: the GPU profile applied to every job (``worker_profile``), None: none."""
         self.url, self.files, self.device = nats_url, files, device
         self.storage = as_storage(data)
         self.data = getattr(self.storage, "root", None)
@@ -120,6 +141,7 @@ class Worker:
         self.queue, self.heartbeat_s = queue, heartbeat_s
         self._runner = runner
         self.vram_gib, self.overlap, self.scratch = vram_gib, overlap, scratch
+        self.profile = profile
         self.current: str | None = None
         self.jobs_done = 0
         self.capability = None
@@ -157,7 +179,8 @@ class Worker:
                 int(terms.max_deliver or self.queue.max_deliver),
             )
             self.queue = replace(self.queue, ack_wait_s=self.lease_s, max_deliver=self.max_deliver)
-            self.capability = await asyncio.to_thread(capability_of, self.files, self.device, self.vram_gib)
+            described = self.profile.describe() if self.profile is not None else None
+            self.capability = await asyncio.to_thread(capability_of, self.files, self.device, self.vram_gib, described)
             caps = await caps_bucket(js)  # a lookup: the API created it (open_jetstream waited for it)
             await caps.put(self.capability.key, json.dumps(self.capability.to_json()).encode())
             puller = Puller(nc, js, self.capability, self.queue)  # high priority first, then the highest tier
@@ -165,7 +188,8 @@ class Worker:
             beat = asyncio.create_task(self._heartbeat(stop))
             if ready is not None:
                 ready.set()
-            log.info("worker %s on %s: waiting for jobs", self.name, self.device)
+            log.info("worker %s on %s: %s; waiting for jobs", self.name, self.device,
+                     f"GPU profile {described}" if described else "no GPU profile (the render's defaults)")  # fmt: skip
             try:
                 while not stop.is_set():
                     msg = await puller.next(stop)
@@ -337,7 +361,7 @@ class Worker:
 
         try:
             image = await asyncio.to_thread(self._input, job_id, record, folder)
-            req = build_request(JobParams(**record.params), image, folder / VIDEO)
+            req = self._with_profile(job_id, build_request(JobParams(**record.params), image, folder / VIDEO))
             # The frames alone on the render thread; the MP4 is encoded on the finishing thread
             # (interpolation runs on the render's device, so it stays on the render thread).
             split = self.overlap and req.output.interpolate == "off"
@@ -348,6 +372,15 @@ class Worker:
         await self.store.update(job_id, lambda r: None if r.attempt != attempt or r.terminal else r.touch(
             rendered_at=time.time()))  # fmt: skip
         return self._finish(msg, job_id, attempt, folder, done if split else None)
+
+    def _with_profile(self, job_id: str, req):
+        """The job's request with this worker's profile applied (its bucket by the job's size),
+        as ``generate`` applies it; the sidecar records the knobs and the profile."""
+        if self.profile is None:
+            return req
+        req, line = apply_resolved(req, self.profile, self.device, set(), strict=False)
+        log.info("job %s: %s", job_id, line)
+        return req
 
     def _input(self, job_id: str, record: JobRecord, folder: Path) -> Path:
         """The uploaded image as a local file (downloaded by key from S3)."""

@@ -6,7 +6,12 @@ Profiles are YAML. ``wanrender tune`` writes one for the GPU it runs on into
 ``wanrender/profiles/`` (measured ones, and planner-derived ones marked
 ``estimated: true``). ``generate --profile auto`` takes the first profile whose
 ``match`` strings occur in the device's name, user profiles before shipped ones,
-and fills in the knobs the user did not set.
+and fills in the knobs the user did not set. A service worker (``serve``, ``worker``)
+resolves its profile once at start (``resolve_profile``) and applies it to each
+job (``apply_resolved``), bucketed by the job's size like ``generate``.
+
+It sits in ``runtime/`` (not the bench lab) because the generate path, ``plan`` and
+the service all read profiles; ``bench tune`` writes them (``bench.tune.write_profile``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from wanrender.errors import WanrenderError
+from wanrender.spec import RuntimeKnobs
 from wanrender.spec import tokens as dit_tokens
 
 log = logging.getLogger(__name__)
@@ -49,6 +55,10 @@ class Profile:
     provenance: dict
     buckets: tuple[Bucket, ...]
     memory_gib: float | None = None
+
+    def describe(self) -> str:
+        """``h200.yaml (NVIDIA H200, measured)``: what a worker logs and advertises."""
+        return f"{Path(self.path).name} ({self.device}, {'estimated' if self.estimated else 'measured'})"
 
     def matches(self, device_name: str) -> bool:
         name = device_name.lower()
@@ -87,9 +97,21 @@ def parse_profile(doc: object, path: str) -> Profile:
                    dict(doc.get("provenance") or {}), tuple(buckets), doc.get("memory_gib"))  # fmt: skip
 
 
-def load_profile(path: Path) -> Profile:
-    from wanrender.bench.matrix import read_yaml
+def read_yaml(path: Path, what: str) -> object:
+    """A YAML document (a profile, a bench matrix), with one-line errors that name the file."""
+    import yaml
 
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise WanrenderError(f"{path}: cannot read the {what} ({e.strerror}) — check the path") from None
+    except UnicodeDecodeError:
+        raise WanrenderError(f"{path}: not a text file (invalid UTF-8) — pass the {what} YAML file") from None
+    except yaml.YAMLError as e:
+        raise WanrenderError(f"{path}: not valid YAML ({str(e).splitlines()[0]}) — fix the file") from None
+
+
+def load_profile(path: Path) -> Profile:
     return parse_profile(read_yaml(path, "profile"), str(path))
 
 
@@ -148,20 +170,35 @@ class ProfileChoice:
         return f"profile {Path(self.profile.path).name} ({self.profile.device}, {kind}, bucket {self.bucket.name}): {knobs}"
 
 
+def resolve_profile(spec: str, device_name: str) -> Profile | None:
+    """The profile ``spec`` names for a device called ``device_name``: ``auto`` (the first
+    profile matching it, user profiles first), ``off`` (none), or a profile file (an
+    unreadable or malformed file is a one-line ``WanrenderError``)."""
+    if spec == "off":
+        return None
+    return find_profile(device_name) if spec == "auto" else load_profile(Path(spec))
+
+
 def choose_profile(
     spec: str, device_name: str, frames: int, width: int, height: int, explicit: set[str]
 ) -> ProfileChoice | None:
-    """The one rule ``generate --profile`` and ``plan`` share: ``spec`` is ``auto`` (the first
-    profile matching ``device_name``), ``off``, or a profile file; the bucket nearest the
-    request's size gives the knobs not in ``explicit``."""
-    if spec == "off":
-        return None
-    prof = find_profile(device_name) if spec == "auto" else load_profile(Path(spec))
-    if prof is None:
-        return None
+    """The one rule ``generate --profile``, ``plan`` and the service's workers share: the
+    profile ``spec`` resolves to; the bucket nearest the request's size gives the knobs
+    not in ``explicit``."""
+    prof = resolve_profile(spec, device_name)
+    return None if prof is None else choice_for(prof, frames, width, height, explicit)
+
+
+def choice_for(prof: Profile, frames: int, width: int, height: int, explicit: set[str]) -> ProfileChoice:
     bucket = prof.bucket_for(frames, width, height)
     chosen = {k: v for k, v in bucket.knobs.items() if k in REQUEST_KNOBS and k not in explicit}
     return ProfileChoice(prof, bucket, chosen)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tuple[object, str | None]:
@@ -171,26 +208,30 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
     knobs that cannot run here are dropped under ``auto`` (the render falls back to
     its own defaults) and refused for an explicit file.
     """
-    import torch
-
-    from wanrender.bench.env import device_name as name_of
+    from wanrender.runtime.hardware import device_name
 
     if spec == "off":
         return req, None
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    r = req.render
-    choice = choose_profile(spec, name_of(dev), r.frames, r.width, r.height, explicit)
-    if choice is None:
+    dev = device or default_device()
+    prof = resolve_profile(spec, device_name(dev))
+    if prof is None:
         return req, None
-    prof, chosen = choice.profile, choice.chosen
-    if chosen:
-        from wanrender.runtime.plan import make_plan
+    return apply_resolved(req, prof, dev, explicit, strict=spec != "auto")
 
+
+def apply_resolved(req, prof: Profile, device: str, explicit: set[str], strict: bool) -> tuple[object, str | None]:
+    """``apply_profile`` with the profile already found (a worker resolves it once, at start).
+    ``strict``: knobs that cannot run on ``device`` are an error (a file the user named)
+    instead of a warning and the request as it was (a profile matched by name)."""
+    r = req.render
+    choice = choice_for(prof, r.frames, r.width, r.height, explicit)
+    chosen = choice.chosen
+    if chosen:
         trial = {k: chosen.get(k, getattr(req.knobs, k)) for k in REQUEST_KNOBS}
         try:
-            make_plan(dev, trial["precision"], trial["attention"], trial["compile"])
+            _check_knobs(device, trial)
         except WanrenderError as e:
-            if spec != "auto":
+            if strict:
                 raise WanrenderError(f"profile {prof.path} does not fit this device: {e}") from None
             log.warning("profile %s not applied: %s", prof.path, e)
             return req, f"profile {Path(prof.path).name} not applied ({e})"
@@ -198,15 +239,19 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
     return req, choice.line()
 
 
-def write_profile(path: Path, doc: dict, header: str) -> Path:
-    import json
+def check_profile_fits(prof: Profile, device: str) -> None:
+    """Every bucket's knobs can run on ``device``; a worker checks a profile file it was
+    given once at start, so a job never fails on the profile alone."""
+    defaults = RuntimeKnobs()  # a job sets none of these knobs: the profile fills them or the defaults stay
+    for b in prof.buckets:
+        knobs = {k: b.knobs.get(k, getattr(defaults, k)) for k in REQUEST_KNOBS}
+        try:
+            _check_knobs(device, knobs)
+        except WanrenderError as e:
+            raise WanrenderError(f"profile {prof.path} does not fit this device: {e}") from None
 
-    import yaml
 
-    from wanrender.media.atomic import atomic_write_text
+def _check_knobs(device: str, knobs: dict[str, str]) -> None:
+    from wanrender.runtime.plan import make_plan
 
-    doc = json.loads(json.dumps(doc, default=str))  # plain types only (torch's version is a str subclass)
-    parse_profile(doc, str(path))  # never write a profile this module could not read back
-    text = "".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(doc, sort_keys=False, width=110)
-    atomic_write_text(path, text)
-    return path
+    make_plan(device, knobs["precision"], knobs["attention"], knobs["compile"])
