@@ -212,8 +212,11 @@ class SelfAttention(nn.Module):
         self.k = Linear(cfg.dim, cfg.inner_dim, bias=False)
         self.v = Linear(cfg.dim, cfg.inner_dim, bias=False)
         self.o = Linear(cfg.inner_dim, cfg.dim, bias=False)
-        self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads)
-        self.relative_attention_bias.weight.requires_grad_(False)
+        # An empty table given, not initialised: nn.Embedding's normal_ init on the meta
+        # device goes through torch's reference ops, which import all of Dynamo (1.6 s
+        # here, about 4 s on a fresh install) in a process that never compiles.
+        table = torch.empty(cfg.num_buckets, cfg.heads)
+        self.relative_attention_bias = nn.Embedding(cfg.num_buckets, cfg.heads, _weight=table, _freeze=True)
 
     def forward(self, x: torch.Tensor, buckets: torch.Tensor, mask_bias: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
