@@ -19,7 +19,6 @@ from wanrender.service.jobs import JobRecord
 from wanrender.service.metrics import CONTENT_TYPE, Metrics
 from wanrender.service.monitor import JobsMonitor
 from wanrender.service.priority import queue_ahead
-from wanrender.service.routing import online
 
 DRAIN_BYTES = 32 << 20  # above the upload limit (20 MB): bigger bodies are cut off, as the 413 check does
 CALLER: ContextVar[ApiKey | None] = ContextVar("wanrender_api_key", default=None)
@@ -74,9 +73,7 @@ async def admit(state: dict, gate: Gate | None, idempotency_key: str | None = No
 async def extras(state: dict, record: JobRecord) -> dict:
     """``queue_position`` (priority-aware) and ``eta_s`` for a job view."""
     ahead = await queue_ahead(state["js"], record)
-    # The heartbeats at most a second old (routing.online): a fresh listing per GET costs JetStream an
-    # ephemeral consumer, and clients polling many jobs at once ran the server out of consumers.
-    workers = [] if record.terminal else await online(state["workers_kv"])
+    workers = [] if record.terminal else await live_workers(state["workers_kv"])
     cal = state["monitor"].calibration.seconds_per_unit if "monitor" in state else None
     return {"queue_position": ahead, "eta_s": eta_seconds(record, ahead, workers, cal)}
 
