@@ -17,6 +17,6 @@ def share_cores() -> None:
     process is never alone on its cores (the API, nats-server, other workers on the same
     host), and the spinning threads of one process take the cores the others need: on 2
     cores, two CPU workers rendered a 1-frame 64x64 demo job in 1.7 s each instead of 0.1 s,
-    and the 200-job load test took 151 s instead of about 22 s (tests/test_service_load.py).
+    and the 200-job load test took 151 s instead of 17-22 s (tests/test_service_load.py).
     On a GPU worker the CPU pool is nearly idle, so the setting costs nothing there."""
     os.environ.setdefault(WAIT_POLICY, "PASSIVE")
