@@ -40,6 +40,7 @@ console = Console(stderr=True)
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
     debug: bool = typer.Option(
         False,
@@ -53,6 +54,10 @@ def _main(
 
     if debug:
         os.environ[DEBUG_ENV] = "1"
+    if ctx.invoked_subcommand in ("serve", "worker"):  # long-lived processes that share their cores
+        from wanrender.service.cpu import share_cores
+
+        share_cores()  # before torch loads (runtime.plan, below)
     from wanrender.runtime.memory import default_allocator_config
 
     setup_logging(verbose)

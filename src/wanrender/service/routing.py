@@ -189,8 +189,8 @@ SNAPSHOT_S = 1.0
 
 
 async def _snapshot(kv) -> list[dict]:
-    """A bucket's values, read at most once a second per bucket: listing keys costs
-    JetStream an ephemeral consumer, too much for every GET and submit under load."""
+    """A bucket's values, read at most once a second per bucket: a listing is a stream-info
+    request and a read per key (broker.kv_values), too much for every submit under load."""
     now = time.monotonic()
     got = _SNAPSHOTS.get(id(kv))
     if got is not None and now - got[0] < SNAPSHOT_S:
