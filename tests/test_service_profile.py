@@ -116,3 +116,29 @@ def test_a_bad_profile_file_is_one_line_before_anything_starts(home, tmp_path) -
     one_line_error(r, 2, "fp8.yaml", "does not fit this device", "precision fp8 cannot run here")
     assert not data.exists()
     assert broken.read_text() == "schema: 1\nmatch: [x]\n"  # the user's files are left as they were
+
+
+def test_child_workers_get_the_same_profile(home, image, user_profile, tmp_path) -> None:
+    """`serve --workers 2`: the second worker is a child `wanrender worker`; the profile serve
+    was given (here a file, named relative to the working directory) reaches it too."""
+    import os
+
+    from wanrender.runtime.hardware import device_name
+
+    named = tmp_path / "named.yaml"
+    named.write_text(user_profile.read_text())
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the child resolves the same file whatever its own working directory
+    try:
+        proc, client = start_serve(env(home), tmp_path / "data", "--workers", "2", "--profile", "named.yaml")
+    finally:
+        os.chdir(cwd)
+    try:
+        from helpers_service import wait
+
+        workers = wait(lambda: w if len(w := client.workers()) == 2 else None, 60, 0.2)
+        described = f"named.yaml ({device_name('cpu')}, measured)"
+        assert [w["capability"]["profile"] for w in workers] == [described, described], workers
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)

@@ -84,6 +84,16 @@ PROFILE_HELP = (
 )
 
 
+def _worker_args(data: Path, models: Optional[Path], s3: Optional[str], bucket: Optional[str],
+                 vram: Optional[str], profile: str) -> tuple[str, ...]:  # fmt: skip
+    """The options serve's child workers get, as `wanrender worker` spells them (the files they
+    render with are the ones serve checked: --models DIR, or the demo models)."""
+    where = ("--s3", s3, "--bucket", bucket) if s3 else ("--data", str(data.resolve()))
+    files = ("--models", str(models.resolve())) if models is not None else ("--demo",)
+    prof = ("--profile", str(Path(profile).resolve()) if profile not in ("auto", "off") else profile)
+    return (*where, *files, *(("--vram", vram) if vram else ()), *prof)
+
+
 def serve(
     data: Path = typer.Option(Path("wanrender-data"), "--data", help="Jobs, uploads, results and the NATS store."),
     models: Optional[Path] = typer.Option(
@@ -91,15 +101,23 @@ def serve(
     ),
     demo: bool = typer.Option(False, "--demo", help="Render with the tiny random-weight demo models."),
     listen: str = typer.Option("127.0.0.1:8000", "--listen", help="HOST:PORT of the HTTP API (loopback by default)."),
-    device: Optional[str] = typer.Option(None, "--device", help="The worker's device: cuda, cuda:N or cpu."),
+    device: Optional[str] = typer.Option(
+        None, "--device", help="The workers' device: cpu (--workers N: N CPU workers), cuda (the --gpus) or cuda:N."
+    ),
+    gpus: Optional[str] = typer.Option(
+        None, "--gpus", help="One warm worker per GPU: all (the default on a CUDA machine) or indices, e.g. 0,1."
+    ),
     lease: float = typer.Option(60.0, "--lease", help="Seconds a worker may go silent before its job goes to another."),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Deliveries of a job before it fails."),
     nats: Optional[str] = typer.Option(
         None, "--nats", help="Use this NATS server (a fleet's) instead of starting one; with --creds FILE (api user)."
     ),
     creds: Optional[Path] = typer.Option(None, "--creds", help="NATS credentials file of the api user (with --nats)."),
-    workers: int = typer.Option(
-        1, "--workers", help="Local workers: 1, or 0 for the API alone (workers join via NATS)."
+    workers: Optional[int] = typer.Option(
+        None,
+        "--workers",
+        help="Local workers (default: one per GPU of --gpus, 1 without CUDA); 0: the API alone (workers join via NATS).",
+        show_default=False,
     ),
     s3: Optional[str] = typer.Option(None, "--s3", help=S3_HELP),
     bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
@@ -108,25 +126,26 @@ def serve(
     profile: str = typer.Option("auto", "--profile", help=PROFILE_HELP),
 ) -> None:
     """Run the render service on this machine: an embedded nats-server (JetStream, with an api and a worker user)
-    keeping its data under --data, the HTTP API (/v1, docs at /docs) and one warm worker. Inputs and results live
-    under --data, or in an S3 bucket with --s3/--bucket; results are deleted after --keep. Ctrl-C stops all of it.
+    keeping its data under --data, the HTTP API (/v1, docs at /docs) and one warm worker per GPU of --gpus (without
+    CUDA, one CPU worker); the workers beyond the first run as child processes that serve restarts if they die.
+    Inputs and results live under --data, or in an S3 bucket with --s3/--bucket; results are deleted after --keep.
+    Ctrl-C stops all of it.
     Beyond loopback, --listen needs an API key first ('wanrender keys add')."""
     _need_serve_extra("fastapi", "uvicorn", "multipart", "nats", "prometheus_client", "bcrypt")
     from wanrender.runner import resolve_device
     from wanrender.service.auth import check_exposure
     from wanrender.service.broker import find_nats_server
+    from wanrender.service.local_workers import cuda_count, local_devices
     from wanrender.service.natsauth import read_creds
     from wanrender.service.serve import ServeConfig, parse_listen, run_serve
 
     host, port = parse_listen(listen)
     check_exposure(host, data)
-    if workers not in (0, 1):
-        raise WanrenderError(f"--workers {workers} is invalid — use 1 (a local worker) or 0 (the API alone)")
+    devices = local_devices(gpus, str(resolve_device(device)) if device else None, workers, cuda_count())
     if creds is not None and nats is None:
         raise WanrenderError("--creds goes with --nats (the embedded NATS server writes its own) — add --nats URL")
     if creds is not None:
         read_creds(creds)
-    dev = str(resolve_device(device))
     queue = _queue(lease, max_attempts)
     from wanrender.service.expiry import parse_keep
 
@@ -136,12 +155,16 @@ def serve(
         find_nats_server()
     from wanrender.service.worker import worker_profile
 
-    prof = worker_profile(profile, dev) if workers else None  # once, before any model loads
+    # Resolved once per local device, before any model loads: a profile that cannot run on one
+    # of them is refused now, not by a child worker after serve has started.
+    profs = [worker_profile(profile, d) for d in devices]
+    prof = profs[0] if profs else None
     storage = _storage(s3, bucket)
-    files = _model_files(models, demo) if workers else None
+    files = _model_files(models, demo) if devices else None
     data.mkdir(parents=True, exist_ok=True)
-    cfg = ServeConfig(data=data.resolve(), host=host, port=port, device=dev, queue=queue, nats=nats, creds=creds,
-                      workers=workers, storage=storage, keep_s=keep_s, vram_gib=gib, profile=prof)  # fmt: skip
+    cfg = ServeConfig(data=data.resolve(), host=host, port=port, devices=devices, queue=queue, nats=nats, creds=creds,
+                      storage=storage, keep_s=keep_s, vram_gib=gib,
+                      profile=prof, child_args=_worker_args(data, models, s3, bucket, vram, profile))  # fmt: skip
     run_serve(cfg, files, announce=lambda line: console.print(line, highlight=False, soft_wrap=True))
     console.print("stopped", highlight=False)
 
@@ -156,6 +179,7 @@ def worker(
     ),
     demo: bool = typer.Option(False, "--demo", help="Render with the tiny random-weight demo models."),
     device: Optional[str] = typer.Option(None, "--device", help="cuda, cuda:N or cpu."),
+    gpu: Optional[int] = typer.Option(None, "--gpu", help="Render on this GPU: the same as --device cuda:N."),
     creds: Optional[Path] = typer.Option(
         None,
         "--creds",
@@ -175,10 +199,11 @@ def worker(
     import signal
 
     from wanrender.runner import resolve_device
+    from wanrender.service.local_workers import cuda_count, worker_device
     from wanrender.service.natsauth import read_creds
     from wanrender.service.worker import Worker, worker_profile
 
-    dev = str(resolve_device(device))
+    dev = str(resolve_device(worker_device(gpu, device, cuda_count() if gpu is not None else 0)))
     gib = _vram(vram)
     prof = worker_profile(profile, dev)  # once, before any model loads
     storage = _storage(s3, bucket)

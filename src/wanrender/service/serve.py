@@ -1,8 +1,11 @@
-"""One box in one process: the embedded nats-server, the API (uvicorn) and one warm
-worker, all on one asyncio loop (the render itself runs on the worker's thread).
+"""One box in one command: the embedded nats-server, the API (uvicorn) and the first
+warm worker on one asyncio loop (the render itself runs on the worker's thread); each
+further local worker (one per GPU) is a child process that serve supervises
+(local_workers.py).
 
-Ctrl-C or SIGTERM stops the API, lets the worker hand a running job back (nak: the
-next worker takes it at once), then stops nats-server: no orphan server is left.
+Ctrl-C or SIGTERM stops the API, lets the workers hand a running job back (nak: the
+next worker takes it at once), stops the child workers, then nats-server: no orphan
+process is left.
 """
 
 from __future__ import annotations
@@ -31,16 +34,29 @@ class ServeConfig:
     data: Path
     host: str = "127.0.0.1"
     port: int = 8000
-    device: str = "cpu"
+    # One local worker per entry: the first in this process, the others child processes;
+    # (): the API alone (a fleet's API container; workers join through NATS).
+    devices: tuple[str, ...] = ("cpu",)
     queue: QueueConfig = QueueConfig()
     limits: Limits = Limits()
     nats: str | None = None  # an external NATS server instead of the embedded one (then ``creds``: its api user)
     creds: Path | None = None
-    workers: int = 1  # 0: the API alone (a fleet's API container; workers join through NATS)
     storage: object = None  # storage.S3Storage for a fleet; None: local disk under ``data``
     keep_s: float | None = None  # results kept this long, then expired (None: for ever)
     vram_gib: float | None = None  # the worker plans as if its device had this much memory
     profile: Profile | None = None  # the GPU profile the local worker applies to each job (worker.worker_profile)
+    # The `wanrender worker` options of the child workers beyond NATS and the device (storage,
+    # models, vram): the CLI's own spelling of the options serve was given.
+    child_args: tuple[str, ...] = ()
+
+    @property
+    def workers(self) -> int:
+        return len(self.devices)
+
+    @property
+    def device(self) -> str:
+        """The in-process worker's device."""
+        return self.devices[0] if self.devices else "cpu"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -109,7 +125,8 @@ def run_serve(cfg: ServeConfig, files, announce=print) -> None:
     gate = Gate(KeyStore(cfg.data), required=not is_loopback(cfg.host))
     if cfg.nats is not None:  # a fleet's NATS: this process is its api user
         api_url = read_creds(cfg.creds).url(cfg.nats) if cfg.creds else cfg.nats
-        asyncio.run(_serve(cfg, files, api_url, api_url, announce, gate))
+        joins = ("--nats", cfg.nats) + (("--creds", str(cfg.creds)) if cfg.creds else ())
+        asyncio.run(_serve(cfg, files, api_url, api_url, announce, gate, joins))
         return
     fleet = write_fleet(cfg.data / "nats")  # users with subject permissions (natsauth.py)
     broker = EmbeddedBroker(cfg.data / "nats", config=fleet["config"])
@@ -117,12 +134,35 @@ def run_serve(cfg: ServeConfig, files, announce=print) -> None:
     announce(f"NATS {broker.url}: worker credentials in {fleet['worker']} (wanrender worker --creds)")
     try:
         urls = (read_creds(fleet["api"]).url(broker.url), read_creds(fleet["worker"]).url(broker.url))
-        asyncio.run(_serve(cfg, files, *urls, announce, gate))
+        joins = ("--nats", broker.url, "--creds", str(fleet["worker"]))  # the password stays out of `ps`
+        asyncio.run(_serve(cfg, files, *urls, announce, gate, joins))
     finally:
         broker.stop()
 
 
-async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announce, gate) -> None:
+def _children(cfg: ServeConfig, joins: tuple[str, ...]):
+    """The child workers: every local worker but the first. The first stays in serve's
+    process, so that a one-GPU (or CPU) box remains one process with nothing to supervise
+    and starts as quickly as before; each further GPU gets a process of its own, because
+    render threads of several GPUs in one Python process would contend for its GIL."""
+    import logging
+    import sys
+
+    from wanrender.service.local_workers import Child
+
+    verbose = ("-v",) if logging.getLogger().isEnabledFor(logging.DEBUG) else ()
+    base = (sys.executable, "-m", "wanrender.cli", *verbose, "worker", *joins, *cfg.child_args)
+    return [Child(f"worker {i + 1} on {dev}", (*base, "--device", dev)) for i, dev in enumerate(cfg.devices)][1:]
+
+
+def _echo(line: str) -> None:
+    import sys
+
+    sys.stderr.write(line + "\n")  # not through rich: a child's line is text, not markup
+    sys.stderr.flush()
+
+
+async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announce, gate, joins=()) -> None:
     import uvicorn
 
     from wanrender.service.api import create_app
@@ -150,11 +190,27 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announ
         tasks.append(asyncio.create_task(worker.run(stop, ready), name="worker"))
     else:
         ready.set()
+    children = _children(cfg, joins)
+    if children:
+        import os
+
+        from wanrender.service.local_workers import supervise
+
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # inherited as is (NCCL/NVSHMEM settings too); lines arrive live
+
+        def started_child(child, pid: int) -> None:
+            announce(f"{child.label}: started as pid {pid}")
+
+        for child in children:
+            tasks.append(asyncio.create_task(supervise(child, stop, announce, _echo, env=env, on_start=started_child),
+                                             name=child.label))  # fmt: skip
     waiter = asyncio.create_task(stop.wait())
     started = asyncio.create_task(_started(server, ready))
     done, _ = await asyncio.wait([waiter, started, *tasks], return_when=asyncio.FIRST_COMPLETED)
     if started in done and not stop.is_set():
         who = f"worker {worker.name} on {cfg.device}" if worker else "no local worker"
+        if children:
+            who += f", {len(children)} more local worker(s) joining on {', '.join(cfg.devices[1:])}"
         keys = "API keys required" if gate.enabled else "open: no API keys (loopback only)"
         where = f", results in {cfg.storage.describe()}" if cfg.storage else ""
         announce(f"serving on http://{cfg.host}:{cfg.port} (NATS {redact(nats_url)}, {who}, {keys}, "
