@@ -120,6 +120,25 @@ def test_a_worker_without_creds_is_refused_in_one_line(fleet, demo_set, tmp_path
     _one_line_error(r, 2, "no such file")
 
 
+def test_a_worker_pointed_where_no_nats_answers_says_so_in_one_line(demo_set, tmp_path: Path) -> None:
+    """nats-py retries a first connection for ever when reconnects are unbounded: the
+    worker printed a warning every 0.5 s and ignored SIGTERM. Now it waits
+    WANRENDER_NATS_WAIT seconds, quietly, then stops in one line."""
+    from wanrender.service.broker import free_port
+
+    home, _, _ = demo_set
+    url = f"nats://127.0.0.1:{free_port()}"  # nothing listens there
+    t0 = time.monotonic()
+    r = _cli(_env(home) | {"WANRENDER_NATS_WAIT": "2"}, "worker", "--nats", url, "--data", str(tmp_path),
+             "--device", "cpu", timeout=60)  # fmt: skip
+    _one_line_error(r, 2, f"cannot reach NATS at {url}", "nothing answered for 2 s", "--nats")
+    assert time.monotonic() - t0 < 30
+    assert "WARNING" not in r.stdout + r.stderr
+    r = _cli(_env(home) | {"WANRENDER_NATS_WAIT": "soon"}, "worker", "--nats", url, "--data", str(tmp_path),
+             "--device", "cpu", timeout=60)  # fmt: skip
+    _one_line_error(r, 2, "WANRENDER_NATS_WAIT='soon' is invalid")
+
+
 def test_nats_creds_command_writes_a_fleet_folder(demo_set, tmp_path: Path) -> None:
     home, _, _ = demo_set
     r = subprocess.run([sys.executable, "-m", "wanrender.cli", "nats-creds", str(tmp_path / "fleet")],

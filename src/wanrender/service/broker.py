@@ -8,6 +8,7 @@ bucket of job records; another, with a TTL, of worker heartbeats).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -132,6 +133,21 @@ class EmbeddedBroker:
         self.stop()
 
 
+NATS_WAIT_S = 20.0  # a worker started beside its NATS (compose, a reboot) waits this long for it
+
+
+def connect_wait_s() -> float:
+    """Seconds the first connection may take (``WANRENDER_NATS_WAIT``, default 20)."""
+    raw = os.environ.get("WANRENDER_NATS_WAIT", "")
+    try:
+        value = float(raw) if raw else NATS_WAIT_S
+    except ValueError:
+        value = -1.0
+    if not (0 < value < 86400):
+        raise WanrenderError(f"WANRENDER_NATS_WAIT={raw!r} is invalid — give seconds, e.g. 20")
+    return value
+
+
 async def connect(url: str, name: str):
     """A client connection, refused in one line when nothing answers at ``url`` or the
     server refuses its credentials (``nats://user:password@host:port``, natsauth.py)."""
@@ -140,11 +156,23 @@ async def connect(url: str, name: str):
     from wanrender.service.natsurl import AuthRefused, ConnectWatch, redact
 
     watch = ConnectWatch()
+    wait_s = connect_wait_s()
     try:
-        nc = await nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1,
-                                allow_reconnect=True, reconnect_time_wait=0.5, error_cb=watch.error_cb)  # fmt: skip
+        # Reconnects after the first connection are unbounded (a fleet's NATS may restart),
+        # and nats-py applies the same rule to the first one: without a bound, a worker
+        # pointed at the wrong address retried for ever, deaf to SIGTERM.
+        nc = await asyncio.wait_for(
+            nats.connect(url, name=name, connect_timeout=5, max_reconnect_attempts=-1, allow_reconnect=True,
+                         reconnect_time_wait=0.5, error_cb=watch.error_cb),
+            wait_s,
+        )  # fmt: skip
         watch.connecting = False
         return nc
+    except asyncio.TimeoutError:
+        raise WanrenderError(
+            f"cannot reach NATS at {redact(url)} (nothing answered for {wait_s:g} s) — start 'wanrender serve' or "
+            f"check --nats (WANRENDER_NATS_WAIT sets how long to wait)"
+        ) from None
     except AuthRefused:
         raise WanrenderError(
             f"NATS at {redact(url)} refused the credentials — pass the worker's credentials file with --creds "

@@ -42,4 +42,7 @@ class ConnectWatch:
     async def error_cb(self, e: Exception) -> None:
         if self.connecting and "authorization" in str(e).lower():
             raise AuthRefused(str(e))
+        if self.connecting:  # refused connections while waiting for the server: the wait ends in one line
+            log.debug("NATS: %s", e)
+            return
         log.warning("NATS: %s", e)
