@@ -228,6 +228,14 @@ async def _bucket(js, config):
         return await js.create_key_value(config)
 
 
+async def kv_keys(kv) -> list[str]:
+    """The keys of a KV bucket, sorted, without opening a consumer (see ``kv_values``); a
+    deleted key may still be listed until its tombstone is purged: its read finds nothing."""
+    # nats-py's KeyValue keeps its context, stream and subject prefix ("$KV.<bucket>.") privately.
+    info = await kv._js.stream_info(kv._stream, subjects_filter=kv._pre + ">")
+    return sorted(subject[len(kv._pre) :] for subject in info.state.subjects or ())
+
+
 async def kv_values(kv) -> list[dict]:
     """Every JSON record of a KV bucket, by key (an empty bucket, or a key deleted or expired
     between listing and reading, is not an error: heartbeats expire with the bucket's TTL).
@@ -238,12 +246,10 @@ async def kv_values(kv) -> list[dict]:
     2-core machine: the API listed the heartbeats on every job view, and after about 1000
     views in a few seconds every view and listing failed ("maximum consumers limit reached").
     """
-    # nats-py's KeyValue keeps its context, stream and subject prefix ("$KV.<bucket>.") privately.
-    info = await kv._js.stream_info(kv._stream, subjects_filter=kv._pre + ">")
     out = []
-    for subject in sorted(info.state.subjects or ()):
+    for key in await kv_keys(kv):
         try:
-            entry = await kv.get(subject[len(kv._pre) :])
+            entry = await kv.get(key)
         except Exception:  # noqa: BLE001 - deleted or expired since the listing
             continue
         if entry.value:

@@ -10,6 +10,7 @@ import re
 import time
 
 from wanrender.errors import WanrenderError
+from wanrender.service.broker import kv_keys
 from wanrender.service.jobs import JOB_ID, JobRecord, JobState, JobStore
 from wanrender.service.storage import job_prefix
 
@@ -39,12 +40,7 @@ async def sweep_once(store: JobStore, storage, keep_s: float, now: float | None 
     """Expire what ended more than ``keep_s`` ago; returns the ids of the jobs expired.
     ``swept``: ids already done by this process (a failed or canceled job keeps its state)."""
     now = time.time() if now is None else now
-    try:
-        names = await store.kv.keys()
-    except Exception as e:  # noqa: BLE001 - NoKeysError: no jobs yet
-        if type(e).__name__ != "NoKeysError":
-            raise
-        return []
+    names = await kv_keys(store.kv)  # no consumer per sweep (broker.kv_values says why)
     expired = []
     swept = set() if swept is None else swept
     for job_id in names:
