@@ -17,9 +17,9 @@ Two modes:
   832x1216 (``generate --size 832x1216``: 832 wide, 1216 high, as in docs/benchmarks.md);
   target: at most 2% added per job. Each side renders a warm-up job (it pays the load
   and the kernels' first launches), then ``--jobs`` jobs (default 1: about a minute
-  each). Both sides render the request as the service builds it (``build_request``:
-  the preset's knobs; the service applies no GPU profile, where ``generate --profile
-  auto`` would), so they compare. The direct runner is closed (its GPU memory
+  each). Both sides render the request as the service builds it (``build_request``)
+  with the GPU profile a worker applies (``serve --profile auto``, as ``generate``
+  does), so they compare. The direct runner is closed (its GPU memory
   released) before ``serve`` starts. Besides
   service wall - direct wall, it reports service wall - the stages the worker itself
   timed (its sidecar's ``render_s``), which also counts the runner's own untimed work
@@ -100,8 +100,13 @@ def _sidecar(path: Path) -> tuple[float | None, dict]:
 def direct(setup: Setup, n: int) -> list[Job]:
     """Job 0 (the warm-up: it loads the models), then n jobs; the runner is closed after."""
     from wanrender.runner import Runner
+    from wanrender.runtime.profiles import apply_resolved
     from wanrender.service.jobs import JobParams, build_request
+    from wanrender.service.worker import worker_profile
 
+    # The knobs a service worker gives the same job (serve's default --profile auto), so the
+    # two sides render alike: on an H200, fp8 + sage8 rather than the request's defaults.
+    prof = worker_profile("auto", setup.device)
     runner = Runner(setup.device)
     out = []
     try:
@@ -109,6 +114,8 @@ def direct(setup: Setup, n: int) -> list[Job]:
             for i in range(n + 1):
                 req = build_request(JobParams(prompt="bench", seed=i, **setup.job_params(i)), setup.image,
                                     Path(tmp) / f"d{i}.mp4")  # fmt: skip
+                if prof is not None:
+                    req, _ = apply_resolved(req, prof, setup.device, set(), strict=False)
                 t0 = time.perf_counter()
                 result = runner.render(req, setup.files)
                 job = Job(time.perf_counter() - t0)
