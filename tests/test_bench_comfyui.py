@@ -186,6 +186,8 @@ def test_report_and_compare_show_both_engines(sweep, home) -> None:
     html = (root / "r.html").read_text()
     table = html.split('id="summary-table"')[1].split("</table>")[0]
     assert ">engine</th>" in table and ">comfyui</td>" in table and ">wanrender</td>" in table
+    comfy_row = next(tr for tr in table.split("<tr>") if ">comfyui</td>" in tr)
+    assert comfy_row.count(">—</td>") >= 3  # wanrender's knobs do not apply to ComfyUI's rows
     engines = html.split('id="engines-table"')[1].split("</table>")[0]
     assert "5f 80x64 4 steps seed 0, demo image" in engines and engines.count("<tr>") == 1 + 4  # wan x 4 comfy rows
     assert "(device)</span>" in table  # ComfyUI's VRAM is the device-wide peak
@@ -325,3 +327,20 @@ def test_a_render_served_whole_from_the_cache_is_an_error_not_zero_seconds(tmp_p
         assert row["status"] == "error" and "served the whole render from its cache" in row["message"], row
     finally:
         s.stop()
+
+
+def test_a_comfyui_case_exported_from_its_preset_pairs_with_the_wanrender_case() -> None:
+    """The H200 sweep's two rows (docs/bench/comfyui-h200): neither case set `steps`, the
+    comfyui one had no workflow of its own (the lab exported the turbo request), so both
+    render 4 steps and belong in the side-by-side table; with a workflow file the steps are
+    that file's, unknown to the row, and the rows do not pair."""
+    from wanrender.bench.peers import pairs, render_key
+
+    case = {"image_sha256": "ab" * 32, "frames": 81, "width": 832, "height": 1216, "steps": None, "seed": 42,
+            "preset": "turbo"}  # fmt: skip
+    wan = {"case": {**case, "engine": "wanrender", "workflow": ""}, "engine": "wanrender"}
+    comfy = {"case": {**case, "engine": "comfyui", "workflow": ""}, "engine": "comfyui"}
+    assert render_key(wan) == render_key(comfy) and render_key(wan)[4] == 4
+    assert len(pairs([wan, comfy])) == 1
+    own = {"case": {**case, "engine": "comfyui", "workflow": "wan22_i2v_api.json"}, "engine": "comfyui"}
+    assert pairs([wan, own]) == []

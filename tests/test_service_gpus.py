@@ -103,9 +103,11 @@ def test_two_cpu_workers_share_the_jobs_and_stop_with_serve(home, image, tmp_pat
         assert proc.pid in pids  # the first worker runs in serve's process ...
         (child,) = pids - {proc.pid}
         assert _parent(child) == proc.pid  # ... the second in a child of serve
-        jobs = [client.submit(image, dict(TINY1, seed=i))["id"] for i in range(4)]
+        # Eight, not four: a worker pulls its next job while it encodes the last, so on a busy
+        # machine one of them could take a short run of jobs alone.
+        jobs = [client.submit(image, dict(TINY1, seed=i))["id"] for i in range(8)]
         done = [final(client, j, 120) for j in jobs]
-        assert [d["state"] for d in done] == ["succeeded"] * 4, done
+        assert [d["state"] for d in done] == ["succeeded"] * 8, done
         assert {d["worker"] for d in done} == {w["name"] for w in workers}  # both rendered
     finally:
         nats_pid = int((data / "nats" / "nats-server.pid").read_text())

@@ -162,6 +162,10 @@ def test_serve_runs_the_api_alone_against_a_fleet_nats_with_the_api_user(fleet, 
     _one_line_error(
         _cli(env, "serve", "--data", str(tmp_path), "--creds", str(paths["api"])), 2, "--creds goes with --nats"
     )
+    # Local workers would connect as the api user, which may not ack or renew a lease.
+    _one_line_error(_cli(env, "serve", "--nats", b.url, "--creds", str(paths["api"]), "--workers", "1", "--data",
+                         str(tmp_path / "x"), "--device", "cpu"), 2, "local workers need the fleet's worker credentials")  # fmt: skip
+    assert not (tmp_path / "x").exists()
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "serve", "--nats", b.url, "--creds", str(paths["api"]),
                              "--workers", "0", "--data", str(tmp_path / "api"), "--listen", f"127.0.0.1:{port}"],

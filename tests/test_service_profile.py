@@ -120,7 +120,7 @@ def test_a_bad_profile_file_is_one_line_before_anything_starts(home, tmp_path) -
 
 def test_child_workers_get_the_same_profile(home, image, user_profile, tmp_path) -> None:
     """`serve --workers 2`: the second worker is a child `wanrender worker`; the profile serve
-    was given (here a file, named relative to the working directory) reaches it too."""
+    was given reaches it too (without it, the child's `auto` would pick this-cpu.yaml)."""
     import os
 
     from wanrender.runtime.hardware import device_name

@@ -146,6 +146,12 @@ def serve(
         raise WanrenderError("--creds goes with --nats (the embedded NATS server writes its own) — add --nats URL")
     if creds is not None:
         read_creds(creds)
+        if devices:  # they would connect as the api user, which may not ack or renew a lease
+            if workers is not None or gpus is not None:
+                raise WanrenderError("local workers need the fleet's worker credentials, not --creds (the api "
+                                     "user's) — run 'wanrender worker --nats URL --creds worker.creds' beside "
+                                     "serve, or drop --workers/--gpus")  # fmt: skip
+            devices = ()  # the default against a fleet's NATS: the API alone
     queue = _queue(lease, max_attempts)
     from wanrender.service.expiry import parse_keep
 
@@ -204,6 +210,12 @@ def worker(
     from wanrender.service.worker import Worker, worker_profile
 
     dev = str(resolve_device(worker_device(gpu, device, cuda_count() if gpu is not None else 0)))
+    if dev.startswith("cuda:"):
+        import torch
+
+        # Before anything touches CUDA: pinned buffers and calls without a device go to the
+        # current one, and a worker of GPU N would otherwise open a context on GPU 0 too.
+        torch.cuda.set_device(dev)
     gib = _vram(vram)
     prof = worker_profile(profile, dev)  # once, before any model loads
     storage = _storage(s3, bucket)

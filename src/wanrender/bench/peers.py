@@ -23,7 +23,9 @@ def engine(row: dict) -> str:
 def render_key(row: dict) -> tuple:
     c = row.get("case") or {}
     steps = c.get("steps")
-    if steps is None and engine(row) == "wanrender":
+    # A comfyui case without a workflow renders the lab's export of its own request: the
+    # preset's steps, as a wanrender case (with a workflow of its own they are that file's).
+    if steps is None and (engine(row) == "wanrender" or not c.get("workflow")):
         from wanrender.request import PRESETS
 
         preset = PRESETS.get(str(c.get("preset")))

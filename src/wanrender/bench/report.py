@@ -99,6 +99,15 @@ def _vram_cell(row: dict) -> str:
     return _gib((row.get("memory") or {}).get("torch_allocated_peak"))
 
 
+def _knob(row: dict, case: dict, knob: str) -> str:
+    """What the case asked for, and what its render ran with where that differs (``auto``
+    resolved by the planner); ComfyUI's rows have none of wanrender's knobs."""
+    if peers.engine(row) == "comfyui":
+        return "—"
+    asked, ran = str(case.get(knob)), (row.get("plan") or {}).get(knob)
+    return escape(asked if ran in (None, asked) else f"{asked} → {ran}")
+
+
 def _summary_table(rows: list[dict]) -> str:
     tags = _env_tags(rows)
     engines = len({peers.engine(r) for r in rows}) > 1
@@ -114,8 +123,8 @@ def _summary_table(rows: list[dict]) -> str:
             [escape(peers.engine(r))] if engines else []
         )
         cells += [str(c.get("frames", "")),
-                 f"{c.get('width')}x{c.get('height')}", escape(str(c.get("attention"))),
-                 escape(str(c.get("precision"))), escape(str(c.get("compile"))), escape(str(c.get("pass_order"))),
+                 f"{c.get('width')}x{c.get('height')}", _knob(r, c, "attention"),
+                 _knob(r, c, "precision"), _knob(r, c, "compile"), escape(str(c.get("pass_order"))),
                  _f(res.p50(r, "total")), _f((r.get("total") or {}).get("p90")), _f(res.p50(r, "s_per_step")),
                  _f(res.p50(r, "pass1")), _f(res.p50(r, "pass2")), escape(str(m.get("plan") or "")),
                  _vram_cell(r), _f(m.get("predicted_peak_gib"), 1), _gib(m.get("torch_reserved_peak")),

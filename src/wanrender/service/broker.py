@@ -228,12 +228,25 @@ async def _bucket(js, config):
         return await js.create_key_value(config)
 
 
+SUBJECTS_PAGE = 100_000  # nats-server's most subjects in one stream-info answer (it pages the rest)
+
+
 async def kv_keys(kv) -> list[str]:
     """The keys of a KV bucket, sorted, without opening a consumer (see ``kv_values``); a
-    deleted key may still be listed until its tombstone is purged: its read finds nothing."""
+    deleted key may still be listed until its tombstone is purged: its read finds nothing.
+    A bucket of a full page of keys or more (a long-lived service's job records) is listed
+    by nats-py's consumer instead, which has no such limit: one per call is cheap there."""
     # nats-py's KeyValue keeps its context, stream and subject prefix ("$KV.<bucket>.") privately.
     info = await kv._js.stream_info(kv._stream, subjects_filter=kv._pre + ">")
-    return sorted(subject[len(kv._pre) :] for subject in info.state.subjects or ())
+    subjects = info.state.subjects or {}
+    if len(subjects) < SUBJECTS_PAGE:
+        return sorted(subject[len(kv._pre) :] for subject in subjects)
+    try:
+        return sorted(await kv.keys())
+    except Exception as e:  # noqa: BLE001 - NoKeysError: every key was deleted meanwhile
+        if type(e).__name__ != "NoKeysError":
+            raise
+        return []
 
 
 async def kv_values(kv) -> list[dict]:
