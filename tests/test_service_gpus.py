@@ -215,3 +215,23 @@ def test_serve_on_gpu_0_renders_a_job(home, image, tmp_path: Path) -> None:
         assert final(client, job, 300)["state"] == "succeeded"
     finally:
         _sigterm(proc, log)
+
+
+def test_a_child_line_longer_than_the_buffer_is_passed_on_whole() -> None:
+    """serve forwards its child workers' output with a label; a traceback or a log line
+    longer than the reader's buffer must not be lost, nor glued to the next line."""
+    import asyncio
+
+    from wanrender.service.local_workers import _forward
+
+    async def main() -> list[str]:
+        reader = asyncio.StreamReader(limit=16)
+        reader.feed_data(b"x" * 40 + b"\nshort\nlast without newline")
+        reader.feed_eof()
+        got: list[str] = []
+        await _forward(reader, "w", got.append)
+        return got
+
+    got = asyncio.run(main())
+    assert got[-2:] == ["w | short", "w | last without newline"], got
+    assert "".join(g.removeprefix("w | ") for g in got[:-2]) == "x" * 40, got

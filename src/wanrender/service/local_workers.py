@@ -134,13 +134,17 @@ def _die_with_parent():
 
 
 async def _forward(stream: asyncio.StreamReader, label: str, echo) -> None:
+    """A child's output, line by line with its label; nothing is dropped (readline would
+    discard a line longer than the reader's buffer: readuntil leaves it to be taken)."""
     while True:
         try:
-            line = await stream.readline()
-        except ValueError:  # a line longer than the reader's limit: pass on what is there
-            line = await stream.read(1 << 16)
-        if not line:
+            line = await stream.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:  # the end, perhaps with a last line unterminated
+            if e.partial:
+                echo(f"{label} | {e.partial.decode(errors='replace').rstrip()}")
             return
+        except asyncio.LimitOverrunError as e:  # longer than the buffer: passed on in pieces
+            line = await stream.readexactly(e.consumed)
         echo(f"{label} | {line.decode(errors='replace').rstrip()}")
 
 
