@@ -199,3 +199,48 @@ def test_released_or_half_configured_engines_recover(demo, tmp_path: Path, monke
         runner.render(_request(image, tmp_path / "c.mp4", other), files)
     monkeypatch.setattr(loading, "load_dit", real)
     assert _digest(runner.render(_request(image, tmp_path / "d.mp4", swap), files)) == first
+
+
+def test_the_first_render_conditions_during_the_load_and_renders_the_same(demo, tmp_path: Path, monkeypatch) -> None:
+    """A fresh engine computes the first render's text and image conditioning while the
+    experts load (resident plans); the video is bit for bit the one the render computes
+    itself, the sidecar says which stages ran during the load and leaves them out of
+    render_s, a plan with stage hooks (swap) does not do it, and a failure there only
+    means the render does the work."""
+    from wanrender.engine import Engine
+    from wanrender.runner import Runner
+
+    files, image, _ = demo
+    spec = SPECS[0]
+    req = _request(image, tmp_path / "a.mp4", spec)
+    early = Runner("cpu").render(req, files)
+    assert early.meta["during_load"] == ["text_encode", "vae_encode"]
+    side = json.loads(early.sidecar.read_text())
+    assert side["during_load"] == ["text_encode", "vae_encode"]
+    spent = side["timings_s"]
+    assert side["render_s"] == pytest.approx(sum(v for k, v in spent.items()
+                                                 if k not in ("sampling", "text_encode", "vae_encode")), abs=2e-3)  # fmt: skip
+
+    late_runner = Runner("cpu")
+    prep = late_runner.prepare(req, files)
+    late_runner.ensure_engine(prep.config, files)  # loaded without the request: the render conditions
+    late = late_runner.render(_request(image, tmp_path / "b.mp4", spec), files)
+    assert late.meta["during_load"] == []
+    assert _digest(early) == _digest(late)
+
+    swap = Runner("cpu").render(_request(image, tmp_path / "c.mp4", SPECS[3]), files)
+    assert swap.meta["during_load"] == []  # the text encoder and VAE move with the memory plan there
+
+    calls = []
+    real = Engine._encode
+
+    def flaky(self, *a, **k):  # fails during the load only
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of something")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "_encode", flaky)
+    again = Runner("cpu").render(_request(image, tmp_path / "d.mp4", spec), files)
+    assert len(calls) == 2 and again.meta["during_load"] == []  # the render did the work itself
+    assert _digest(again) == _digest(early)

@@ -486,8 +486,8 @@ def _encode(req, result, doc: dict) -> None:
     from wanrender.spec import Stage
 
     def finished_doc() -> dict:
-        t = result.timings
+        t, early = result.timings, set(result.meta.get("during_load") or ())  # as runner.sidecar counts it
         return {**doc, "timings_s": {k: round(v, 4) for k, v in t.items()},
-                "render_s": round(sum(v for k, v in t.items() if k != Stage.SAMPLING.value), 3)}  # fmt: skip
+                "render_s": round(sum(v for k, v in t.items() if k != Stage.SAMPLING.value and k not in early), 3)}  # fmt: skip
 
     result.video, result.sidecar = write_outputs(req, result.frames, result.frames, result.timings, finished_doc)
