@@ -235,3 +235,18 @@ def test_a_child_line_longer_than_the_buffer_is_passed_on_whole() -> None:
     got = asyncio.run(main())
     assert got[-2:] == ["w | short", "w | last without newline"], got
     assert "".join(g.removeprefix("w | ") for g in got[:-2]) == "x" * 40, got
+
+
+def test_serve_killed_leaves_no_worker_and_no_nats_server_and_its_data_starts_again(home, tmp_path: Path) -> None:
+    """kill -9 of serve: the kernel ends its child worker and its nats-server (a server left
+    running on the store would share it with the next serve's and corrupt it), and a new
+    serve on the same --data starts."""
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    proc, client = _start(env(home), data, log, "--device", "cpu", "--workers", "2", workers=2)
+    (child,) = {w["pid"] for w in client.workers()} - {proc.pid}
+    nats_pid = int((data / "nats" / "nats-server.pid").read_text())
+    proc.kill()
+    proc.wait(timeout=30)
+    wait(lambda: not _alive(child) and not _alive(nats_pid), 20)
+    proc, _ = _start(env(home), data, tmp_path / "again.log", "--device", "cpu", workers=1)
+    _sigterm(proc, tmp_path / "again.log")

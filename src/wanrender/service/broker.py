@@ -67,9 +67,63 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _stop_orphan(pid_file: Path, store: Path, timeout: float = 10.0) -> None:
+    """Stop a nats-server still serving ``store`` after its owner died (the pid file it
+    wrote names it; its command line must name the store, so a reused pid is left alone)."""
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if not cmdline or b"nats-server" not in cmdline[0] or str(store).encode() not in cmdline:
+        return
+    import logging
+
+    logging.getLogger(__name__).warning("stopping nats-server pid %d, left running on %s by an earlier serve", pid,
+                                        store)  # fmt: skip
+    for sig, wait_s in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):  # TERM flushes its store
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if not _running(pid):
+                return
+            time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's zombie lasts until init reaps it)."""
+    try:
+        return not Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def die_with_parent():
+    """Linux: a ``preexec_fn`` by which the child gets SIGTERM when the thread that started
+    it ends (serve killed, out of memory), instead of staying on as an orphan holding a GPU
+    or a JetStream store. Start such children from a thread that lives as long as the
+    process (the main thread). Resolved here, before any fork."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+    return lambda: prctl(pr_set_pdeathsig, sigterm)
+
+
 class EmbeddedBroker:
     """A nats-server with JetStream on loopback, its store under ``data``; ``stop``
-    ends it (also when the owner is interrupted: no orphan server)."""
+    ends it (also when the owner is interrupted or killed: no orphan server). One
+    broker per store: a second one on the same ``data`` is refused (two servers on
+    one JetStream store would corrupt it), and a server an earlier, killed owner left
+    running there is stopped first."""
 
     def __init__(
         self, data: Path, port: int | None = None, host: str = "127.0.0.1", config: Path | None = None
@@ -79,6 +133,7 @@ class EmbeddedBroker:
         self.port = port or free_port(host)
         self.config = config  # a nats-server config (natsauth.write_fleet: users and permissions)
         self.proc: subprocess.Popen | None = None
+        self._lock = None  # the store's lock file, held while the server runs
 
     @property
     def url(self) -> str:
@@ -88,16 +143,53 @@ class EmbeddedBroker:
     def pid_file(self) -> Path:
         return self.data / "nats-server.pid"
 
+    def _take_store(self) -> None:
+        """The store's lock (released by the kernel however its holder ends), then any
+        server a killed earlier owner left on it stopped."""
+        import fcntl
+
+        self.data.mkdir(parents=True, exist_ok=True)
+        lock = open(self.data / "store.lock", "a+")  # noqa: SIM115 - held until stop()
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise WanrenderError(f"{self.data.parent}: its NATS store is in use by another wanrender serve (pid "
+                                 f"{holder}) — stop that one, or give this one another --data") from None  # fmt: skip
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+        _stop_orphan(self.pid_file, self.data / "jetstream")
+
+    def _release_store(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.close()  # closing the file releases the lock
+
     def start(self, timeout: float = 15.0) -> str:
         binary = find_nats_server()
+        self._take_store()
+        try:
+            return self._start(binary, timeout)
+        except BaseException:
+            self._release_store()
+            raise
+
+    def _start(self, binary: str, timeout: float) -> str:
         store = self.data / "jetstream"
         store.mkdir(parents=True, exist_ok=True)
         log = open(self.data / "nats-server.log", "ab")  # noqa: SIM115 - the server writes it while it runs
         cmd = [binary, "-js", "-a", self.host, "-p", str(self.port), "-sd", str(store), "-P", str(self.pid_file)]
         if self.config is not None:
             cmd[1:1] = ["-c", str(self.config)]  # the flags after it override its listen and store settings
-        # Its own process group: a Ctrl-C in the terminal reaches us, and we stop it in order.
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        # Its own process group: a Ctrl-C in the terminal reaches us, and we stop it in order;
+        # if we are killed, the kernel sends it SIGTERM (it flushes its store on TERM).
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=die_with_parent())  # fmt: skip
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -116,14 +208,17 @@ class EmbeddedBroker:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)  # the server flushes its JetStream store on TERM
         try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            if proc is None or proc.poll() is not None:
+                return
+            proc.send_signal(signal.SIGTERM)  # the server flushes its JetStream store on TERM
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        finally:
+            self._release_store()
 
     def __enter__(self) -> EmbeddedBroker:
         self.start()

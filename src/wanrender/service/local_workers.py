@@ -8,11 +8,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import sys
 import time
 from dataclasses import dataclass
 
 from wanrender.errors import WanrenderError
+from wanrender.service.broker import die_with_parent
 
 MAX_CPU_WORKERS = 64  # each loads its own copy of the models: more is a typo, not a plan
 
@@ -118,21 +118,6 @@ def _exit_text(code: int) -> str:
     return f"exit code {code}"
 
 
-def _die_with_parent():
-    """Linux: the child gets SIGTERM if serve itself dies (killed, out of memory) instead of
-    staying on as an orphan holding a GPU. Resolved here, before any fork."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
-    return lambda: prctl(pr_set_pdeathsig, sigterm)
-
-
 async def _forward(stream: asyncio.StreamReader, label: str, echo) -> None:
     """A child's output, line by line with its label; nothing is dropped (readline would
     discard a line longer than the reader's buffer: readuntil leaves it to be taken)."""
@@ -164,7 +149,7 @@ async def supervise(child: Child, stop: asyncio.Event, announce, echo, policy: R
     """Runs ``child`` until ``stop``, restarting it when it exits on its own; returns once it
     has stopped. Raises WanrenderError when it keeps exiting (``policy.limit`` restarts)."""
     restarts = 0
-    preexec = _die_with_parent()
+    preexec = die_with_parent()
     while not stop.is_set():
         began = time.monotonic()
         # Its own session: a Ctrl-C in serve's terminal reaches serve alone, which then stops
