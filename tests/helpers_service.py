@@ -16,7 +16,9 @@ AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_
 
 
 def env(home: Path, **extra: str) -> dict:
-    return {**os.environ, "PYTHONPATH": SRC, "WANRENDER_HOME": str(home), **extra}
+    # The caller's PYTHONPATH stays behind src: a machine may carry packages there (the GPU one does).
+    path = os.pathsep.join(p for p in (SRC, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "WANRENDER_HOME": str(home), **extra}
 
 
 def cli(e: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
