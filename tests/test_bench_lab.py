@@ -589,3 +589,21 @@ def test_env_snapshot_and_fingerprint(monkeypatch) -> None:
     changed = snapshot()
     assert changed["env_vars"]["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:256"
     assert changed["fingerprint"] != env["fingerprint"]
+
+
+def test_plot_ticks_never_repeat_a_label() -> None:
+    """A sweep of one frame count drew the frames axis as 80, 80, 81, 82, 82 (half-frame
+    steps rounded): whole-number data gets whole steps, and a fractional tick keeps its
+    decimal."""
+    import re
+
+    from wanrender.bench.svg import Series, xy_chart
+
+    svg = xy_chart([Series("a", ((81, 67.8),), "#d62728"), Series("b", ((81, 70.8),), "#1f77b4")], plot="t", title="t",
+                   x_label="frames", y_label="s")  # fmt: skip
+    labels = re.findall(r'<text[^>]*text-anchor="middle"[^>]*>([^<]+)</text>', svg)
+    frames = [t for t in labels if t.strip().isdigit() and 70 < int(t) < 90]
+    assert frames and len(frames) == len(set(frames)), labels
+    half = xy_chart([Series("a", ((10.0, 1.0), (12.5, 2.0)), "#d62728")], plot="h", title="h", x_label="x", y_label="y")
+    ticks = re.findall(r'<text[^>]*text-anchor="middle"[^>]*>([^<]+)</text>', half)
+    assert len([t for t in ticks if t not in ("x",)]) == len({t for t in ticks if t not in ("x",)}), ticks

@@ -50,8 +50,9 @@ def style(i: int) -> tuple[str, str]:
     return PALETTE[i % len(PALETTE)], DASHES[i // len(PALETTE) % len(DASHES)]
 
 
-def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    """Round tick values covering [lo, hi] (1, 2, 5 x 10^k steps)."""
+def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values covering [lo, hi] (1, 2, 5 x 10^k steps; whole steps for
+    ``integer`` data such as frame counts, which have nothing between two ticks)."""
     if not math.isfinite(lo) or not math.isfinite(hi):
         return [0.0]
     if hi <= lo:
@@ -59,6 +60,8 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     raw = (hi - lo) / max(1, n)
     mag = 10 ** math.floor(math.log10(raw))
     step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    if integer:
+        step = max(step, 1.0)
     start = math.floor(lo / step) * step
     ticks = []
     v = start
@@ -72,10 +75,11 @@ def fmt(v: float) -> str:
     if v == 0:
         return "0"
     a = abs(v)
-    if a >= 1000:
+    whole = float(v).is_integer()
+    if a >= 1000 and whole:
         return f"{v:,.0f}"
-    if a >= 10:
-        return f"{v:.0f}"
+    if a >= 10:  # 12.5 stays 12.5: rounding would give two ticks one label
+        return f"{v:.0f}" if whole else f"{v:.1f}".rstrip("0").rstrip(".")
     if a >= 1:
         return f"{v:.1f}".rstrip("0").rstrip(".")
     return f"{v:.3g}"
@@ -110,7 +114,7 @@ def xy_chart(series: list[Series], *, plot: str, title: str, x_label: str, y_lab
         x_lo, x_hi = x_lo - 1, x_hi + 1
     y_lo, y_hi = (min(0.0, min(ys)) if y_zero else min(ys)), max(ys)
     yt = nice_ticks(y_lo, y_hi)
-    xt = nice_ticks(x_lo, x_hi, 6)
+    xt = nice_ticks(x_lo, x_hi, 6, integer=all(float(x).is_integer() for x in xs))
     y_lo, y_hi = min(yt[0], y_lo), max(yt[-1], y_hi)
     if y_hi == y_lo:
         y_hi = y_lo + 1
