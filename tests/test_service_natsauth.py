@@ -139,6 +139,32 @@ def test_a_worker_pointed_where_no_nats_answers_says_so_in_one_line(demo_set, tm
     _one_line_error(r, 2, "WANRENDER_NATS_WAIT='soon' is invalid")
 
 
+def test_a_worker_waiting_for_nats_stops_at_once_on_sigterm(demo_set, tmp_path: Path) -> None:
+    """docker stop, or serve ending its children: a worker still waiting for its first
+    NATS connection leaves at once, not after WANRENDER_NATS_WAIT."""
+    import signal
+
+    from wanrender.service.broker import free_port
+
+    home, _, _ = demo_set
+    proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "worker", "--nats",
+                             f"nats://127.0.0.1:{free_port()}", "--data", str(tmp_path), "--device", "cpu"],
+                            env=_env(home) | {"WANRENDER_NATS_WAIT": "120"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(4)  # past its start: waiting for NATS now
+        assert proc.poll() is None
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert time.monotonic() - t0 < 15, "the worker waited for NATS past its SIGTERM"
+        assert "Traceback" not in out + err, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_nats_creds_command_writes_a_fleet_folder(demo_set, tmp_path: Path) -> None:
     home, _, _ = demo_set
     r = subprocess.run([sys.executable, "-m", "wanrender.cli", "nats-creds", str(tmp_path / "fleet")],

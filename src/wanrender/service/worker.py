@@ -26,6 +26,7 @@ service as through ``generate``; the capability record advertises which profile 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -164,7 +165,18 @@ class Worker:
         return self._runner
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
-        nc = await connect(self.url, f"wanrender-worker-{self.name}")
+        # A stop (SIGTERM: docker stop, serve ending its children) while NATS has not
+        # answered yet ends the wait at once instead of after WANRENDER_NATS_WAIT.
+        connecting = asyncio.ensure_future(connect(self.url, f"wanrender-worker-{self.name}"))
+        stopping = asyncio.ensure_future(stop.wait())
+        await asyncio.wait((connecting, stopping), return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            return
+        nc = connecting.result()
         try:
             js = nc.jetstream()
             jobs_kv, self._workers_kv = await open_jetstream(js)  # lookups only: the NATS worker user's rights
