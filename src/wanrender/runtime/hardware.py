@@ -71,8 +71,14 @@ def device_name(device: str) -> str:
     if dev.type == "cuda":
         found = nvml_gpus()
         idx = dev.index or 0
-        # NVML numbers every GPU of the host; with CUDA_VISIBLE_DEVICES torch's index is another one.
-        if found is not None and idx < len(found[0]) and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-            return found[0][idx]["name"]
+        names = [g["name"] for g in found[0]] if found is not None else []
+        # NVML numbers every GPU of the host in PCI order; CUDA counts the fastest first unless
+        # CUDA_DEVICE_ORDER=PCI_BUS_ID, and CUDA_VISIBLE_DEVICES renumbers. Only where every
+        # GPU has one name does NVML's list answer without asking CUDA.
+        if names and len(set(names)) == 1 and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return names[0]
+        pci_order = os.environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+        if pci_order and idx < len(names) and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+            return names[idx]
         return torch.cuda.get_device_name(idx)
     return f"cpu {cpu_info()['model']}"
