@@ -79,11 +79,10 @@ def _summary(result, req) -> None:
     t = Table(title="Render summary", title_justify="left", show_header=True)
     t.add_column("stage")
     t.add_column("seconds", justify="right")
-    early = set(result.meta.get("during_load") or ())  # conditioned while the experts loaded
+    early = result.during_load  # conditioned while the experts loaded
     for k, v in result.timings.items():
         t.add_row(f"{k} (during the load)" if k in early else k, f"{v:.2f}")
-    total = sum(v for k, v in result.timings.items() if k != "sampling" and k not in early)
-    t.add_row("[bold]total[/]" + (" (after the load)" if early else ""), f"{total:.2f}")
+    t.add_row("[bold]total[/]" + (" (after the load)" if early else ""), f"{result.render_seconds():.2f}")
     Console().print(t)
     steps = result.meta.get("step_seconds") or []
     out = Console()

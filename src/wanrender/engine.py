@@ -63,6 +63,17 @@ class RenderResult:
     peak_vram_bytes: int | None = None
     meta: dict = field(default_factory=dict)
 
+    @property
+    def during_load(self) -> tuple[str, ...]:
+        """Stages computed while the models loaded (``Engine.condition_early``)."""
+        return tuple(self.meta.get("during_load") or ())
+
+    def render_seconds(self) -> float:
+        """The render's own time: every stage but the sampling total (the sum of its passes)
+        and those run during the load, which the load's time already holds."""
+        skip = {Stage.SAMPLING.value, *self.during_load}
+        return sum(v for k, v in self.timings.items() if k not in skip)
+
 
 class Engine:
     def __init__(self, high, low, vae, text_encoder, tokenizer, device: torch.device, files: ModelFiles | None,
@@ -83,6 +94,7 @@ class Engine:
         self.placed_for = None
         self._broken = False  # a configure failed halfway: only a full reload makes the models known again
         self._converted = False  # fp8 conversion replaced wider weights: bf16 needs a reload
+        self._early = None  # condition_early's result, for the first render only
 
     @property
     def plan(self):
@@ -359,7 +371,7 @@ class Engine:
         self._early = (_early_key(req, image), text_len, ctx, neg, cond, timings)
 
     def _take_early(self, req: RenderRequest, image: torch.Tensor):
-        early, self._early = getattr(self, "_early", None), None
+        early, self._early = self._early, None
         if early is None or early[0] != _early_key(req, image) or early[1] != self.high.cfg.text_len:
             return None
         return early[2:]

@@ -425,16 +425,8 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         "interpolation": result.meta.get("interpolation"),
         "size": [int(result.frames.shape[2]), int(result.frames.shape[1])],
         "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
-        # Stages computed while the models loaded are inside load_models_s, not the render's time.
-        "render_s": round(
-            sum(
-                v
-                for k, v in result.timings.items()
-                if k != Stage.SAMPLING.value and k not in result.meta.get("during_load", ())
-            ),
-            3,
-        ),  # fmt: skip
-        "during_load": list(result.meta.get("during_load", [])),
+        "render_s": round(result.render_seconds(), 3),
+        "during_load": list(result.during_load),
         "seconds_per_step": round(sum(s) / len(s), 4) if s else None,
         "load_models_s": round(result.meta.get("load", {}).get(Stage.LOAD_MODELS.value, 0.0), 3),
         "load_parts_s": {k: round(v, 3) for k, v in engine.load_parts.items()},

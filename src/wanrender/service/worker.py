@@ -495,11 +495,9 @@ class Worker:
 def _encode(req, result, doc: dict) -> None:
     """On the finishing thread: the MP4 and the sidecar (with the encode's time in it)."""
     from wanrender.outputs import write_outputs
-    from wanrender.spec import Stage
 
     def finished_doc() -> dict:
-        t, early = result.timings, set(result.meta.get("during_load") or ())  # as runner.sidecar counts it
-        return {**doc, "timings_s": {k: round(v, 4) for k, v in t.items()},
-                "render_s": round(sum(v for k, v in t.items() if k != Stage.SAMPLING.value and k not in early), 3)}  # fmt: skip
+        return {**doc, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
+                "render_s": round(result.render_seconds(), 3)}  # fmt: skip
 
     result.video, result.sidecar = write_outputs(req, result.frames, result.frames, result.timings, finished_doc)
