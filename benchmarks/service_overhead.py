@@ -81,6 +81,7 @@ class Job:
     first_progress_s: float | None = None
     server_s: float | None = None  # the job record: created -> finished, on the server's clock
     plan: dict = field(default_factory=dict)
+    timings_s: dict = field(default_factory=dict)  # the sidecar's stages, to see where two sides differ
 
 
 def say(line: str) -> None:
@@ -88,13 +89,18 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def _sidecar(path: Path) -> tuple[float | None, dict]:
+def _sidecar(job: Job, path: Path) -> None:
     try:
         doc = json.loads(Path(path).read_text())
     except (OSError, ValueError):
-        return None, {}
+        return
     runtime = (doc.get("plan") or {}).get("runtime") or {}
-    return doc.get("render_s"), {k: runtime.get(k) for k in ("precision", "attention", "compile")}
+    job.stages_s, job.timings_s = doc.get("render_s"), doc.get("timings_s") or {}
+    job.plan = {k: runtime.get(k) for k in ("precision", "attention", "compile")}
+
+
+def _stages_line(job: Job) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in job.timings_s.items() if isinstance(v, (int, float)))
 
 
 def direct(setup: Setup, n: int) -> list[Job]:
@@ -119,10 +125,10 @@ def direct(setup: Setup, n: int) -> list[Job]:
                 t0 = time.perf_counter()
                 result = runner.render(req, setup.files)
                 job = Job(time.perf_counter() - t0)
-                job.stages_s, job.plan = _sidecar(result.sidecar)
+                _sidecar(job, result.sidecar)
                 out.append(job)
                 if setup.models is not None:
-                    say(f"direct job {i}: {job.wall_s:.2f} s (stages {job.stages_s} s)")
+                    say(f"direct job {i}: {job.wall_s:.2f} s (stages {job.stages_s} s: {_stages_line(job)})")
     finally:
         runner.close()
     return out
@@ -174,11 +180,11 @@ def through_service(setup: Setup, n: int) -> dict:
                 if record.get("finished_at") and record.get("created_at"):
                     done.server_s = record["finished_at"] - record["created_at"]
                 sidecar = client.download(job["id"], Path(tmp) / f"s{i}.json", "sidecar")
-                done.stages_s, done.plan = _sidecar(sidecar)
+                _sidecar(done, sidecar)
                 jobs.append(done)
                 if setup.models is not None:
                     say(f"service job {i}: {done.wall_s:.2f} s (first progress {seen and round(seen, 2)} s, "
-                        f"worker stages {done.stages_s} s)")  # fmt: skip
+                        f"worker stages {done.stages_s} s: {_stages_line(done)})")  # fmt: skip
         finally:
             stop(proc, timeout=120)
     return {"startup_s": up, "jobs": jobs}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 from wanrender.models.dit import DiTConfig, WanDiT
@@ -18,3 +22,15 @@ def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torc
 
 def tiny_dit(cfg: DiTConfig = TINY_DIT, seed: int = 0) -> WanDiT:
     return randomize_(WanDiT(cfg), seed).eval()
+
+
+def dynamo_after(code: str) -> str:
+    """Runs ``code`` in a fresh Python (only ``src`` on its path) and returns its last
+    printed line followed by ``dynamo`` or ``clean``: whether it imported torch._dynamo,
+    which costs a process that never compiles 1-4 s."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    probe = code + "\nprint('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n"
+    r = subprocess.run([sys.executable, "-c", "import sys\n" + probe], capture_output=True, text=True,
+                       env={"PYTHONPATH": src}, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    return " ".join(r.stdout.split())

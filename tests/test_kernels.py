@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 import torch
-from helpers_models import TINY_DIT, tiny_dit
+from helpers_models import TINY_DIT, dynamo_after, tiny_dit
 
 from wanrender.errors import WanrenderError
 from wanrender.kernels import attention as attn
@@ -286,3 +286,24 @@ def test_sage8_op_stays_opaque_to_compile_and_keeps_its_options(monkeypatch) -> 
     compiled = torch.compile(choice.fn, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, q, q), attn.reference_attention(q, q, q))
     assert seen and all(s == {"block_n": 64} for s in seen)  # the real kernel ran, with its options
+
+
+@pytest.mark.parametrize("backend", ["sage8", "cudnn-fp8"])
+def test_eager_8bit_attention_does_not_import_dynamo(backend: str) -> None:
+    """A process that never compiles calls the kernels themselves: the custom op's first
+    call imported Dynamo and Inductor (1.2 s here, about 4 s on a fresh GPU install) inside
+    the first step. The kernels are stand-ins here (no GPU); the dispatch is the real one."""
+    code = (
+        "import torch\n"
+        "from wanrender.kernels import attention as attn, attention_sage8 as sa, attention_cudnn as ac\n"
+        "seen = []\n"
+        "sa.can_run = ac.can_run = lambda *a, **kw: []\n"
+        "sa.sage8_attention = lambda q, k, v, **o: seen.append('sage8') or attn.reference_attention(q, k, v)\n"
+        "ac.core = lambda q, k, v, *rest: seen.append('cudnn-fp8') or attn.reference_attention(q, k, v)\n"
+        f"choice = attn.select({backend!r}, attn.Target('cuda', (9, 0), torch.bfloat16, 128))\n"
+        "q = torch.randn(1, 16, 2, 128)\n"
+        "out = choice.fn(q, q, q)\n"
+        "assert torch.allclose(out, attn.reference_attention(q, q, q)), 'wrong output'\n"
+        "print(seen)"
+    )
+    assert dynamo_after(code) == f"['{backend}'] clean"

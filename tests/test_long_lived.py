@@ -244,3 +244,40 @@ def test_the_first_render_conditions_during_the_load_and_renders_the_same(demo, 
     again = Runner("cpu").render(_request(image, tmp_path / "d.mp4", spec), files)
     assert len(calls) == 2 and again.meta["during_load"] == []  # the render did the work itself
     assert _digest(again) == _digest(early)
+
+
+def test_an_encoder_handed_back_open_writes_the_video_generate_writes(demo, tmp_path: Path) -> None:
+    """A service worker renders with ``write=False, encode=True``: the encoder is fed during
+    the decode and finished later on another thread; the video equals ``generate``'s, and an
+    abandoned encoder leaves no file."""
+    import threading
+
+    from wanrender.media.video import read_video
+    from wanrender.outputs import video_partial, write_outputs
+    from wanrender.runner import Runner
+
+    files, image, _ = demo
+    runner = Runner("cpu")
+    direct = runner.render(_request(image, tmp_path / "direct.mp4", SPECS[0]), files)
+    req = _request(image, tmp_path / "later.mp4", SPECS[0])
+    result = runner.render(req, files, write=False, encode=True)
+    assert result.encoder is not None and result.video is None
+    assert not (tmp_path / "later.mp4").exists()  # nothing published before the finish
+    done = []
+    t = threading.Thread(target=lambda: done.append(write_outputs(
+        req, result.frames, result.frames, result.timings, lambda: {"k": 1}, stream=result.encoder)))  # fmt: skip
+    t.start()
+    t.join(120)
+    video, sidecar = done[0]
+    assert json.loads(sidecar.read_text()) == {"k": 1}
+    a, fps_a = read_video(direct.video)
+    b, fps_b = read_video(video)
+    assert fps_a == fps_b and a.shape == b.shape and (a == b).all()
+    assert not video_partial(video).exists()
+
+    dropped = runner.render(_request(image, tmp_path / "dropped.mp4", SPECS[0]), files, write=False, encode=True)
+    dropped.encoder.abort()
+    assert not video_partial(tmp_path / "dropped.mp4").exists() and not (tmp_path / "dropped.mp4").exists()
+    plain = _request(image, tmp_path / "plain.mp4", SPECS[0])
+    assert runner.render(plain, files, write=False).encoder is None  # without encode: no encoder at all
+    runner.close()

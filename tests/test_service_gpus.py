@@ -118,6 +118,30 @@ def test_two_cpu_workers_share_the_jobs_and_stop_with_serve(home, image, tmp_pat
     wait(lambda: not _alive(child) and not _alive(nats_pid), 10)  # no orphan left
 
 
+def test_a_password_in_the_nats_url_stays_out_of_the_child_workers_command_line(home, image, tmp_path: Path) -> None:
+    """serve against a user's own NATS with a password in the URL: the child worker gets the
+    URL in its environment (any local user can read a command line in /proc)."""
+    from wanrender.service.broker import EmbeddedBroker
+
+    secret = "s3cret-in-url"
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'authorization {{ user: "render", password: "{secret}" }}\n')
+    data, log = tmp_path / "data", tmp_path / "serve.log"
+    with EmbeddedBroker(tmp_path / "nats", config=conf) as b:
+        url = b.url.replace("nats://", f"nats://render:{secret}@")
+        proc, client = _start(env(home), data, log, "--nats", url, "--device", "cpu", "--workers", "2", workers=2)
+        try:
+            (child,) = {w["pid"] for w in client.workers()} - {proc.pid}
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            assert b"worker" in argv and not any(secret.encode() in a for a in argv), argv
+            assert secret.encode() not in Path(f"/proc/{proc.pid}/cmdline").read_bytes().replace(url.encode(), b"")
+            job = client.submit(image, dict(TINY1, seed=1))["id"]
+            assert final(client, job, 120)["state"] == "succeeded"
+        finally:
+            text = _sigterm(proc, log)
+    assert secret not in text  # nor in serve's output
+
+
 def test_a_killed_child_worker_is_reported_and_restarted(home, image, tmp_path: Path) -> None:
     data, log = tmp_path / "data", tmp_path / "serve.log"
     proc, client = _start(env(home), data, log, "--device", "cpu", "--workers", "2", workers=2)

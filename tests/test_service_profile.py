@@ -142,3 +142,15 @@ def test_child_workers_get_the_same_profile(home, image, user_profile, tmp_path)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
+
+
+def test_the_profile_keywords_take_any_case(user_profile) -> None:
+    """`--profile AUTO` / `Off` are the keywords, not files named so."""
+    from wanrender.runtime.profiles import apply_profile, profile_spec
+    from wanrender.service.worker import worker_profile
+
+    assert worker_profile("AUTO", "cpu").path == worker_profile("auto", "cpu").path == str(user_profile)
+    assert worker_profile(" Off ", "cpu") is None
+    req = object()
+    assert apply_profile(req, "OFF", "cpu", set()) == (req, None)
+    assert profile_spec("my-AUTO.yaml") == "my-AUTO.yaml"

@@ -281,17 +281,13 @@ def test_encode_text_truncation_warns(hf_pair, tokenizer: Tokenizer, caplog: pyt
 def test_building_the_encoder_does_not_import_dynamo() -> None:
     """A process that never compiles must not pay for importing Dynamo (1.6 s here, about
     4 s on a fresh GPU install): nn.Embedding's own init on the meta device did that."""
-    import subprocess
+    from helpers_models import dynamo_after
 
     code = (
-        "import sys, torch\n"
+        "import torch\n"
         "from wanrender.models.text_encoder import TextEncoderConfig, UMT5Encoder\n"
         "cfg = TextEncoderConfig(vocab=64, dim=32, dim_ff=64, heads=2, d_kv=16, layers=2)\n"
         "with torch.device('meta'):\n"
-        "    UMT5Encoder(cfg)\n"
-        "print('dynamo' if 'torch._dynamo' in sys.modules else 'clean')\n"
+        "    UMT5Encoder(cfg)"
     )
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src},
-                       timeout=120)  # fmt: skip
-    assert r.stdout.strip() == "clean", r.stdout + r.stderr
+    assert dynamo_after(code) == "clean"

@@ -176,7 +176,7 @@ def serve(
 
 
 def worker(
-    nats: str = typer.Option(..., "--nats", help="The service's NATS URL (nats://HOST:PORT)."),
+    nats: str = typer.Option(..., "--nats", envvar="WANRENDER_NATS", help="The service's NATS URL (nats://HOST:PORT)."),
     data: Optional[Path] = typer.Option(
         None, "--data", help="The service's data folder (shared with it); not needed with --s3."
     ),
@@ -225,6 +225,8 @@ def worker(
             raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder (or --s3)")
         storage = data.resolve()
     files = _model_files(models, demo)
+    from wanrender.service.natsurl import redact
+
     url = read_creds(creds).url(nats) if creds is not None else nats
     w = Worker(url, storage, files, dev, vram_gib=gib, profile=prof)
 
@@ -238,7 +240,7 @@ def worker(
         waiter = asyncio.create_task(ready.wait())
         await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
         if ready.is_set():
-            console.print(f"worker {w.name} on {dev} joined {nats} — Ctrl-C stops", highlight=False)
+            console.print(f"worker {w.name} on {dev} joined {redact(nats)} — Ctrl-C stops", highlight=False)
         await task
 
     asyncio.run(run())

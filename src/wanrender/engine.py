@@ -62,6 +62,9 @@ class RenderResult:
     timings: dict[str, float] = field(default_factory=dict)
     peak_vram_bytes: int | None = None
     meta: dict = field(default_factory=dict)
+    # Runner.render(write=False, encode=True): the MP4 encoder fed during the decode and
+    # not yet closed; the caller ends it through outputs.write_outputs(stream=...) or abort().
+    encoder: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def during_load(self) -> tuple[str, ...]:

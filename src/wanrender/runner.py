@@ -254,7 +254,11 @@ class Runner:
 
     # --- the whole path
     def render(self, req: RenderRequest, files: ModelFiles | None = None, progress: Progress | None = None,
-               write: bool = True, swap_experts: bool = False) -> RenderResult:  # fmt: skip
+               write: bool = True, swap_experts: bool = False, encode: bool = False) -> RenderResult:  # fmt: skip
+        """The request, rendered; with ``write`` the MP4 and the sidecar written. ``encode``
+        (with ``write`` off): the encoder still takes the frames as the VAE decodes them, and is
+        handed back open in ``result.encoder`` for the caller to finish elsewhere (a service
+        worker's finishing thread), so the video costs no full encode after the decode."""
         files = self._files(files)
         prep = self.prepare(req, files)
         req = prep.req
@@ -263,7 +267,7 @@ class Runner:
         loading = self.ensure_engine(prep.config, files, progress, early=(req, prep.image))
         stream = None
         try:
-            stream = self._stream(req, write)
+            stream = self._stream(req, write or encode)
             try:
                 result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put,
                                             self.parallel)  # fmt: skip
@@ -285,7 +289,7 @@ class Runner:
                 # tensors go too), step down once, and say so.
                 lower = self._step_down(prep.memory, progress)
                 loading.update(self.ensure_engine(replace(prep.config, memory=lower.plan), files, progress))
-                stream = self._stream(req, write)
+                stream = self._stream(req, write or encode)
                 try:
                     result = self.engine.render(req, prep.image, progress, swap_experts, stream and stream.put,
                                                 self.parallel)  # fmt: skip
@@ -304,6 +308,8 @@ class Runner:
             raise
         if write:
             self._write(req, result, prep.memory, progress, stream)
+        else:
+            result.encoder = stream
         return result
 
     @staticmethod

@@ -169,13 +169,21 @@ def _decode(options: str) -> Options:
 
 
 def _sage8(**options: Any) -> AttentionFn:
+    from wanrender.kernels import attention_sage8 as sa
+
     op, exact = _sage8_op(), _sdpa(None)
     encoded = json.dumps(options, sort_keys=True)
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # The kernel is for self-attention (q, k, v of one length). Cross-attention to
         # the 512 text tokens is ~0.5% of the FLOPs: it stays on exact SDPA.
-        return op(q, k, v, encoded) if q.shape == k.shape == v.shape else exact(q, k, v)
+        if not q.shape == k.shape == v.shape:
+            return exact(q, k, v)
+        if torch.compiler.is_compiling():
+            return op(q, k, v, encoded)
+        # Eager: the kernel itself. A custom op's first call imports Dynamo and Inductor
+        # (4 s on a fresh install, inside the first step of a process that never compiles).
+        return sa.sage8_attention(q, k, v, **options).contiguous()
 
     return run
 
@@ -188,7 +196,7 @@ def _sage8_option_names() -> frozenset[str]:
 
 def _cudnn_fp8() -> AttentionFn:
     from wanrender.kernels import cudnn_fp8_math as fm
-    from wanrender.kernels.attention_cudnn import core_op
+    from wanrender.kernels.attention_cudnn import core, core_op
 
     op, exact = core_op(), _sdpa(None)
     # The rotation as a host constant (a compiled graph holds it; eager copies 64 KB).
@@ -201,7 +209,8 @@ def _cudnn_fp8() -> AttentionFn:
         # The pre-pass runs here, in plain ops, where torch.compile fuses it; only the
         # kernel and its post-pass are opaque.
         q8, k8, v8, dq, dk, dv, _, v_mean, _ = fm.prepare_parts(q, k, v, rotation=rotations[q.shape[-1]].to(q.device))
-        return op(q, k, v, q8, k8, v8, dq, dk, dv, v_mean)
+        kernel = op if torch.compiler.is_compiling() else core  # eager: no custom op, no Dynamo import (sage8)
+        return kernel(q, k, v, q8, k8, v8, dq, dk, dv, v_mean)
 
     return run
 

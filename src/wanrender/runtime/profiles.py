@@ -170,10 +170,18 @@ class ProfileChoice:
         return f"profile {Path(self.profile.path).name} ({self.profile.device}, {kind}, bucket {self.bucket.name}): {knobs}"
 
 
+def profile_spec(spec: str) -> str:
+    """``--profile`` as given, with the keywords in any case (``AUTO``, `` off``); anything
+    else is a file name, kept as it is."""
+    word = spec.strip().lower()
+    return word if word in ("auto", "off") else spec
+
+
 def resolve_profile(spec: str, device_name: str) -> Profile | None:
     """The profile ``spec`` names for a device called ``device_name``: ``auto`` (the first
     profile matching it, user profiles first), ``off`` (none), or a profile file (an
     unreadable or malformed file is a one-line ``WanrenderError``)."""
+    spec = profile_spec(spec)
     if spec == "off":
         return None
     return find_profile(device_name) if spec == "auto" else load_profile(Path(spec))
@@ -210,6 +218,7 @@ def apply_profile(req, spec: str, device: str | None, explicit: set[str]) -> tup
     """
     from wanrender.runtime.hardware import device_name
 
+    spec = profile_spec(spec)
     if spec == "off":
         return req, None
     dev = device or default_device()

@@ -125,8 +125,10 @@ def run_serve(cfg: ServeConfig, files, announce=print) -> None:
     gate = Gate(KeyStore(cfg.data), required=not is_loopback(cfg.host))
     if cfg.nats is not None:  # a fleet's NATS: this process is its api user
         api_url = read_creds(cfg.creds).url(cfg.nats) if cfg.creds else cfg.nats
-        joins = ("--nats", cfg.nats) + (("--creds", str(cfg.creds)) if cfg.creds else ())
-        asyncio.run(_serve(cfg, files, api_url, api_url, announce, gate, joins))
+        joins = ("--creds", str(cfg.creds)) if cfg.creds else ()
+        # The URL in the children's environment, not their command line: it may carry a
+        # password (nats://user:pass@host), and every local user can read a command line.
+        asyncio.run(_serve(cfg, files, api_url, api_url, announce, gate, joins, {"WANRENDER_NATS": cfg.nats}))
         return
     fleet = write_fleet(cfg.data / "nats")  # users with subject permissions (natsauth.py)
     broker = EmbeddedBroker(cfg.data / "nats", config=fleet["config"])
@@ -162,7 +164,8 @@ def _echo(line: str) -> None:
     sys.stderr.flush()
 
 
-async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announce, gate, joins=()) -> None:
+async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announce, gate, joins=(),
+                 join_env: dict[str, str] | None = None) -> None:  # fmt: skip
     import uvicorn
 
     from wanrender.service.api import create_app
@@ -196,7 +199,8 @@ async def _serve(cfg: ServeConfig, files, nats_url: str, worker_url: str, announ
 
         from wanrender.service.local_workers import supervise
 
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # inherited as is (NCCL/NVSHMEM settings too); lines arrive live
+        # Inherited as is (NCCL/NVSHMEM settings too); lines arrive live.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(join_env or {})}
 
         def started_child(child, pid: int) -> None:
             announce(f"{child.label}: started as pid {pid}")

@@ -90,8 +90,9 @@ def worker_profile(spec: str, device: str) -> Profile | None:
     ``auto`` (the profile matching this device, if any), ``off``, or a profile file, which
     must be readable and whose every bucket must run on ``device`` (one line otherwise)."""
     from wanrender.runtime.hardware import device_name
-    from wanrender.runtime.profiles import check_profile_fits, resolve_profile
+    from wanrender.runtime.profiles import check_profile_fits, profile_spec, resolve_profile
 
+    spec = profile_spec(spec)
     prof = resolve_profile(spec, device_name(device))
     if prof is not None and spec != "auto":
         check_profile_fits(prof, device)
@@ -325,12 +326,19 @@ class Worker:
         if finish is None:
             return
 
+        finish, encoder = finish
+
         async def finishing(previous: asyncio.Task | None) -> None:
+            started = False
             try:
                 if previous is not None:  # one publish at a time, in job order
                     await asyncio.gather(previous, return_exceptions=True)
+                started = True
                 await finish
             finally:
+                if not started:  # canceled while waiting its turn: no encoder thread left feeding a file
+                    finish.close()
+                    _abort(encoder)
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
 
@@ -341,7 +349,8 @@ class Worker:
 
     async def _attempt(self, msg, record: JobRecord, attempt: int, stop: asyncio.Event):
         """Render the attempt; returns the coroutine that encodes, uploads, publishes and
-        acks it (run while the next job renders), or None when the attempt ended here."""
+        acks it (run while the next job renders) with the render's open encoder (or None),
+        or None when the attempt ended here."""
         job_id = record.id
         folder = self.storage.attempt_folder(job_id, attempt, self.scratch)
         shutil.rmtree(folder, ignore_errors=True)
@@ -381,9 +390,14 @@ class Worker:
         except BaseException as e:  # noqa: BLE001 - sorted by _settle; anything else goes on up
             await self._settle(msg, job_id, attempt, folder, e)
             return None
-        await self.store.update(job_id, lambda r: None if r.attempt != attempt or r.terminal else r.touch(
-            rendered_at=time.time()))  # fmt: skip
-        return self._finish(msg, job_id, attempt, folder, done if split else None)
+        encoder = done[1].encoder if split else None
+        try:
+            await self.store.update(job_id, lambda r: None if r.attempt != attempt or r.terminal else r.touch(
+                rendered_at=time.time()))  # fmt: skip
+        except BaseException:
+            _abort(encoder)
+            raise
+        return self._finish(msg, job_id, attempt, folder, done if split else None), encoder
 
     def _with_profile(self, job_id: str, req):
         """The job's request with this worker's profile applied (its bucket by the job's size),
@@ -412,7 +426,9 @@ class Worker:
         if write:
             return runner.render(req, self.files, progress=progress)
         runner._hash_in_background(self.files)  # the sidecar's checksums, once per file set, off the path
-        result = runner.render(req, self.files, progress=progress, write=False)
+        # The encoder takes the frames as they are decoded (as in ``generate``); only its end
+        # waits on the finishing thread, while the next job starts on the GPU.
+        result = runner.render(req, self.files, progress=progress, write=False, encode=True)
         doc = sidecar(req, runner.engine, result, result.meta.get("memory_record"), runner._hashes)
         return req, result, doc
 
@@ -492,6 +508,11 @@ class Worker:
                                 else r.touch(state=JobState.FAILED, error=message, finished_at=time.time()))  # fmt: skip
 
 
+def _abort(encoder) -> None:
+    if encoder is not None:
+        encoder.abort()
+
+
 def _encode(req, result, doc: dict) -> None:
     """On the finishing thread: the MP4 and the sidecar (with the encode's time in it)."""
     from wanrender.outputs import write_outputs
@@ -500,4 +521,5 @@ def _encode(req, result, doc: dict) -> None:
         return {**doc, "timings_s": {k: round(v, 4) for k, v in result.timings.items()},
                 "render_s": round(result.render_seconds(), 3)}  # fmt: skip
 
-    result.video, result.sidecar = write_outputs(req, result.frames, result.frames, result.timings, finished_doc)
+    result.video, result.sidecar = write_outputs(req, result.frames, result.frames, result.timings, finished_doc,
+                                                 stream=result.encoder)  # fmt: skip
