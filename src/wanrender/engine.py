@@ -190,17 +190,19 @@ class Engine:
             torch.cuda.empty_cache()
 
     def _apply_loras(self, config: EngineConfig) -> None:
+        from wanrender.kernels.fp8_merge import fp8_merge_for
         from wanrender.models.lora import LoraUndo, apply_lora, parse_lora
         from wanrender.runtime.offload import load_devices
 
         mode = load_devices(config.memory, self.device)[2]
+        fused = fp8_merge_for(self.device)  # one per load: its self-check runs on the first tensor
         for name, model, path, strength in (("high", self.high, self.files and self.files.lora_high, config.lora_high),
                                             ("low", self.low, self.files and self.files.lora_low, config.lora_low)):  # fmt: skip
             if path is None or strength == 0.0:
                 continue
             undo = self._undo.setdefault(name, LoraUndo())
             with _timed(self.load_parts, f"lora_{name}", self.device):
-                rep = apply_lora(model, parse_lora(path, model), strength, mode=mode, undo=undo)
+                rep = apply_lora(model, parse_lora(path, model), strength, mode=mode, undo=undo, fp8_merge=fused)
             self.lora_report[name] = rep.summary()
             log.info("LoRA %s (strength %g): %s", path.name, strength, rep.summary())
 

@@ -143,7 +143,7 @@ def quantize_fp8(
     step = 1 << 24
     for lo in range(0, flat_w.numel(), step):
         v = (flat_w[lo : lo + step].float() / scale).clamp(torch.finfo(dtype).min, torch.finfo(dtype).max)
-        flat_out[lo : lo + step] = _stochastic_round(v, dtype, uniform_hash(seed, lo, v.numel(), v.device))
+        flat_out[lo : lo + step] = stochastic_round(v, dtype, uniform_hash(seed, lo, v.numel(), v.device))
     return out, scale
 
 
@@ -164,7 +164,7 @@ def uniform_hash(seed: int, start: int, n: int, device: torch.device | str) -> t
     return (x >> 8).to(torch.float32) * (1.0 / (1 << 24))
 
 
-def _stochastic_round(v: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
+def stochastic_round(v: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
     """Round each value to one of its two fp8 neighbours with probability by distance
     (``r``: uniform numbers in [0, 1), one per value)."""
     a = v.abs()

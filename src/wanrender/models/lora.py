@@ -54,7 +54,7 @@ import os
 import re
 import zlib
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -139,6 +139,8 @@ class Diff:
 
 
 Patch = LowRank | Diff
+# (old e4m3fn weight, its scale or None, fp32 delta, seed) -> (new weight, new 0-d scale)
+Fp8MergeFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -435,7 +437,7 @@ def _set_param(mod: nn.Module, attr: str, value: torch.Tensor) -> None:
     set_tensor(mod, attr, value)
 
 
-def _merge(mod: nn.Module, attr: str, delta: torch.Tensor, target: str) -> None:
+def _merge(mod: nn.Module, attr: str, delta: torch.Tensor, target: str, fp8_merge: Fp8MergeFn | None = None) -> None:
     old = mod._parameters[attr]
     assert old is not None
     if isinstance(mod, Linear) and attr == "weight" and is_fp8(old.dtype):
@@ -443,7 +445,11 @@ def _merge(mod: nn.Module, attr: str, delta: torch.Tensor, target: str) -> None:
         # rounded stochastically as ComfyUI does when it patches fp8 weights: e4m3
         # has 3 mantissa bits, so round-to-nearest would drop most of a small delta.
         # Seeded by the tensor's name: the same LoRA merges to the same weights every run.
-        q, s = quantize_fp8(mod.dequantized_weight(torch.float32) + delta, old.dtype, seed=zlib.crc32(target.encode()))
+        seed = zlib.crc32(target.encode())
+        if fp8_merge is not None and old.dtype == torch.float8_e4m3fn and old.is_cuda:
+            q, s = fp8_merge(old.detach(), mod.weight_scale, delta, seed)  # the same bytes, fused (kernels.fp8_merge)
+        else:
+            q, s = quantize_fp8(mod.dequantized_weight(torch.float32) + delta, old.dtype, seed=seed)
         _set_param(mod, attr, q)
         mod.weight_scale = s.to(old.device)
     else:
@@ -459,7 +465,12 @@ class LoraUndo:
 
 
 def apply_lora(
-    model: nn.Module, lora: Lora, strength: float, mode: str = "merge", undo: LoraUndo | None = None
+    model: nn.Module,
+    lora: Lora,
+    strength: float,
+    mode: str = "merge",
+    undo: LoraUndo | None = None,
+    fp8_merge: Fp8MergeFn | None = None,
 ) -> LoraReport:
     """Apply ``lora`` to ``model`` at ``strength``; returns the report of what was done.
 
@@ -467,6 +478,8 @@ def apply_lora(
     dtype (fp8: requantised with a fresh per-tensor scale). Cannot be undone but costs
     nothing per step. ``unmerged``: Linear weights stay untouched and the LoRA runs as
     an extra low-rank matmul (``remove_lora`` undoes it). Strength 0 touches nothing.
+    ``fp8_merge``: a faster twin of the fp8 requantisation for e4m3fn weights on a CUDA
+    device, giving the same bytes (``kernels.fp8_merge``; this layer cannot import it).
     """
     if mode not in ("merge", "unmerged"):
         raise ValueError(f"mode must be 'merge' or 'unmerged', not {mode!r}")
@@ -501,7 +514,7 @@ def apply_lora(
         delta = plist[0].delta(param.shape, param.device)
         for p in plist[1:]:
             delta = delta + p.delta(param.shape, param.device)
-        _merge(mod, attr, strength * delta, target)
+        _merge(mod, attr, strength * delta, target, fp8_merge)
         merged.append(target)
     notes = list(base.notes)
     if mode == "unmerged" and merged:
