@@ -2,7 +2,7 @@
 
 Parts (each prints one table row per measurement; run the compile part twice, in two
 processes sharing one cache folder, to see what a later process pays):
-  merge    a rank-64 LoRA merged into a full-size fp8 expert on the GPU
+  merge    a rank-64 LoRA merged into a full-size fp8 expert on the GPU (PyTorch, then fused)
   compile  one forward at 81x832x1216: eager, then the first and second compiled
   vae      text encode, VAE encode of the condition video, VAE decode (variants), MP4 encode
 
@@ -62,7 +62,18 @@ def part_merge(args) -> None:
     t, lora = timed(lambda: parse_lora(sd, m), sync=False)
     row("parse_lora (CPU)", t, f"{len(lora.patches)} targets")
     t, rep = timed(lambda: apply_lora(m, lora, 1.0, mode="merge"))
-    row("merge rank-64 LoRA into the fp8 expert (GPU)", t, rep.summary()[:60])
+    row("merge rank-64 LoRA into the fp8 expert (GPU, PyTorch)", t, rep.summary()[:60])
+    # The same merge with the fused kernels (kernels/fp8_merge.py) into a second copy of the
+    # expert: the first call builds the kernels, the bytes must equal the plain merge's.
+    from wanrender.kernels.fp8_merge import fp8_merge_for
+
+    m2 = random_dit(dev, seed=0)
+    fused, lora2 = fp8_merge_for(dev), parse_lora(sd, m2)
+    t, _ = timed(lambda: apply_lora(m2, lora2, 1.0, mode="merge", fp8_merge=fused))
+    same = all(torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+               for a, b in zip(m.parameters(), m2.parameters()))  # fmt: skip
+    row("the same merge, fused kernels (GPU)", t, f"bytes identical: {same}; fallback: {fused.broken}")
     w = torch.randn(5120, 13824, generator=torch.Generator().manual_seed(3))
     t, (qc, sc) = timed(lambda: quantize_fp8(w, seed=7), sync=False)
     row("stochastic fp8 quantise 70.8M on the CPU", t)
