@@ -130,6 +130,33 @@ def test_streaming_writer_encodes_chunks_and_abort_leaves_nothing(tmp_path: Path
     assert not (tmp_path / "c.mp4").exists()
 
 
+def test_abort_drops_the_backlog_instead_of_encoding_it(tmp_path: Path) -> None:
+    """A service worker aborts encoders it will not finish: the frames still queued are
+    dropped, so the abort waits for one chunk, not for the whole video."""
+    import time
+
+    import numpy as np
+
+    from wanrender.media.video import StreamingWriter
+
+    noise = np.random.default_rng(1).integers(0, 256, size=(4, 512, 512, 3), dtype=np.uint8)
+    whole = StreamingWriter(tmp_path / "whole.mp4")
+    t0 = time.perf_counter()
+    for _ in range(20):
+        whole.put(noise)
+    whole.close()
+    encode_s = time.perf_counter() - t0
+    w = StreamingWriter(tmp_path / "d.mp4")
+    for _ in range(20):  # 80 frames of noise queued
+        w.put(noise)
+    assert w.running
+    t0 = time.perf_counter()
+    w.abort()
+    assert time.perf_counter() - t0 < encode_s / 3, (time.perf_counter() - t0, encode_s)
+    assert not w.running and not (tmp_path / "d.mp4").exists()
+    w.abort()  # again: nothing
+
+
 def test_streamed_decode_gives_the_same_frames_as_the_whole_decode() -> None:
     from wanrender.models.random_init import init_random_
     from wanrender.models.vae import VAEConfig, WanVAE

@@ -37,7 +37,7 @@ def _edge_values() -> torch.Tensor:
     mids = (pos[1:] + pos[:-1]) / 2
     near = torch.cat([mids, torch.nextafter(mids, torch.zeros_like(mids)), torch.nextafter(mids, mids * 2),
                       torch.nextafter(pos, torch.zeros_like(pos)), torch.nextafter(pos, pos + 1)])  # fmt: skip
-    tiny = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 2.0**-10, -(2.0**-10), 2.0**-6, 2.0**-6 - 2.0**-12])
+    tiny = torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, -1e-40, 2.0**-10, -(2.0**-10), 2.0**-6, 2.0**-6 - 2.0**-12])
     x = torch.cat([every, -every, near, -near, tiny]).clamp(-448, 448)
     return torch.cat([x, torch.tensor([448.0])])
 
@@ -102,6 +102,22 @@ def test_the_guard_falls_back_to_the_plain_merge(monkeypatch, caplog) -> None:
     merge = fm.Fp8Merge()
     assert torch.equal(merge(w8, s, delta, 5)[0].view(torch.uint8), q_ref.view(torch.uint8))
     assert merge.checked and merge.broken is None
+    # NaN in a merged weight: that tensor the plain way (NaNs stay NaNs), the kernel kept.
+    calls = []
+
+    def not_finite(*a):
+        calls.append(1)
+        if len(calls) == 1:
+            raise fm.NotFinite("NaN")
+        return fm.merge_reference(*a)
+
+    monkeypatch.setattr(fm, "merge_fp8", not_finite)
+    merge = fm.Fp8Merge()
+    bad = delta.clone()
+    bad[0, 0] = float("nan")
+    q, s_nan = merge(w8, s, bad, 5)
+    assert torch.isnan(s_nan) and merge.broken is None
+    assert torch.equal(merge(w8, s, delta, 5)[0].view(torch.uint8), q_ref.view(torch.uint8)) and len(calls) == 2
     # Per-channel scales: the plain merge, whose dequantisation broadcasts them.
     rows = torch.rand(w8.shape[0], 1) + 0.5
     monkeypatch.setattr(fm, "merge_fp8", lambda *a: pytest.fail("the kernel reads one scale"))
@@ -139,6 +155,12 @@ def test_the_kernels_in_tritons_interpreter_give_the_same_bytes() -> None:
         "x = _edge_values(); z = torch.zeros(x.shape, dtype=FP8)\n"
         "q_ref, _ = quantize_fp8(x, FP8, seed=0xDEADBEEF)\n"
         "bad += int((fm.merge_fp8(z, None, x, 0xDEADBEEF)[0].view(torch.uint8) != q_ref.view(torch.uint8)).sum())\n"
+        "d[0, 0] = float('nan')\n"
+        "try:\n"
+        "    fm.merge_fp8(w8, s, d, 1)\n"
+        "    bad += 1\n"
+        "except fm.NotFinite:\n"
+        "    pass\n"
         "print('differences', bad)\n"
     )
     src = str(Path(__file__).resolve().parents[1] / "src")

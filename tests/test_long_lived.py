@@ -281,3 +281,45 @@ def test_an_encoder_handed_back_open_writes_the_video_generate_writes(demo, tmp_
     plain = _request(image, tmp_path / "plain.mp4", SPECS[0])
     assert runner.render(plain, files, write=False).encoder is None  # without encode: no encoder at all
     runner.close()
+
+
+def test_a_worker_stops_encoders_nobody_will_finish(tmp_path: Path) -> None:
+    """The worker's two ways of dropping an open encoder (a render whose awaiting was
+    cancelled, a finishing task that ended without finishing): the encoder thread stops and
+    its partial file goes, without the caller waiting for the backlog."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    pytest.importorskip("nats")
+    from wanrender.media.video import StreamingWriter
+    from wanrender.service.worker import _abort, _abort_rendered
+
+    noise = np.random.default_rng(2).integers(0, 256, size=(4, 256, 256, 3), dtype=np.uint8)
+
+    def fed(name: str) -> StreamingWriter:
+        w = StreamingWriter(tmp_path / name)
+        for _ in range(10):
+            w.put(noise)
+        return w
+
+    def gone(w: StreamingWriter) -> bool:
+        deadline = time.monotonic() + 30
+        while w.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return not w.running and not w.path.exists()
+
+    a = fed("a.mp4")
+    t0 = time.perf_counter()
+    _abort(a)  # from the event loop: returns at once, the abort runs on its own thread
+    assert time.perf_counter() - t0 < 0.05 and gone(a)
+    b = fed("b.mp4")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(lambda: (None, SimpleNamespace(encoder=b), {}))
+        running.add_done_callback(_abort_rendered)
+    assert gone(b)
+    with ThreadPoolExecutor(1) as pool:  # a render that failed, or returned no encoder: nothing to do
+        pool.submit(lambda: 1 / 0).add_done_callback(_abort_rendered)
+        pool.submit(lambda: SimpleNamespace(encoder=None)).add_done_callback(_abort_rendered)

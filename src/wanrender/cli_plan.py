@@ -26,7 +26,7 @@ from wanrender.runtime.planner import (
     guide,
     resolve_precision,
 )
-from wanrender.runtime.profiles import choose_profile
+from wanrender.runtime.profiles import choose_profile, profile_spec
 from wanrender.spec import check_reserve, parse_gib, parse_size
 
 
@@ -139,7 +139,7 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
     choice = choose_profile(profile, spec.name, frames, width, height, explicit_knobs(cmd))
     knobs = choice.chosen if choice else {}
     precision, compile = knobs.get("precision", precision), knobs.get("compile", compile)
-    line = "--profile off: generate's defaults (or your flags)" if profile == "off" else None
+    line = "--profile off: generate's defaults (or your flags)" if profile_spec(profile) == "off" else None
     if choice is not None:
         line = choice.line() + ", as generate uses it"
         if knobs.get("attention", "").startswith("sage"):

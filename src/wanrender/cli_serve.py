@@ -88,9 +88,12 @@ def _worker_args(data: Path, models: Optional[Path], s3: Optional[str], bucket: 
                  vram: Optional[str], profile: str) -> tuple[str, ...]:  # fmt: skip
     """The options serve's child workers get, as `wanrender worker` spells them (the files they
     render with are the ones serve checked: --models DIR, or the demo models)."""
+    from wanrender.runtime.profiles import profile_spec
+
     where = ("--s3", s3, "--bucket", bucket) if s3 else ("--data", str(data.resolve()))
     files = ("--models", str(models.resolve())) if models is not None else ("--demo",)
-    prof = ("--profile", str(Path(profile).resolve()) if profile not in ("auto", "off") else profile)
+    spec = profile_spec(profile)
+    prof = ("--profile", str(Path(spec).resolve()) if spec not in ("auto", "off") else spec)
     return (*where, *files, *(("--vram", vram) if vram else ()), *prof)
 
 
@@ -110,7 +113,10 @@ def serve(
     lease: float = typer.Option(60.0, "--lease", help="Seconds a worker may go silent before its job goes to another."),
     max_attempts: int = typer.Option(3, "--max-attempts", help="Deliveries of a job before it fails."),
     nats: Optional[str] = typer.Option(
-        None, "--nats", help="Use this NATS server (a fleet's) instead of starting one; with --creds FILE (api user)."
+        None,
+        "--nats",
+        envvar="WANRENDER_NATS",
+        help="Use this NATS server (a fleet's) instead of starting one; with --creds FILE (api user).",
     ),
     creds: Optional[Path] = typer.Option(None, "--creds", help="NATS credentials file of the api user (with --nats)."),
     workers: Optional[int] = typer.Option(

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 MAX = 448.0  # e4m3fn's largest finite value
 MIN_NORMAL = 2.0**-6
+TINY = 2.0**-126  # above 0, below every nonzero uniform number (multiples of 2^-24)
 SUB_STEP = 2.0**-9
 MASK32 = 0xFFFFFFFF
 HASH_KEY = 0x9E3779B1
@@ -76,7 +77,12 @@ def round_bytes(x: torch.Tensor, scale: torch.Tensor, r: torch.Tensor) -> torch.
     lo, hi = floor_neighbours(a)
     gap = hi - lo
     p_hi = torch.where(gap > 0, (a - lo) / gap.clamp(min=1e-30), torch.zeros_like(a))
-    return encode_e4m3(torch.where(r < p_hi, hi, lo), v < 0)
+    # A quotient below 2^-126 may come back as zero from a GPU division that flushes
+    # subnormals: x is not zero, so it rounds up (to 2^-9) only when r is 0, as the
+    # unflushed quotient would, and keeps x's sign.
+    flushed = (a == 0) & (x != 0)
+    p_hi = torch.where(flushed, torch.full_like(a, TINY), p_hi)
+    return encode_e4m3(torch.where(r < p_hi, hi, lo), (v < 0) | (flushed & (x < 0)))
 
 
 def merge_reference(w8: torch.Tensor, scale: torch.Tensor | None, delta: torch.Tensor,
@@ -121,7 +127,11 @@ def _kernels():
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = _fp8_merged(w_ptr, d_ptr, s_ptr, offs, mask)
-        tl.store(part_ptr + pid, tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0))
+        # NaN counts as infinite (max would skip it): the scale is then not finite, and
+        # merge_fp8 hands the tensor to quantize_fp8, whose NaNs stay NaNs.
+        inf = tl.full((), 0x7F800000, tl.int32).to(tl.float32, bitcast=True)
+        xa = tl.where(x != x, inf, tl.abs(x))
+        tl.store(part_ptr + pid, tl.max(tl.where(mask, xa, 0.0), axis=0))
 
     @triton.jit(do_not_specialize=["key"])  # a key of 1 would otherwise become a constant
     def round_kernel(w_ptr, d_ptr, s_ptr, scale_ptr, out_ptr, n, key, BLOCK: tl.constexpr):
@@ -149,12 +159,15 @@ def _kernels():
         hi = tl.minimum(lo + step, 448.0)
         gap = hi - lo
         p_hi = tl.where(gap > 0, tl.math.div_rn(a - lo, tl.maximum(gap, 1e-30)), 0.0)
+        # as round_bytes: a quotient flushed to zero by the division
+        flushed = (a == 0) & (x != 0)
+        p_hi = tl.where(flushed, 1.1754943508222875e-38, p_hi)  # 2^-126
         mag = tl.where(r < p_hi, hi, lo)
         # encode_e4m3
         mb = mag.to(tl.int32, bitcast=True)
         byte = tl.where(mag >= 0.015625, ((((mb >> 23) & 0xFF) - 120) << 3) | ((mb >> 20) & 7),
                         (mag * 512.0).to(tl.int32))  # fmt: skip
-        byte = byte | ((v < 0).to(tl.int32) << 7)
+        byte = byte | (((v < 0) | (flushed & (x < 0))).to(tl.int32) << 7)
         tl.store(out_ptr + offs, byte.to(tl.uint8), mask=mask)
 
     return amax_kernel, round_kernel
@@ -172,10 +185,17 @@ def merge_fp8(w8: torch.Tensor, scale: torch.Tensor | None, delta: torch.Tensor,
     parts = torch.empty(blocks, dtype=torch.float32, device=w8.device)
     amax_kernel[(blocks,)](w, d, s, parts, n, BLOCK=BLOCK, enable_fp_fusion=False)
     new_scale = (parts.amax().clamp(min=1e-12) / MAX).to(torch.float32)
+    if not bool(torch.isfinite(new_scale)):
+        raise NotFinite("NaN or infinity in the merged weight")
     out = torch.empty(n, dtype=torch.uint8, device=w8.device)
     round_kernel[(blocks,)](w, d, s, new_scale.reshape(1), out, n, hash_key(seed), BLOCK=BLOCK,
                             enable_fp_fusion=False)  # fmt: skip
     return out.view(FP8).view(w8.shape), new_scale
+
+
+class NotFinite(ValueError):
+    """The merged weight holds NaN or infinity: quantize_fp8 merges it (its result is the
+    reference's, NaNs included); the kernels stay in use for the other tensors."""
 
 
 class Fp8Merge:
@@ -199,6 +219,8 @@ class Fp8Merge:
                     self.checked = True
                 if self.broken is None:
                     return q, s
+            except NotFinite:
+                pass
             except Exception as e:  # noqa: BLE001 - a kernel that cannot build or run: the plain path
                 self.broken = f"{type(e).__name__}: {e}"
                 log.warning("fused fp8 LoRA merge unavailable (%s): merging in plain PyTorch", self.broken)

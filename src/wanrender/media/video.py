@@ -327,6 +327,7 @@ class StreamingWriter:
         self.frames = 0
         self.error: BaseException | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # unbounded: put never waits on a dead encoder
+        self._stop = threading.Event()  # set by abort: the frames still queued are skipped, not encoded
         self._args = (fps, crf, shown_as)
         self._thread = threading.Thread(target=self._run, name="wanrender-encode", daemon=True)
         self._thread.start()
@@ -336,7 +337,7 @@ class StreamingWriter:
             item = self._queue.get()
             if item is self._END:
                 return
-            if item is self._ABORT:
+            if item is self._ABORT or self._stop.is_set():
                 raise _Aborted
             yield from item
 
@@ -361,9 +362,16 @@ class StreamingWriter:
             raise self.error
         return time.perf_counter() - t0
 
+    @property
+    def running(self) -> bool:
+        """Still encoding (or waiting for frames): neither closed nor aborted."""
+        return self._thread.is_alive()
+
     def abort(self) -> None:
-        """Stop and remove the file (nothing, once closed: the file is then the caller's)."""
+        """Stop and remove the file (nothing, once closed: the file is then the caller's).
+        Waits only for the chunk being encoded: the rest of the backlog is dropped."""
         if self._thread.is_alive():
+            self._stop.set()
             self._finish(self._ABORT)
             self.path.unlink(missing_ok=True)
 

@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -329,20 +330,23 @@ class Worker:
         finish, encoder = finish
 
         async def finishing(previous: asyncio.Task | None) -> None:
-            started = False
             try:
                 if previous is not None:  # one publish at a time, in job order
                     await asyncio.gather(previous, return_exceptions=True)
-                started = True
                 await finish
             finally:
-                if not started:  # canceled while waiting its turn: no encoder thread left feeding a file
-                    finish.close()
-                    _abort(encoder)
                 keeper.cancel()
                 await asyncio.gather(keeper, return_exceptions=True)
 
+        def settled(_: asyncio.Task) -> None:
+            # However the task ended (even cancelled before its first step, when its own
+            # finally never runs): a video nobody finished leaves no encoder thread behind.
+            finish.close()  # a coroutine never started: closed, not "never awaited"
+            _abort(encoder)  # nothing once the finish closed it
+            keeper.cancel()
+
         task = asyncio.create_task(finishing(self._finishing))
+        task.add_done_callback(settled)
         self._finishing = task
         if not self.overlap:
             await asyncio.gather(task, return_exceptions=True)
@@ -386,7 +390,12 @@ class Worker:
             # The frames alone on the render thread; the MP4 is encoded on the finishing thread
             # (interpolation runs on the render's device, so it stays on the render thread).
             split = self.overlap and req.output.interpolate == "off"
-            done = await loop.run_in_executor(self._pool, lambda: self._render_frames(req, progress, write=not split))
+            running = self._pool.submit(self._render_frames, req, progress, not split)
+            try:
+                done = await asyncio.wrap_future(running)
+            except asyncio.CancelledError:
+                running.add_done_callback(_abort_rendered)  # the render ends on its thread: its encoder goes then
+                raise
         except BaseException as e:  # noqa: BLE001 - sorted by _settle; anything else goes on up
             await self._settle(msg, job_id, attempt, folder, e)
             return None
@@ -429,7 +438,12 @@ class Worker:
         # The encoder takes the frames as they are decoded (as in ``generate``); only its end
         # waits on the finishing thread, while the next job starts on the GPU.
         result = runner.render(req, self.files, progress=progress, write=False, encode=True)
-        doc = sidecar(req, runner.engine, result, result.meta.get("memory_record"), runner._hashes)
+        try:
+            doc = sidecar(req, runner.engine, result, result.meta.get("memory_record"), runner._hashes)
+        except BaseException:
+            if result.encoder is not None:
+                result.encoder.abort()
+            raise
         return req, result, doc
 
     async def _finish(self, msg, job_id: str, attempt: int, folder: Path, rendered) -> None:
@@ -509,8 +523,19 @@ class Worker:
 
 
 def _abort(encoder) -> None:
-    if encoder is not None:
-        encoder.abort()
+    """Stop an encoder nobody will finish, on a thread of its own: ``abort`` waits for the
+    chunk being encoded, and the event loop must not."""
+    if encoder is not None and encoder.running:
+        threading.Thread(target=encoder.abort, name="wanrender-encode-abort", daemon=True).start()
+
+
+def _abort_rendered(running) -> None:
+    """A render whose awaiting was cancelled: the encoder it hands back when it ends."""
+    if running.cancelled() or running.exception() is not None:
+        return
+    got = running.result()
+    if isinstance(got, tuple):  # (request, result, sidecar document): a render that kept its encoder
+        _abort(got[1].encoder)
 
 
 def _encode(req, result, doc: dict) -> None:
