@@ -17,6 +17,8 @@
 #   lifecycle  one process, several renders (benchmarks/second_render.py): the demo with
 #            compile, then full-size random weights on the fast path; then one capped
 #            random-weight sweep case through the bench child (ONLY= picks it)
+#   merge    the fused fp8 LoRA merge (kernels/fp8_merge.py): its GPU tests, then the plain
+#            and the fused merge of a rank-64 LoRA into a full-size expert, timed, bytes compared
 #   tune     a measured GPU profile from random full-size weights (e.g. on an H100);
 #            BUCKETS, ATTN, PREC, COMP narrow the search (comma lists)
 #   real     with real checkpoints under models/: the full matrix
@@ -75,6 +77,9 @@ EOF
       mkdir -p "$OUT/sweep"
       timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
           bench run benchmarks/matrices/gpu-random.yaml --out "$OUT/sweep" --only "${ONLY:-33f-rtx4090}" 2>&1 | tail -12 ;;
+  merge)
+      timeout 200 python3 -m pytest -m gpu tests/test_fp8_merge.py -p no:cacheprovider 2>&1 | tail -6
+      timeout "$(left)" python3 benchmarks/gpu_cold_probe.py merge 2>&1 | tail -8 ;;
   tune)
       timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
           tune --models random --budget "${TUNE_BUDGET:-8m}" --repeats 1 --out "$OUT/profile.yaml" --work "$OUT/tune" \

@@ -142,6 +142,16 @@ def test_a_password_in_the_nats_url_stays_out_of_the_child_workers_command_line(
     assert secret not in text  # nor in serve's output
 
 
+def test_a_child_worker_whose_serve_has_ended_says_so_and_stops(home, tmp_path: Path) -> None:
+    """A child of serve arms its own parent-death signal, then checks that serve is still its
+    parent: started after serve ended (here: named a pid that is not its parent), it stops."""
+    from wanrender.service.local_workers import PARENT_ENV
+
+    e = {**env(home), PARENT_ENV: "1"}
+    r = cli(e, "worker", "--nats", "nats://127.0.0.1:9", "--data", str(tmp_path), "--device", "cpu", timeout=60)
+    one_line_error(r, 2, "the serve process that started this worker (pid 1) has ended")
+
+
 def test_a_killed_child_worker_is_reported_and_restarted(home, image, tmp_path: Path) -> None:
     data, log = tmp_path / "data", tmp_path / "serve.log"
     proc, client = _start(env(home), data, log, "--device", "cpu", "--workers", "2", workers=2)

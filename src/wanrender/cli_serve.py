@@ -206,6 +206,9 @@ def worker(
     """Join a running service as one more warm worker: it reads uploads from and writes results to --data, or to
     the service's S3 bucket (--s3/--bucket: no shared folder needed). It takes only the jobs that its model files
     and its VRAM can run (the planner decides)."""
+    from wanrender.service.local_workers import follow_parent
+
+    follow_parent()  # a child of serve: it ends with serve
     _need_serve_extra("nats")
     import asyncio
     import signal

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import time
 from dataclasses import dataclass
@@ -15,6 +16,23 @@ from wanrender.errors import WanrenderError
 from wanrender.service.broker import die_with_parent
 
 MAX_CPU_WORKERS = 64  # each loads its own copy of the models: more is a typo, not a plan
+PARENT_ENV = "WANRENDER_DIE_WITH"  # serve's pid, given to the child workers it starts
+
+
+def follow_parent() -> None:
+    """In a child worker that serve started (``PARENT_ENV`` set): ask the kernel for SIGTERM
+    when serve ends, so no orphan keeps a GPU. The child asks itself, first thing, rather than
+    through a ``preexec_fn``: serve has threads, and code run between fork and exec in a
+    threaded process can deadlock. A serve that ended before the request is caught by the
+    parent check."""
+    want = os.environ.pop(PARENT_ENV, None)
+    if not want:
+        return
+    arm = die_with_parent()
+    if arm is not None:
+        arm()
+    if os.getppid() != int(want):
+        raise WanrenderError(f"the serve process that started this worker (pid {want}) has ended — nothing to join")
 
 
 def cuda_count() -> int:
@@ -149,14 +167,14 @@ async def supervise(child: Child, stop: asyncio.Event, announce, echo, policy: R
     """Runs ``child`` until ``stop``, restarting it when it exits on its own; returns once it
     has stopped. Raises WanrenderError when it keeps exiting (``policy.limit`` restarts)."""
     restarts = 0
-    preexec = die_with_parent()
+    env = {**(os.environ if env is None else env), PARENT_ENV: str(os.getpid())}  # follow_parent reads it
     while not stop.is_set():
         began = time.monotonic()
         # Its own session: a Ctrl-C in serve's terminal reaches serve alone, which then stops
         # the children in order (SIGTERM, grace) instead of racing them.
         proc = await asyncio.create_subprocess_exec(
             *child.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=preexec, limit=1 << 20,
+            stderr=asyncio.subprocess.STDOUT, env=env, start_new_session=True, limit=1 << 20,
         )  # fmt: skip
         if on_start is not None:
             on_start(child, proc.pid)
