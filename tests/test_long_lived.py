@@ -323,3 +323,47 @@ def test_a_worker_stops_encoders_nobody_will_finish(tmp_path: Path) -> None:
     with ThreadPoolExecutor(1) as pool:  # a render that failed, or returned no encoder: nothing to do
         pool.submit(lambda: 1 / 0).add_done_callback(_abort_rendered)
         pool.submit(lambda: SimpleNamespace(encoder=None)).add_done_callback(_abort_rendered)
+
+
+def test_a_finishing_task_cancelled_before_its_first_step_stops_its_encoder(tmp_path: Path) -> None:
+    """A worker stopping while job N's finish still waits for job N-1's: the finishing task
+    is cancelled before it ever ran (its own ``finally`` never runs), yet the encoder stops,
+    its file goes and the finish coroutine is closed, not left "never awaited"."""
+    import asyncio
+    import time
+
+    import numpy as np
+
+    pytest.importorskip("nats")
+    from wanrender.media.video import StreamingWriter
+    from wanrender.service.worker import Worker
+
+    w = StreamingWriter(tmp_path / "n.mp4")
+    w.put(np.zeros((4, 64, 64, 3), dtype=np.uint8))
+    ran = []
+
+    async def finish() -> None:
+        ran.append("finish")
+
+    async def main() -> None:
+        worker = Worker.__new__(Worker)  # only what _render touches
+        worker.overlap, worker._finishing = True, asyncio.get_running_loop().create_future()  # job N-1, unfinished
+
+        async def attempt(*_):
+            return finish(), w
+
+        async def keep_lease(_):
+            await asyncio.sleep(3600)
+
+        worker._attempt, worker._keep_lease = attempt, keep_lease
+        await worker._render(None, None, 1, asyncio.Event())
+        task = worker._finishing
+        task.cancel()  # before its first step
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 10
+    while w.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ran == [] and not w.running and not w.path.exists()
