@@ -13,7 +13,7 @@ neighbours of a value come from its fp32 bits (the mantissa cut to 3 bits; below
 2^-6, multiples of 2^-9), and the fp8 byte is assembled from the chosen value's
 exponent and mantissa. ``merge_reference`` is the same arithmetic in PyTorch, tested
 against ``quantize_fp8`` on the CPU; the kernel is tested against both on a GPU, and
-checks itself on its first tensor in each process (``Fp8Merge``).
+checks a sample of its first tensor on each load (``Fp8Merge``).
 """
 
 from __future__ import annotations
@@ -85,13 +85,22 @@ def round_bytes(x: torch.Tensor, scale: torch.Tensor, r: torch.Tensor) -> torch.
     return encode_e4m3(torch.where(r < p_hi, hi, lo), (v < 0) | (flushed & (x < 0)))
 
 
+def merged_weight(w8: torch.Tensor, scale: torch.Tensor | None, delta: torch.Tensor) -> torch.Tensor:
+    """``w8 * scale + delta`` in fp32, as ``Linear.dequantized_weight(float32) + delta``."""
+    return w8.float() * (scale.float() if scale is not None else 1.0) + delta
+
+
+def new_scale_of(x: torch.Tensor) -> torch.Tensor:
+    """quantize_fp8's per-tensor scale of ``x``."""
+    return (x.abs().amax().float().clamp(min=1e-12) / MAX).to(torch.float32)
+
+
 def merge_reference(w8: torch.Tensor, scale: torch.Tensor | None, delta: torch.Tensor,
                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """The kernel's arithmetic in PyTorch: ``(w8 * scale + delta)`` requantised per
     tensor with stochastic rounding; returns (fp8 weight, fp32 0-d scale)."""
-    x = w8.float() * (scale.float() if scale is not None else 1.0) + delta
-    amax = x.abs().amax().float().clamp(min=1e-12)
-    new_scale = (amax / MAX).to(torch.float32)
+    x = merged_weight(w8, scale, delta)
+    new_scale = new_scale_of(x)
     r = uniform_hash(seed, 0, x.numel(), x.device).view(x.shape)
     return round_bytes(x, new_scale, r).view(FP8), new_scale
 
@@ -224,12 +233,11 @@ class Fp8Merge:
             except Exception as e:  # noqa: BLE001 - a kernel that cannot build or run: the plain path
                 self.broken = f"{type(e).__name__}: {e}"
                 log.warning("fused fp8 LoRA merge unavailable (%s): merging in plain PyTorch", self.broken)
-        x = w8.float() * (scale.float() if scale is not None else 1.0) + delta
-        return quantize_fp8(x, w8.dtype, seed=seed)
+        return quantize_fp8(merged_weight(w8, scale, delta), w8.dtype, seed=seed)
 
     def _check(self, w8, scale, delta, seed, q, s) -> None:
-        x = w8.float() * (scale.float() if scale is not None else 1.0) + delta
-        ref_scale = (x.abs().amax().float().clamp(min=1e-12) / MAX).to(torch.float32)
+        x = merged_weight(w8, scale, delta)
+        ref_scale = new_scale_of(x)
         k = min(CHECK_ELEMENTS, x.numel())
         v = (x.reshape(-1)[:k] / ref_scale).clamp(-MAX, MAX)
         ref = stochastic_round(v, FP8, uniform_hash(seed, 0, k, x.device))
