@@ -5,6 +5,10 @@ processes sharing one cache folder, to see what a later process pays):
   merge    a rank-64 LoRA merged into a full-size fp8 expert on the GPU (PyTorch, then fused)
   compile  one forward at 81x832x1216: eager, then the first and second compiled
   vae      text encode, VAE encode of the condition video, VAE decode (variants), MP4 encode
+  eager    one eager fp8 forward, the fused kernels against PyTorch's ops
+  drift    one fp8 forward three ways (eager ops, fused kernels, compiled): how far apart
+  first    two renders in one fresh process as ``generate`` runs them (the first under
+           cProfile), their seconds per step
 
 Usage: PYTHONPATH=src python benchmarks/gpu_cold_probe.py PART [--frames 81] [--size 832x1216]
 """
@@ -83,18 +87,17 @@ def part_merge(args) -> None:
     row("the same on the GPU", t, f"bytes identical to the CPU's: {same}")
 
 
-def part_compile(args) -> None:
+def _fp8_forward(args):
+    """A random full-size fp8 expert with ``--attention``, and a no-grad forward of it."""
     from wanrender.bench.synthetic import random_dit
     from wanrender.kernels import attention as attn
-    from wanrender.runtime.plan import compile_blocks, compiled_scope
+    from wanrender.kernels.linear import enable_fp8
+    from wanrender.spec import FP8_EXCLUDE
 
     frames, (w, h) = args.frames, map(int, args.size.split("x"))
     dev = torch.device("cuda")
     m = random_dit(dev, seed=0)
     m.attention = attn.select(args.attention, attn.Target.of(dev, torch.bfloat16, 128), eight_bit=True).fn
-    from wanrender.kernels.linear import enable_fp8
-    from wanrender.spec import FP8_EXCLUDE
-
     enable_fp8(m, exclude=FP8_EXCLUDE)
     t_lat = (frames - 1) // 4 + 1
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -107,6 +110,77 @@ def part_compile(args) -> None:
         with torch.no_grad():
             return m(x, ts, ctx, cond)
 
+    return m, fwd
+
+
+def part_eager(args) -> None:
+    """One eager fp8 forward with the fused kernels (kernels/quant_rows.py,
+    kernels/qk_norm.py) and with PyTorch's ops, outputs compared; then where the
+    fused forward's GPU time goes."""
+    from wanrender.kernels import linear
+    from wanrender.kernels.qk_norm import enable_norm_rope
+    from wanrender.models.dit import Attention
+
+    m, fwd = _fp8_forward(args)
+    fused = linear.row_quant
+
+    def use(on: bool) -> None:
+        linear.row_quant = fused if on else (lambda: None)
+        if on:
+            enable_norm_rope(m)
+        else:
+            for a in m.modules():
+                if isinstance(a, Attention):
+                    a.norm_rope = None
+
+    outs = {}
+    for name, on in (("fused kernels", True), ("PyTorch ops", False), ("fused kernels", True)):
+        use(on)
+        timed(fwd)
+        t, outs[name] = timed(fwd)
+        row(f"eager fp8 forward ({args.attention}), {name}", t)
+    a, b = outs["fused kernels"].double().flatten(), outs["PyTorch ops"].double().flatten()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    row("fused against PyTorch ops", 0.0, f"cosine {cos:.7f}, rel L2 {((a - b).norm() / b.norm()).item():.2e}")
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        fwd()
+        torch.cuda.synchronize()
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=22, max_name_column_width=60))
+
+
+def part_drift(args) -> None:
+    """How far two valid implementations of one fp8 forward land apart on random
+    full-size weights: the eager PyTorch ops against the fused kernels, and against
+    Inductor's compiled blocks (its own fusions and roundings)."""
+    from wanrender.kernels import linear
+    from wanrender.kernels.qk_norm import enable_norm_rope
+    from wanrender.runtime.plan import compile_blocks, compiled_scope
+
+    m, fwd = _fp8_forward(args)
+    fused = linear.row_quant
+    linear.row_quant = lambda: None
+    ops = fwd().double().flatten()
+    linear.row_quant = fused
+    enable_norm_rope(m)
+    outs = {"fused kernels": fwd().double().flatten()}
+    compile_blocks(m, "default")
+    with compiled_scope():
+        outs["compiled blocks"] = fwd().double().flatten()
+    for name, o in outs.items():
+        cos = torch.nn.functional.cosine_similarity(o, ops, dim=0).item()
+        row(
+            f"{name} against the eager PyTorch ops",
+            0.0,
+            f"cosine {cos:.7f}, rel L2 {((o - ops).norm() / ops.norm()).item():.2e}",
+        )
+
+
+def part_compile(args) -> None:
+    from wanrender.runtime.plan import compile_blocks, compiled_scope
+
+    m, fwd = _fp8_forward(args)
     if not args.skip_eager:
         timed(fwd)
         t, _ = timed(fwd)
@@ -243,7 +317,8 @@ def part_upload(args) -> None:
 
 
 def part_vae2(args) -> None:
-    """VAE decode with every conv in channels-last (NDHWC / NHWC) memory."""
+    """VAE decode as is, then with the fused channel norm + SiLU (kernels/vae_norm.py);
+    then where the fused decode's GPU time goes."""
     from wanrender.models.random_init import init_random_
     from wanrender.models.vae import VAEConfig, WanVAE
     from wanrender.pipeline import i2v
@@ -255,18 +330,14 @@ def part_vae2(args) -> None:
     t1, ref = timed(lambda: i2v.decode(vae, lat))
     t2, ref = timed(lambda: i2v.decode(vae, lat))
     row("VAE decode, as is", t2, f"first {t1:.2f} s")
-    for mod in vae.modules():
-        if isinstance(mod, torch.nn.Conv3d):
-            mod.weight.data = mod.weight.data.to(memory_format=torch.channels_last_3d)
-        elif isinstance(mod, torch.nn.Conv2d):
-            mod.weight.data = mod.weight.data.to(memory_format=torch.channels_last)
-    for bench in (False, True):
-        torch.backends.cudnn.benchmark = bench
-        t1, _ = timed(lambda: i2v.decode(vae, lat))
-        t2, out = timed(lambda: i2v.decode(vae, lat))
-        diff = (out.astype("int16") - ref.astype("int16")).__abs__().max()
-        row(f"VAE decode, channels-last weights, benchmark={bench}", t2, f"first {t1:.2f} s; max |diff| {diff}")
-    torch.backends.cudnn.benchmark = False
+    from wanrender.kernels.vae_norm import enable_vae_kernels
+
+    n = enable_vae_kernels(vae)
+    t1, _ = timed(lambda: i2v.decode(vae, lat))
+    t2, out = timed(lambda: i2v.decode(vae, lat))
+    diff = abs(out.astype("int16") - ref.astype("int16"))
+    row(f"VAE decode, fused norm + SiLU ({n} norms)", t2,
+        f"first {t1:.2f} s; |diff| max {diff.max()}, mean {diff.mean():.4f}")  # fmt: skip
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as p:
@@ -275,9 +346,47 @@ def part_vae2(args) -> None:
     print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12))
 
 
+def part_first(args) -> None:
+    """Why pass 1 of a fresh process is slower than pass 2: the per-step seconds of a
+    first and a second render (fp8, ``--attention``, eager, as ``generate`` runs on an
+    H200), and the first's Python profile (all threads: cProfile on Python 3.12)."""
+    import cProfile
+    import pstats
+
+    import numpy as np
+    from PIL import Image
+
+    from wanrender.models.inventory import resolve_files
+    from wanrender.request import from_preset
+    from wanrender.runner import Runner
+
+    files = resolve_files(Path(args.models))
+    w, h = map(int, args.size.split("x"))
+    img = Path(tempfile.mkdtemp()) / "in.png"
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((h, w, 3)) * 255).astype("uint8")).save(img)
+    runner = Runner("cuda")
+    for i in range(2):
+        req = from_preset("turbo", img, "an astronaut waves", seed=42, frames=args.frames, width=w, height=h,
+                          precision="fp8", attention=args.attention, compile="off",
+                          out=img.parent / f"first{i}.mp4")  # fmt: skip
+        prof = cProfile.Profile()
+        t0 = time.perf_counter()
+        if i == 0:
+            prof.enable()
+        res = runner.render(req, files)
+        prof.disable()
+        steps = [round(x, 2) for x in res.meta.get("step_seconds", [])]
+        row(f"render {i + 1} ({runner.engine.plan})", time.perf_counter() - t0,
+            f"steps {steps}; {({k: round(v, 2) for k, v in res.timings.items()})}")  # fmt: skip
+        if i == 0:
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(20)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("part", choices=("merge", "compile", "vae", "load", "vae2", "upload"))
+    ap.add_argument("part", choices=("merge", "compile", "vae", "load", "vae2", "upload", "first", "eager", "drift"))
     ap.add_argument("--models", default="/tmp/wr-models")
     ap.add_argument("--frames", type=int, default=81)
     ap.add_argument("--size", default="832x1216")
@@ -292,6 +401,9 @@ def main() -> None:
         "load": part_load,
         "vae2": part_vae2,
         "upload": part_upload,
+        "first": part_first,
+        "eager": part_eager,
+        "drift": part_drift,
     }[args.part](args)
     row(f"part {args.part} total", time.perf_counter() - t0)
 

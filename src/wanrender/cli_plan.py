@@ -148,12 +148,16 @@ def plan_command(size: str, frames: int, gpu: str | None, vram: str | None, rese
             from wanrender.runtime.plan import COMPILE_SAVES_PER_FORWARD, compile_pays
 
             forwards = p.sampling.steps * (1 if p.sampling.cfg == 1.0 else 2)
-            if not compile_pays(forwards, cached=False):
-                # generate's whole-job rule (runner._compile_for_job): the plan says it too
+            saves = f"~{forwards * COMPILE_SAVES_PER_FORWARD:.0f} s"
+            # generate's whole-job rule (runner._compile_for_job): the plan says it too
+            if not compile_pays(forwards, cached=True):
+                line += (
+                    f"; a one-video generate runs eager (compiling costs more than the {saves} it saves on one video)"
+                )
+            elif not compile_pays(forwards, cached=False):
                 line += (
                     f"; a one-video generate runs eager until a render has compiled this shape in its compile "
-                    f"cache (compiling first costs more than the ~{forwards * COMPILE_SAVES_PER_FORWARD:.0f} s "
-                    "it saves on one video)"
+                    f"cache (compiling first costs more than the {saves} it saves on one video)"
                 )
     prec = resolve_precision(precision, spec, compile)
     if models is not None:

@@ -114,6 +114,7 @@ class Engine:
         t0 = time.perf_counter()
         from concurrent.futures import ThreadPoolExecutor
 
+        from wanrender.kernels.vae_norm import enable_vae_kernels
         from wanrender.runtime.offload import load_devices
 
         dev = torch.device(device)
@@ -130,6 +131,7 @@ class Engine:
                     engine.vae = loading.load_vae(
                         files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None)
                     )
+                    enable_vae_kernels(engine.vae)
                 with _timed(engine.load_parts, "text_encoder", te_dev):
                     engine.text_encoder = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
                     engine.tokenizer = loading.load_tokenizer(files.tokenizer)
@@ -271,6 +273,7 @@ class Engine:
     def _apply(self, config: EngineConfig, reloaded: bool) -> None:
         """Attention, precision, compile and the memory runtime, as ``config`` says."""
         from wanrender.kernels import attention as attn
+        from wanrender.kernels.qk_norm import enable_norm_rope
         from wanrender.runtime.plan import apply_precision, compile_blocks
 
         plan, old = config.plan, (None if reloaded else self.config)
@@ -279,6 +282,7 @@ class Engine:
                              eight_bit=plan.precision == "fp8")  # fmt: skip
         for m in experts:
             m.attention = choice.fn
+            enable_norm_rope(m)  # eager CUDA only: compiled blocks keep the ops, which Inductor fuses
         if old is None or old.plan.precision != plan.precision:
             self._converted |= apply_precision(experts, plan.precision)
         if old is None or old.plan.compile != plan.compile:

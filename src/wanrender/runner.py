@@ -187,9 +187,10 @@ class Runner:
         cached = compiled_before(compile_key(self.device, req.render.tokens, plan))
         if compile_pays(forwards, cached):
             return plan
+        cost = "a compile from the cache" if cached else "the first compile"
         note = (
-            f"compile off: the first compile of {req.render.label()} in this cache costs more than it saves "
-            f"on {forwards} forwards (pass --compile default to compile anyway and keep it cached)"
+            f"compile off: {cost} of {req.render.label()} costs more than it saves on {forwards} forwards "
+            "(pass --compile default to compile anyway and keep it cached)"
         )
         log.info(note)
         return replace(plan, compile="off", notes=(*plan.notes, note))
@@ -434,6 +435,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         "render_s": round(result.render_seconds(), 3),
         "during_load": list(result.during_load),
         "seconds_per_step": round(sum(s) / len(s), 4) if s else None,
+        "step_s": [round(x, 3) for x in s],
         "load_models_s": round(result.meta.get("load", {}).get(Stage.LOAD_MODELS.value, 0.0), 3),
         "load_parts_s": {k: round(v, 3) for k, v in engine.load_parts.items()},
         "peak_vram_bytes": result.peak_vram_bytes,

@@ -250,8 +250,6 @@ def fp8_merge_for(device: torch.device) -> Fp8Merge | None:
     """The fused merge where it can run (a CUDA device with Triton), else None."""
     if torch.device(device).type != "cuda":
         return None
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return None
-    return Fp8Merge()
+    from wanrender.kernels import triton_importable
+
+    return Fp8Merge() if triton_importable() else None

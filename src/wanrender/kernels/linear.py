@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from wanrender.kernels.quant_rows import row_quant
 from wanrender.models.common import Linear, quantize_fp8, set_tensor
 
 FP8 = torch.float8_e4m3fn
@@ -68,11 +69,15 @@ def fp8_rowwise(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     """``y = (x_q @ w_q.T) * sx * sw + b`` through ``torch._scaled_mm`` (bf16 out).
 
     Stateless: it reads the layer's current weight, so a later LoRA merge or a
-    weight swap is picked up without rebuilding anything.
+    weight swap is picked up without rebuilding anything. Eager on a GPU the input is
+    quantised by one Triton kernel (``kernels/quant_rows.py``, the same bytes);
+    compiled, by the PyTorch ops, which Inductor fuses with what comes before.
     """
     w, sw = weight_rowwise(layer)
     shape = x.shape
-    xq, sx = quantize_rows(x.reshape(-1, shape[-1]))
+    x2 = x.reshape(-1, shape[-1])
+    fused = row_quant() if x.is_cuda and not torch.compiler.is_compiling() else None
+    xq, sx = fused(x2, quantize_rows) if fused is not None else quantize_rows(x2)
     bias = layer.bias.to(torch.bfloat16) if layer.bias is not None else None
     y = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16)
     return y.reshape(*shape[:-1], layer.out_features).to(x.dtype)

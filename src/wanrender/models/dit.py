@@ -160,25 +160,37 @@ class Attention(nn.Module):
         # qk RMSNorm over the whole dim (across heads), not per head.
         self.norm_q = RMSNorm(cfg.dim, cfg.eps)
         self.norm_k = RMSNorm(cfg.dim, cfg.eps)
+        # A fused norm + rotation the runtime may set (kernels/qk_norm.py): (y, norm, rope,
+        # reference) -> result, or None where it does not apply. None keeps the ops.
+        self.norm_rope: Callable | None = None
 
     def forward(
         self, x: torch.Tensor, attn: AttentionFn, rope: torch.Tensor | None = None, context: torch.Tensor | None = None
     ) -> torch.Tensor:
         kv = x if context is None else context
-        q = self.query(x)
-        k, v = self.key_value(kv)
-        if rope is not None:
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q = self.query(x, rope)
+        k, v = self.key_value(kv, rope)
         return self.out(attn(q, k, v))
 
-    # The steps of forward, also run piecewise by Block's chunked path. RoPE stays
-    # outside them: the unchunked path rotates q and k only once v exists.
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))
+    # The steps of forward, also run piecewise by Block's chunked path (``rope``: the
+    # rows of the tokens given).
+    def query(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+        return self._norm_rope(self.q(x), self.norm_q, rope)
 
-    def key_value(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.norm_k(self.k(kv)).unflatten(-1, (self.num_heads, -1))
+    def key_value(self, kv: torch.Tensor, rope: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self._norm_rope(self.k(kv), self.norm_k, rope)
         return k, self.v(kv).unflatten(-1, (self.num_heads, -1))
+
+    def _norm_rope(self, y: torch.Tensor, norm: RMSNorm, rope: torch.Tensor | None) -> torch.Tensor:
+        if self.norm_rope is not None:
+            fused = self.norm_rope(y, norm, rope, lambda t: self._plain_norm_rope(t, norm, rope))
+            if fused is not None:
+                return fused.unflatten(-1, (self.num_heads, -1))
+        return self._plain_norm_rope(y, norm, rope)
+
+    def _plain_norm_rope(self, y: torch.Tensor, norm: RMSNorm, rope: torch.Tensor | None) -> torch.Tensor:
+        h = norm(y).unflatten(-1, (self.num_heads, -1))
+        return h if rope is None else apply_rope(h, rope[: h.shape[-3]])
 
     def out(self, attended: torch.Tensor) -> torch.Tensor:
         return self.o(attended.flatten(-2))
@@ -263,8 +275,7 @@ class Block(nn.Module):
         # Pass 1: K and V of the whole sequence (attention needs all of them).
         k = v = None
         for s, t in spans:
-            kc, vc = sa.key_value(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype))
-            kc = apply_rope(kc, rope[s:t])
+            kc, vc = sa.key_value(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype), rope[s:t])
             if k is None:
                 k = kc.new_empty(x.shape[0], x.shape[1], *kc.shape[2:])
                 v = vc.new_empty(x.shape[0], x.shape[1], *vc.shape[2:])
@@ -273,7 +284,7 @@ class Block(nn.Module):
         # Pass 2: queries, attention, output and residual per chunk. Every attention row
         # sees all keys; updating x[s:t] cannot affect a later chunk's queries (token-wise).
         for s, t in spans:
-            q = apply_rope(sa.query(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype)), rope[s:t])
+            q = sa.query(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype), rope[s:t])
             x[:, s:t] = torch.addcmul(x[:, s:t], sa.out(attn(q, k, v)), gate_a)
             del q
         del k, v

@@ -151,8 +151,20 @@ class ChannelRMSNorm(nn.Module):
         # gamma keeps the reference's broadcastable shape: [C,1,1,1] video, [C,1,1] image.
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
         self.scale = dim**0.5
+        # A fused norm (and SiLU) the runtime may set (kernels/vae_norm.py): kernel(x, gamma,
+        # scale, silu) -> y, or None where it does not apply. None keeps the ops below.
+        self.kernel: Callable[[Tensor, Tensor, float, bool], Tensor | None] | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
+        """The norm; with ``silu`` also the SiLU that follows it in the blocks."""
+        if self.kernel is not None:
+            y = self.kernel(x, self.gamma, self.scale, silu)
+            if y is not None:
+                return y
+        y = self._norm(x)
+        return F.silu(y) if silu else y
+
+    def _norm(self, x: Tensor) -> Tensor:
         if x.dtype in (torch.float32, torch.float64):
             norm = torch.linalg.vector_norm(x, dim=1, keepdim=True).clamp_min(1e-12)
             return x / norm * self.scale * self.gamma.to(x.dtype)
@@ -274,8 +286,16 @@ class Resample(nn.Module):
 
 
 def _run_layers(layers: nn.Sequential, x: Tensor, cache: TimeCache) -> Tensor:
-    for layer in layers:
+    mods = list(layers)
+    i = 0
+    while i < len(mods):
+        layer = mods[i]
+        if isinstance(layer, ChannelRMSNorm) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.SiLU):
+            x = layer(x, silu=True)  # one pass where a fused kernel is set
+            i += 2
+            continue
         x = layer(x, cache) if isinstance(layer, CausalConv3d) else layer(x)
+        i += 1
     return x
 
 

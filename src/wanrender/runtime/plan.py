@@ -73,12 +73,15 @@ def compile_cache_dir() -> str:
     return str(home() / "inductor-cache")
 
 
-# What compiling costs and saves, measured on an H200 at 81x832x1216 (fp8, sage8;
-# docs/benchmarks.md, 2026-12-02): the first compile of a shape 15-24 s, a later
-# process that finds Inductor's cache 3.5-5.4 s; each compiled forward 1.9 s faster
-# than eager (10.0 against 11.9 s). A 4-step video has 4 forwards: with an empty cache
-# a one-video process is faster eager, with a warm one compiled.
-COMPILE_COLD_S, COMPILE_WARM_S, COMPILE_SAVES_PER_FORWARD = 20.0, 4.5, 1.9
+# What compiling costs and saves, measured on an H200 at 81x832x1216 through
+# `generate` (fp8, sage8; docs/benchmarks.md, 2026-12-02, sixth session): a process
+# that compiles on an empty cache pays ~35 s (11 s more in the load's warm-up, 24 s
+# more in the first step), one that finds Inductor's cache warm ~11.4 s (9.3 + 2.1).
+# Each compiled forward is 0.7 s faster than the eager one with the fused kernels
+# (10.05 against 10.75 s). A 4-step video has 4 forwards: compiling does not pay even
+# with a warm cache (a later process took 72.9 s compiled, 64.7 s eager); a 40-step
+# video with CFG (80 forwards) pays even a cold compile.
+COMPILE_COLD_S, COMPILE_WARM_S, COMPILE_SAVES_PER_FORWARD = 35.0, 11.4, 0.7
 
 
 def compile_key(device: str | torch.device, tokens: int, plan: RenderPlan) -> str:
