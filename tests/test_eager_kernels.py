@@ -276,3 +276,25 @@ def test_gpu_tiny_dit_forward_with_the_fused_kernels() -> None:
         got = m(x, t, ctx, cond)
     cos = torch.nn.functional.cosine_similarity(got.flatten().double(), ref.flatten().double(), dim=0).item()
     assert cos > 0.9999
+
+
+def test_kernels_attach_by_the_compute_device_not_where_weights_sit(monkeypatch) -> None:
+    """A streamed expert keeps its weights on the host and computes on the GPU: the
+    kernels attach by the device the engine computes on. (Triton's import is the only
+    stand-in here: CI has no Triton; nothing runs on a GPU.)"""
+    import wanrender.kernels as k
+    from wanrender.kernels.qk_norm import NormRope, enable_norm_rope
+    from wanrender.kernels.vae_norm import ChannelNormKernel, enable_vae_kernels
+
+    monkeypatch.setattr(k, "triton_importable", lambda: True)
+    att, _, _ = _attention()
+    assert enable_norm_rope(att) == 0 and att.norm_rope is None  # weights and compute on the CPU
+    assert enable_norm_rope(att, "cuda") == 1 and isinstance(att.norm_rope, NormRope)
+    vae = WanVAE(VAEConfig.preset("demo")).eval()
+    n = enable_vae_kernels(vae, torch.device("cuda"))
+    norms = [m for m in vae.modules() if isinstance(m, ChannelRMSNorm)]
+    assert n == len(norms) > 0 and all(isinstance(m.kernel, ChannelNormKernel) for m in norms)
+    assert len({id(m.kernel) for m in norms}) == 1  # one shared kernel object (one check per device)
+    # and they decline host tensors at call time: the module's ops run
+    x = torch.randn(1, 8, 2, 4, 4)
+    assert norms[0].kernel(x, norms[0].gamma, norms[0].scale, True) is None

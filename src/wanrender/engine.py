@@ -131,7 +131,7 @@ class Engine:
                     engine.vae = loading.load_vae(
                         files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None)
                     )
-                    enable_vae_kernels(engine.vae)
+                    enable_vae_kernels(engine.vae, dev)
                 with _timed(engine.load_parts, "text_encoder", te_dev):
                     engine.text_encoder = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
                     engine.tokenizer = loading.load_tokenizer(files.tokenizer)
@@ -282,7 +282,7 @@ class Engine:
                              eight_bit=plan.precision == "fp8")  # fmt: skip
         for m in experts:
             m.attention = choice.fn
-            enable_norm_rope(m)  # eager CUDA only: compiled blocks keep the ops, which Inductor fuses
+            enable_norm_rope(m, self.device)  # eager CUDA only: compiled blocks keep the ops, which Inductor fuses
         if old is None or old.plan.precision != plan.precision:
             self._converted |= apply_precision(experts, plan.precision)
         if old is None or old.plan.compile != plan.compile:

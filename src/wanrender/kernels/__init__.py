@@ -30,12 +30,15 @@ def triton_importable() -> bool:
 
 
 def attach(model: torch.nn.Module, kind: type, attr: str, make: Callable[[], object],
-           weight: Callable[[torch.nn.Module], torch.Tensor]) -> int:  # fmt: skip
-    """Set ``attr`` of every ``kind`` module of ``model`` to one ``make()`` when they sit
-    on a CUDA device (``weight(module)`` tells where) and Triton imports; returns how
+           device: torch.device | str | None = None) -> int:  # fmt: skip
+    """Set ``attr`` of every ``kind`` module of ``model`` to one ``make()`` when the model
+    computes on a CUDA device (``device``; default: where its first parameter is; the
+    weights of a streamed expert may sit on the host) and Triton imports; returns how
     many got it (0: none was touched)."""
     mods = [m for m in model.modules() if isinstance(m, kind)]
-    if not mods or weight(mods[0]).device.type != "cuda" or not triton_importable():
+    if device is None:
+        device = next(model.parameters()).device if mods else "cpu"
+    if not mods or torch.device(device).type != "cuda" or not triton_importable():
         return 0
     shared = make()
     for m in mods:

@@ -98,7 +98,7 @@ class NormRope:
         if rope is None:
             return True
         return (
-            rope.is_cuda
+            rope.device == y.device
             and rope.dtype == torch.float32
             and rope.is_contiguous()
             and rope.dim() == 4
@@ -110,7 +110,7 @@ class NormRope:
                  reference) -> torch.Tensor | None:  # fmt: skip
         """``reference(t)``: the module's own ops (norm, then the rotation of ``rope``'s
         leading rows) on a [..., n, D] tensor of the first n tokens."""
-        if not self.applies(y, rope):
+        if not self.applies(y, rope) or norm.weight.device != y.device:
             return None
         try:
             out = norm_rope_triton(y, norm.weight, norm.eps, rope)
@@ -141,10 +141,11 @@ def excess_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((g - r).abs() / (2 * ULP * (r.abs() + rms)).clamp_min(1e-30)).max().item()
 
 
-def enable_norm_rope(model: torch.nn.Module) -> int:
-    """Give every DiT ``Attention`` of ``model`` the fused kernel when the model sits on
-    a CUDA device and Triton imports (else set none); returns how many got it."""
+def enable_norm_rope(model: torch.nn.Module, device: torch.device | str | None = None) -> int:
+    """Give every DiT ``Attention`` of ``model`` the fused kernel when the model computes
+    on a CUDA device (``device``, default: where its weights are) and Triton imports
+    (else set none); returns how many got it."""
     from wanrender.kernels import attach
     from wanrender.models.dit import Attention
 
-    return attach(model, Attention, "norm_rope", NormRope, lambda m: m.norm_q.weight)
+    return attach(model, Attention, "norm_rope", NormRope, device)

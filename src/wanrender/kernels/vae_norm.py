@@ -85,6 +85,7 @@ class ChannelNormKernel:
         if (
             self.broken is not None
             or not x.is_cuda
+            or gamma.device != x.device
             or x.dtype not in (torch.bfloat16, torch.float16)
             or not x.is_contiguous()
             or x.dim() < 3
@@ -101,10 +102,11 @@ class ChannelNormKernel:
             return None
 
 
-def enable_vae_kernels(vae: torch.nn.Module) -> int:
-    """Give every ``ChannelRMSNorm`` of ``vae`` the fused kernel when it sits on a CUDA
-    device and Triton imports; returns how many got it."""
+def enable_vae_kernels(vae: torch.nn.Module, device: torch.device | str | None = None) -> int:
+    """Give every ``ChannelRMSNorm`` of ``vae`` the fused kernel when it computes on a
+    CUDA device (``device``, default: where its weights are) and Triton imports; returns
+    how many got it."""
     from wanrender.kernels import attach
     from wanrender.models.vae import ChannelRMSNorm
 
-    return attach(vae, ChannelRMSNorm, "kernel", ChannelNormKernel, lambda m: m.gamma)
+    return attach(vae, ChannelRMSNorm, "kernel", ChannelNormKernel, device)
