@@ -115,11 +115,12 @@ def _fp8_forward(args):
 
 def part_eager(args) -> None:
     """One eager fp8 forward with the fused kernels (kernels/quant_rows.py,
-    kernels/qk_norm.py) and with PyTorch's ops, outputs compared; then where the
+    kernels/qk_norm.py, kernels/ln_mod.py) and with PyTorch's ops, outputs compared; then where the
     fused forward's GPU time goes."""
     from wanrender.kernels import linear
+    from wanrender.kernels.ln_mod import enable_norm_mod
     from wanrender.kernels.qk_norm import enable_norm_rope
-    from wanrender.models.dit import Attention
+    from wanrender.models.dit import Attention, Block
 
     m, fwd = _fp8_forward(args)
     fused = linear.row_quant
@@ -128,10 +129,13 @@ def part_eager(args) -> None:
         linear.row_quant = fused if on else (lambda: None)
         if on:
             enable_norm_rope(m)
+            enable_norm_mod(m)
         else:
             for a in m.modules():
                 if isinstance(a, Attention):
                     a.norm_rope = None
+                elif isinstance(a, Block):
+                    a.norm_mod = None
 
     outs = {}
     for name, on in (("fused kernels", True), ("PyTorch ops", False), ("fused kernels", True)):
@@ -155,6 +159,7 @@ def part_drift(args) -> None:
     full-size weights: the eager PyTorch ops against the fused kernels, and against
     Inductor's compiled blocks (its own fusions and roundings)."""
     from wanrender.kernels import linear
+    from wanrender.kernels.ln_mod import enable_norm_mod
     from wanrender.kernels.qk_norm import enable_norm_rope
     from wanrender.runtime.plan import compile_blocks, compiled_scope
 
@@ -164,6 +169,7 @@ def part_drift(args) -> None:
     ops = fwd().double().flatten()
     linear.row_quant = fused
     enable_norm_rope(m)
+    enable_norm_mod(m)
     outs = {"fused kernels": fwd().double().flatten()}
     compile_blocks(m, "default")
     with compiled_scope():

@@ -19,6 +19,9 @@
 #            random-weight sweep case through the bench child (ONLY= picks it)
 #   merge    the fused fp8 LoRA merge (kernels/fp8_merge.py): its GPU tests, then the plain
 #            and the fused merge of a rank-64 LoRA into a full-size expert, timed, bytes compared
+#   eager    the eager path's fused kernels (quant_rows, qk_norm, ln_mod, vae_norm): their GPU
+#            tests, one eager fp8 forward fused against PyTorch's ops, the VAE decode with and
+#            without its fused norm, and how far eager ops, fused and compiled forwards land apart
 #   tune     a measured GPU profile from random full-size weights (e.g. on an H100);
 #            BUCKETS, ATTN, PREC, COMP narrow the search (comma lists)
 #   real     with real checkpoints under models/: the full matrix
@@ -80,6 +83,11 @@ EOF
   merge)
       timeout 200 python3 -m pytest -m gpu tests/test_fp8_merge.py -p no:cacheprovider 2>&1 | tail -6
       timeout "$(left)" python3 benchmarks/gpu_cold_probe.py merge 2>&1 | tail -8 ;;
+  eager)
+      timeout 200 python3 -m pytest -m gpu tests/test_eager_kernels.py -p no:cacheprovider 2>&1 | tail -8
+      timeout 130 python3 benchmarks/gpu_cold_probe.py eager 2>&1 | grep "^| \|Error" | tail -6
+      timeout 100 python3 benchmarks/gpu_cold_probe.py vae2 2>&1 | grep "^| \|Error" | tail -4
+      timeout "$(left)" python3 benchmarks/gpu_cold_probe.py drift 2>&1 | grep "^| \|Error" | tail -4 ;;
   tune)
       timeout "$(left)" python3 -c "from wanrender.cli import main; import sys; sys.argv=['wanrender']+sys.argv[1:]; main()" \
           tune --models random --budget "${TUNE_BUDGET:-8m}" --repeats 1 --out "$OUT/profile.yaml" --work "$OUT/tune" \
@@ -88,5 +96,5 @@ EOF
   real)
       wr bench run benchmarks/matrices/gpu-h200.yaml --out "$OUT/sweep"
       wr bench report "$OUT/sweep/results.jsonl" -o "$OUT/report.html" ;;
-  *)  echo "usage: bash benchmarks/gpu_session.sh kernels|sweep|parity|shapes|forward|checks|tune|real"; exit 2 ;;
+  *)  echo "usage: bash benchmarks/gpu_session.sh kernels|sweep|parity|shapes|forward|checks|lifecycle|merge|eager|tune|real"; exit 2 ;;
 esac

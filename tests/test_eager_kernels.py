@@ -34,10 +34,9 @@ def test_a_block_hands_norm_and_silu_to_the_kernel_in_one_call() -> None:
         calls = []
         for norm in (m for m in block.modules() if isinstance(m, ChannelRMSNorm)):
 
-            def stand_in(t, gamma, scale, silu, norm=norm):  # the module's ops: what the Triton kernel computes
+            def stand_in(t, gamma, scale, silu, reference):  # the module's ops: what the Triton kernel computes
                 calls.append(silu)
-                y = norm._norm(t)
-                return torch.nn.functional.silu(y) if silu else y
+                return reference(t)
 
             norm.kernel = stand_in
         got = block(x, TimeCache())
@@ -63,7 +62,7 @@ def test_no_vae_kernels_off_cuda() -> None:
     assert enable_vae_kernels(vae) == 0
     assert all(m.kernel is None for m in vae.modules() if isinstance(m, ChannelRMSNorm))
     x = torch.randn(1, 8, 2, 4, 4, dtype=torch.bfloat16)
-    assert ChannelNormKernel()(x, torch.ones(8), 8**0.5, True) is None  # a CPU tensor: the ops
+    assert ChannelNormKernel()(x, torch.ones(8), 8**0.5, True, None) is None  # a CPU tensor: the ops
 
 
 def test_the_row_quantiser_declines_the_cpu_and_falls_back_on_a_mismatch(caplog) -> None:
@@ -255,10 +254,11 @@ def test_gpu_norm_rope_within_two_ulp(with_rope) -> None:
 
 @pytest.mark.gpu
 def test_gpu_tiny_dit_forward_with_the_fused_kernels() -> None:
-    """A demo-size DiT on the GPU in bf16: the fused norm + RoPE and the quantiser on
-    against off, the whole forward within bf16 noise."""
+    """A demo-size DiT on the GPU in bf16: the fused norms and the quantiser on against
+    off, the whole forward within bf16 noise."""
     from wanrender.bench.synthetic import random_dit
     from wanrender.kernels.linear import enable_fp8
+    from wanrender.kernels.ln_mod import enable_norm_mod
     from wanrender.kernels.qk_norm import enable_norm_rope
 
     dev = torch.device("cuda")
@@ -272,7 +272,7 @@ def test_gpu_tiny_dit_forward_with_the_fused_kernels() -> None:
     t = torch.tensor([900.0], device="cuda")
     with torch.no_grad():
         ref = m(x, t, ctx, cond)
-        assert enable_norm_rope(m) > 0
+        assert enable_norm_rope(m) > 0 and enable_norm_mod(m) > 0
         got = m(x, t, ctx, cond)
     cos = torch.nn.functional.cosine_similarity(got.flatten().double(), ref.flatten().double(), dim=0).item()
     assert cos > 0.9999
@@ -283,10 +283,14 @@ def test_kernels_attach_by_the_compute_device_not_where_weights_sit(monkeypatch)
     kernels attach by the device the engine computes on. (Triton's import is the only
     stand-in here: CI has no Triton; nothing runs on a GPU.)"""
     import wanrender.kernels as k
+    from wanrender.kernels.ln_mod import NormModulate, enable_norm_mod
     from wanrender.kernels.qk_norm import NormRope, enable_norm_rope
     from wanrender.kernels.vae_norm import ChannelNormKernel, enable_vae_kernels
 
     monkeypatch.setattr(k, "triton_importable", lambda: True)
+    block, _, _ = _block()
+    assert enable_norm_mod(block) == 0 and enable_norm_mod(block, "cuda") == 1
+    assert isinstance(block.norm_mod, NormModulate)
     att, _, _ = _attention()
     assert enable_norm_rope(att) == 0 and att.norm_rope is None  # weights and compute on the CPU
     assert enable_norm_rope(att, "cuda") == 1 and isinstance(att.norm_rope, NormRope)
@@ -297,4 +301,109 @@ def test_kernels_attach_by_the_compute_device_not_where_weights_sit(monkeypatch)
     assert len({id(m.kernel) for m in norms}) == 1  # one shared kernel object (one check per device)
     # and they decline host tensors at call time: the module's ops run
     x = torch.randn(1, 8, 2, 4, 4)
-    assert norms[0].kernel(x, norms[0].gamma, norms[0].scale, True) is None
+    assert norms[0].kernel(x, norms[0].gamma, norms[0].scale, True, None) is None
+
+
+def _block():
+    from wanrender.models.dit import Block, DiTConfig, rope_tables
+
+    cfg = DiTConfig.preset("demo")
+    torch.manual_seed(1)
+    block = Block(cfg).eval()
+    for name, p in block.named_parameters():
+        torch.nn.init.normal_(p, std=0.05) if p.dim() > 1 else torch.nn.init.uniform_(p, 0.5, 1.5)
+    return block, cfg, rope_tables(cfg, (2, 3, 4), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_a_block_hands_norm_modulate_and_cast_to_the_kernel(chunks) -> None:
+    block, cfg, rope = _block()
+    x = torch.randn(1, 24, cfg.dim)
+    e = torch.randn(1, 6, cfg.dim) * 0.1
+    ctx = torch.randn(1, 7, cfg.dim)
+
+    def sdpa(q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        ).transpose(1, 2)
+
+    with torch.no_grad():
+        ref = block(x.clone(), e, ctx, rope, sdpa, torch.float32, chunks=chunks)
+        seen = []
+
+        def stand_in(t, norm, shift, scale, dtype, reference):  # the block's ops: what the Triton kernel computes
+            seen.append((norm is block.norm3, shift is None))
+            return reference(t)
+
+        block.norm_mod = stand_in
+        got = block(x.clone(), e, ctx, rope, sdpa, torch.float32, chunks=chunks)
+    assert torch.equal(got, ref)
+    # norm1 (modulated), norm3 (its own affine, no modulation), norm2 (modulated), per chunk
+    per = {1: [(False, False), (True, True), (False, False)]}.get(chunks)
+    if per is not None:
+        assert seen == per
+    else:
+        assert seen.count((True, True)) == chunks and len(seen) == 4 * chunks  # k/v, q, norm3, norm2 per chunk
+
+
+def test_the_norm_mod_check_takes_the_blocks_result_and_rejects_another(caplog) -> None:
+    from wanrender.kernels.ln_mod import NormModulate
+
+    block, cfg, _ = _block()
+    x = torch.randn(1, 24, cfg.dim)
+    shift, scale = torch.randn(1, 1, cfg.dim), torch.randn(1, 1, cfg.dim) * 0.2
+
+    def reference(t):
+        return block._plain_normed(block.norm1, t, shift, scale, torch.bfloat16)
+
+    right = reference(x)
+    fused = NormModulate()
+    fused._check(x, right, reference)
+    assert fused.broken is None
+    wrong = right.clone()
+    wrong[0, 0, :4] *= 1.1
+    fused = NormModulate()
+    fused._check(x, wrong, reference)
+    assert fused.broken and "tolerance" in caplog.text
+    assert not NormModulate().applies(x, block.norm1, shift, torch.bfloat16)  # a host tensor: the ops
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("affine", [False, True])
+def test_gpu_norm_mod_within_two_ulp(affine) -> None:
+    from wanrender.kernels.ln_mod import ln_mod_triton
+    from wanrender.kernels.qk_norm import excess_error
+    from wanrender.models.common import FP32LayerNorm
+    from wanrender.models.dit import Block
+
+    d = 5120
+    norm = FP32LayerNorm(d, 1e-6, elementwise_affine=affine).cuda()
+    if affine:
+        norm.weight.data.uniform_(0.5, 1.5)
+        norm.bias.data.normal_()
+    x = torch.randn(2, 300, d, device="cuda") * 3 + 0.5
+    mod = (torch.randn(2, 6, d, device="cuda") * 0.3).unsqueeze(2).unbind(1)  # the block's strided views
+    shift, scale = (None, None) if affine else (mod[0], mod[1])
+    with torch.no_grad():
+        ref = Block._plain_normed(norm, x, shift, scale, torch.bfloat16)
+        got = ln_mod_triton(x, norm, shift, scale, torch.bfloat16)
+    assert excess_error(got, ref) <= 1.0
+    assert (got != ref).float().mean().item() < 0.02
+
+
+def test_the_vae_norm_check_takes_the_modules_result_and_rejects_another(caplog) -> None:
+    from wanrender.kernels.vae_norm import ChannelNormKernel
+
+    norm = ChannelRMSNorm(8, 3)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    x = torch.randn(1, 8, 3, 4, 5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        right = norm._plain(x, True)
+        fused = ChannelNormKernel()
+        fused._check(x, right, lambda t: norm._plain(t, True))
+        assert fused.broken is None and x.device in fused.checked
+        wrong = right.clone()
+        wrong[0, :, 0, 0, 0] *= 1.1
+        fused = ChannelNormKernel()
+        fused._check(x, wrong, lambda t: norm._plain(t, True))
+    assert fused.broken and "tolerance" in caplog.text

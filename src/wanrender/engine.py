@@ -273,6 +273,7 @@ class Engine:
     def _apply(self, config: EngineConfig, reloaded: bool) -> None:
         """Attention, precision, compile and the memory runtime, as ``config`` says."""
         from wanrender.kernels import attention as attn
+        from wanrender.kernels.ln_mod import enable_norm_mod
         from wanrender.kernels.qk_norm import enable_norm_rope
         from wanrender.runtime.plan import apply_precision, compile_blocks
 
@@ -282,7 +283,9 @@ class Engine:
                              eight_bit=plan.precision == "fp8")  # fmt: skip
         for m in experts:
             m.attention = choice.fn
-            enable_norm_rope(m, self.device)  # eager CUDA only: compiled blocks keep the ops, which Inductor fuses
+            # eager CUDA only: compiled blocks keep the ops, which Inductor fuses
+            enable_norm_rope(m, self.device)
+            enable_norm_mod(m, self.device)
         if old is None or old.plan.precision != plan.precision:
             self._converted |= apply_precision(experts, plan.precision)
         if old is None or old.plan.compile != plan.compile:

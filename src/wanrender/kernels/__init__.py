@@ -15,9 +15,12 @@ reasons it cannot run on the current machine.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def triton_importable() -> bool:
@@ -44,3 +47,34 @@ def attach(model: torch.nn.Module, kind: type, attr: str, make: Callable[[], obj
     for m in mods:
         setattr(m, attr, shared)
     return len(mods)
+
+
+class CheckedKernel:
+    """A fused kernel whose first call on each device is checked against the PyTorch
+    ops it replaces; a difference, or any exception in the kernel or the check, sends
+    this and every later call to the ops, with one warning."""
+
+    what = "fused kernel"
+
+    def __init__(self) -> None:
+        self.checked: set[torch.device] = set()
+        self.broken: str | None = None
+
+    def run(self, device: torch.device, compute: Callable[[], object], check: Callable[[object], None]):
+        """``compute()``'s result, checked by ``check(result)`` (which calls ``verdict``)
+        on this device's first call; None once the kernel is broken."""
+        try:
+            out = compute()
+            if device not in self.checked:
+                check(out)
+        except Exception as e:  # noqa: BLE001 - a kernel that cannot build or run: the PyTorch ops
+            self.broken = f"{type(e).__name__}: {e}"
+            log.warning("%s unavailable (%s): using the PyTorch ops", self.what, self.broken)
+        return out if self.broken is None else None
+
+    def verdict(self, device: torch.device, problem: str | None) -> None:
+        if problem is None:
+            self.checked.add(device)
+            return
+        self.broken = problem
+        log.warning("%s: %s — using the PyTorch ops", self.what, problem)

@@ -20,11 +20,10 @@ Eager only: under ``torch.compile`` the module keeps its ops, which Inductor fus
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from wanrender.kernels import CheckedKernel
 
 MAX_D = 16384
 CHECK_ROWS = 64
@@ -82,13 +81,11 @@ def norm_rope_triton(y: torch.Tensor, weight: torch.Tensor, eps: float, rope: to
     return out
 
 
-class NormRope:
+class NormRope(CheckedKernel):
     """What ``Attention.norm_rope`` holds once the runtime enabled it: returns the fused
     result, or None where the kernel does not apply (the module then runs its ops)."""
 
-    def __init__(self) -> None:
-        self.checked: set[torch.device] = set()
-        self.broken: str | None = None
+    what = "fused q/k norm + RoPE"
 
     def applies(self, y: torch.Tensor, rope: torch.Tensor | None) -> bool:
         if self.broken is not None or not y.is_cuda or y.dtype != torch.bfloat16 or not y.is_contiguous():
@@ -112,24 +109,14 @@ class NormRope:
         leading rows) on a [..., n, D] tensor of the first n tokens."""
         if not self.applies(y, rope) or norm.weight.device != y.device:
             return None
-        try:
-            out = norm_rope_triton(y, norm.weight, norm.eps, rope)
-            if y.device not in self.checked:
-                self._check(y, out, reference)
-        except Exception as e:  # noqa: BLE001 - a kernel that cannot build or run: the PyTorch ops
-            self.broken = f"{type(e).__name__}: {e}"
-            log.warning("fused q/k norm + RoPE unavailable (%s): using the PyTorch ops", self.broken)
-        return out if self.broken is None else None
+        return self.run(y.device, lambda: norm_rope_triton(y, norm.weight, norm.eps, rope),
+                        lambda out: self._check(y, out, reference))  # fmt: skip
 
     def _check(self, y, out, reference) -> None:
         n = min(CHECK_ROWS, y.shape[-2])
         ref = reference(y[..., :n, :].contiguous())  # [..., n, heads, head_dim]: flattened like ours
         err = excess_error(out[..., :n, :], ref.flatten(-2))
-        if err <= 1.0:
-            self.checked.add(y.device)
-            return
-        self.broken = f"it differs from the PyTorch ops by {err:.1f}x the tolerance on this GPU"
-        log.warning("fused q/k norm + RoPE: %s — using the PyTorch ops", self.broken)
+        self.verdict(y.device, None if err <= 1.0 else f"it differs from the PyTorch ops by {err:.1f}x the tolerance")
 
 
 def excess_error(got: torch.Tensor, ref: torch.Tensor) -> float:

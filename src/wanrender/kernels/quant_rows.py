@@ -21,11 +21,10 @@ fuses with the norm before them (an opaque kernel would block that).
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 
-log = logging.getLogger(__name__)
+from wanrender.kernels import CheckedKernel
 
 FP8 = torch.float8_e4m3fn
 MAX_K = 32768  # one row per program, held in registers: wider rows take the PyTorch path
@@ -68,12 +67,10 @@ def quant_rows_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-class RowQuant:
+class RowQuant(CheckedKernel):
     """The quantiser ``kernels.linear.fp8_rowwise`` calls in eager mode on a GPU."""
 
-    def __init__(self) -> None:
-        self.checked: set[torch.device] = set()
-        self.broken: str | None = None
+    what = "fused fp8 row quantisation"
 
     def usable(self, x: torch.Tensor) -> bool:
         return (
@@ -89,26 +86,18 @@ class RowQuant:
 
     def __call__(self, x: torch.Tensor, reference) -> tuple[torch.Tensor, torch.Tensor]:
         """``reference``: the PyTorch quantiser, used for the check and as the fallback."""
-        if self.usable(x):
-            try:
-                q, s = quant_rows_triton(x)
-                if x.device not in self.checked:
-                    self._check(x, q, s, reference)
-                if self.broken is None:
-                    return q, s
-            except Exception as e:  # noqa: BLE001 - a kernel that cannot build or run: the plain path
-                self.broken = f"{type(e).__name__}: {e}"
-                log.warning("fused fp8 row quantisation unavailable (%s): quantising in PyTorch", self.broken)
-        return reference(x)
+        out = (
+            self.run(x.device, lambda: quant_rows_triton(x), lambda qs: self._check(x, *qs, reference))
+            if self.usable(x)
+            else None
+        )
+        return out if out is not None else reference(x)
 
     def _check(self, x, q, s, reference) -> None:
         n = min(CHECK_ROWS, x.shape[0])
         rq, rs = reference(x[:n])
-        if torch.equal(rs, s[:n]) and torch.equal(rq.view(torch.uint8), q[:n].view(torch.uint8)):
-            self.checked.add(x.device)
-            return
-        self.broken = "its bytes differ from quantize_rows' on this GPU"
-        log.warning("fused fp8 row quantisation: %s — quantising in PyTorch", self.broken)
+        same = torch.equal(rs, s[:n]) and torch.equal(rq.view(torch.uint8), q[:n].view(torch.uint8))
+        self.verdict(x.device, None if same else "its bytes differ from quantize_rows' on this GPU")
 
 
 @functools.cache

@@ -222,6 +222,9 @@ class Block(nn.Module):
         self.norm2 = FP32LayerNorm(cfg.dim, cfg.eps, elementwise_affine=False)
         self.ffn = FeedForward(cfg)
         self.modulation = nn.Parameter(torch.empty(1, 6, cfg.dim), requires_grad=False)
+        # A fused LayerNorm + modulation + cast the runtime may set (kernels/ln_mod.py):
+        # (x, norm, shift, scale, dtype, reference) -> result, or None. None keeps the ops.
+        self.norm_mod: Callable | None = None
 
     def forward(
         self,
@@ -247,11 +250,28 @@ class Block(nn.Module):
             return self._forward_chunked(x, mod, context, rope, attn, compute_dtype, chunks, cross_attn)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod
         # addcmul: modulate / gate-and-add in one pass each (the residual is 1.7 GB at 81 frames).
-        h = modulate(self.norm1(x), shift_a, scale_a).to(compute_dtype)
+        h = self._normed(self.norm1, x, shift_a, scale_a, compute_dtype)
         x = torch.addcmul(x, self.self_attn(h, attn, rope=rope), gate_a)
-        x = x + self.cross_attn(self.norm3(x).to(compute_dtype), cross_attn, context=context)
-        h = modulate(self.norm2(x), shift_f, scale_f).to(compute_dtype)
+        x = x + self.cross_attn(self._normed(self.norm3, x, None, None, compute_dtype), cross_attn, context=context)
+        h = self._normed(self.norm2, x, shift_f, scale_f, compute_dtype)
         return torch.addcmul(x, self.ffn(h), gate_f)
+
+    def _normed(self, norm: FP32LayerNorm, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        """``norm(x)``, modulated when ``shift`` is given, in ``dtype``."""
+        if self.norm_mod is not None:
+            fused = self.norm_mod(
+                x, norm, shift, scale, dtype, lambda t: self._plain_normed(norm, t, shift, scale, dtype)
+            )
+            if fused is not None:
+                return fused
+        return self._plain_normed(norm, x, shift, scale, dtype)
+
+    @staticmethod
+    def _plain_normed(norm: FP32LayerNorm, x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor | None,
+                      dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        y = norm(x)
+        return (y if shift is None else modulate(y, shift, scale)).to(dtype)
 
     def _forward_chunked(
         self,
@@ -275,7 +295,7 @@ class Block(nn.Module):
         # Pass 1: K and V of the whole sequence (attention needs all of them).
         k = v = None
         for s, t in spans:
-            kc, vc = sa.key_value(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype), rope[s:t])
+            kc, vc = sa.key_value(self._normed(self.norm1, x[:, s:t], shift_a, scale_a, compute_dtype), rope[s:t])
             if k is None:
                 k = kc.new_empty(x.shape[0], x.shape[1], *kc.shape[2:])
                 v = vc.new_empty(x.shape[0], x.shape[1], *vc.shape[2:])
@@ -284,15 +304,15 @@ class Block(nn.Module):
         # Pass 2: queries, attention, output and residual per chunk. Every attention row
         # sees all keys; updating x[s:t] cannot affect a later chunk's queries (token-wise).
         for s, t in spans:
-            q = sa.query(modulate(self.norm1(x[:, s:t]), shift_a, scale_a).to(compute_dtype), rope[s:t])
+            q = sa.query(self._normed(self.norm1, x[:, s:t], shift_a, scale_a, compute_dtype), rope[s:t])
             x[:, s:t] = torch.addcmul(x[:, s:t], sa.out(attn(q, k, v)), gate_a)
             del q
         del k, v
         ck, cv = ca.key_value(context)
         for s, t in spans:
-            q = ca.query(self.norm3(x[:, s:t]).to(compute_dtype))
+            q = ca.query(self._normed(self.norm3, x[:, s:t], None, None, compute_dtype))
             x[:, s:t] = x[:, s:t] + ca.out(cross_attn(q, ck, cv))
-            h = modulate(self.norm2(x[:, s:t]), shift_f, scale_f).to(compute_dtype)
+            h = self._normed(self.norm2, x[:, s:t], shift_f, scale_f, compute_dtype)
             x[:, s:t] = torch.addcmul(x[:, s:t], self.ffn(h), gate_f)
         return x
 

@@ -152,15 +152,18 @@ class ChannelRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
         self.scale = dim**0.5
         # A fused norm (and SiLU) the runtime may set (kernels/vae_norm.py): kernel(x, gamma,
-        # scale, silu) -> y, or None where it does not apply. None keeps the ops below.
-        self.kernel: Callable[[Tensor, Tensor, float, bool], Tensor | None] | None = None
+        # scale, silu, reference) -> y, or None where it does not apply. None keeps the ops.
+        self.kernel: Callable[..., Tensor | None] | None = None
 
     def forward(self, x: Tensor, silu: bool = False) -> Tensor:
         """The norm; with ``silu`` also the SiLU that follows it in the blocks."""
         if self.kernel is not None:
-            y = self.kernel(x, self.gamma, self.scale, silu)
+            y = self.kernel(x, self.gamma, self.scale, silu, lambda t: self._plain(t, silu))
             if y is not None:
                 return y
+        return self._plain(x, silu)
+
+    def _plain(self, x: Tensor, silu: bool) -> Tensor:
         y = self._norm(x)
         return F.silu(y) if silu else y
 
