@@ -35,7 +35,7 @@ try:
     d = json.load(open(sys.argv[1]))
 except Exception as e:
     print("no sidecar:", e); raise SystemExit
-print("  load_models_s", d.get("load_models_s"), "parts", d.get("load_parts_s"))
+print("  load_models_s", d.get("load_models_s"), "parts", d.get("load_parts_s"), "process_s", d.get("process_s"))
 print("  timings", {k: round(v, 2) for k, v in d["timings_s"].items()}, "steps", d.get("step_s"))
 print("  plan", d["plan"]["runtime"] and {k: d["plan"]["runtime"].get(k) for k in ("precision", "attention", "compile")})
 PY

@@ -43,6 +43,7 @@ def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, t
     side = json.loads(res.sidecar.read_text())
     for key in ("request", "plan", "models", "seed", "timings_s", "versions", "seconds_per_step"):
         assert side[key] is not None, key
+    assert len(side["step_s"]) == 4 and side["process_s"] is None  # a long-lived runner: no process age
     assert set(side["timings_s"]) >= {
         "text_encode",
         "vae_encode",
@@ -118,6 +119,9 @@ def test_cli_generate_and_errors(demo_files, tmp_path: Path) -> None:
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cli.mp4").is_file() and (tmp_path / "cli.json").is_file()
+    # a one-video process records its age at the load's start and at the sidecar (Linux /proc)
+    proc = json.loads((tmp_path / "cli.json").read_text())["process_s"]
+    assert 0 < proc["at_load"] <= proc["at_sidecar"]
     res = runner.invoke(app, args[:-4] + ["--frames", "6"] + args[-4:])
     assert res.exit_code == 2 and "try 5" in res.output
     res = runner.invoke(app, args + ["--attention", "sdpa-cudnn"])

@@ -265,6 +265,9 @@ class Runner:
         req = prep.req
         if write:
             self._hash_in_background(files)
+        from wanrender.runtime.gpus import process_seconds
+
+        at_load = process_seconds() if self.one_shot else None
         loading = self.ensure_engine(prep.config, files, progress, early=(req, prep.image))
         stream = None
         try:
@@ -300,6 +303,8 @@ class Runner:
                     ) from None
             result.meta["load"] = loading
             result.meta["memory_record"] = prep.memory
+            if at_load is not None:  # a one-video process: where its seconds outside the stages went
+                result.meta["process_s"] = {"at_load": at_load}
             if self.engine.plan.compile != "off":
                 from wanrender.runtime.plan import compile_key, remember_compiled
 
@@ -404,7 +409,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
     else:
         models = describe_files(engine.files.as_dict())
     from wanrender.pipeline.i2v import passes
-    from wanrender.runtime.gpus import peak_rss_bytes
+    from wanrender.runtime.gpus import peak_rss_bytes, process_seconds
 
     s = result.meta.get("step_seconds", [])
     runtime = engine.plan.to_json() if engine.plan is not None else None
@@ -440,5 +445,10 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         "load_parts_s": {k: round(v, 3) for k, v in engine.load_parts.items()},
         "peak_vram_bytes": result.peak_vram_bytes,
         "peak_host_rss_bytes": peak_rss_bytes(),
+        # A one-video process: seconds since it started, when its load began and now (the
+        # sidecar is written last): with the command's wall time, what lies outside the stages.
+        "process_s": {**result.meta["process_s"], "at_sidecar": process_seconds()}
+        if "process_s" in result.meta
+        else None,
         "versions": versions(),
     }

@@ -24,6 +24,7 @@ import re
 import resource
 import sys
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from wanrender.errors import WanrenderError
 
@@ -166,6 +167,19 @@ def host_ram_gib() -> tuple[float, float | None]:
     except OSError:
         pass
     return total, None
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started (Linux, from /proc, 10 ms steps), or None
+    where that cannot be read: a one-video process's time before its load and after
+    its render, which no stage timer sees (interpreter start, imports, CUDA's context)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name may hold spaces
+        return round(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 2)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def peak_rss_bytes() -> int:
