@@ -113,33 +113,33 @@ def _fp8_forward(args):
     return m, fwd
 
 
-def part_eager(args) -> None:
-    """One eager fp8 forward with the fused kernels (kernels/quant_rows.py,
-    kernels/qk_norm.py, kernels/ln_mod.py) and with PyTorch's ops, outputs compared; then where the
-    fused forward's GPU time goes."""
-    from wanrender.kernels import linear
+def _use_eager_kernels(m, on: bool) -> None:
+    """The fused eager kernels on ``m`` (and the fused quantiser) on or off."""
+    from wanrender.kernels import linear, quant_rows
     from wanrender.kernels.ln_mod import enable_norm_mod
     from wanrender.kernels.qk_norm import enable_norm_rope
     from wanrender.models.dit import Attention, Block
 
+    linear.row_quant = quant_rows.row_quant if on else (lambda: None)
+    if on:
+        enable_norm_rope(m)
+        enable_norm_mod(m)
+        return
+    for a in m.modules():
+        if isinstance(a, Attention):
+            a.norm_rope = None
+        elif isinstance(a, Block):
+            a.norm_mod = None
+
+
+def part_eager(args) -> None:
+    """One eager fp8 forward with the fused kernels (kernels/quant_rows.py,
+    kernels/qk_norm.py, kernels/ln_mod.py) and with PyTorch's ops, outputs compared; then
+    where the fused forward's GPU time goes."""
     m, fwd = _fp8_forward(args)
-    fused = linear.row_quant
-
-    def use(on: bool) -> None:
-        linear.row_quant = fused if on else (lambda: None)
-        if on:
-            enable_norm_rope(m)
-            enable_norm_mod(m)
-        else:
-            for a in m.modules():
-                if isinstance(a, Attention):
-                    a.norm_rope = None
-                elif isinstance(a, Block):
-                    a.norm_mod = None
-
     outs = {}
     for name, on in (("fused kernels", True), ("PyTorch ops", False), ("fused kernels", True)):
-        use(on)
+        _use_eager_kernels(m, on)
         timed(fwd)
         t, outs[name] = timed(fwd)
         row(f"eager fp8 forward ({args.attention}), {name}", t)
@@ -158,18 +158,12 @@ def part_drift(args) -> None:
     """How far two valid implementations of one fp8 forward land apart on random
     full-size weights: the eager PyTorch ops against the fused kernels, and against
     Inductor's compiled blocks (its own fusions and roundings)."""
-    from wanrender.kernels import linear
-    from wanrender.kernels.ln_mod import enable_norm_mod
-    from wanrender.kernels.qk_norm import enable_norm_rope
     from wanrender.runtime.plan import compile_blocks, compiled_scope
 
     m, fwd = _fp8_forward(args)
-    fused = linear.row_quant
-    linear.row_quant = lambda: None
+    _use_eager_kernels(m, False)
     ops = fwd().double().flatten()
-    linear.row_quant = fused
-    enable_norm_rope(m)
-    enable_norm_mod(m)
+    _use_eager_kernels(m, True)
     outs = {"fused kernels": fwd().double().flatten()}
     compile_blocks(m, "default")
     with compiled_scope():

@@ -236,7 +236,8 @@ def test_the_norm_rope_check_takes_the_modules_result_and_rejects_another(caplog
 @pytest.mark.gpu
 @pytest.mark.parametrize("with_rope", [False, True])
 def test_gpu_norm_rope_within_two_ulp(with_rope) -> None:
-    from wanrender.kernels.qk_norm import excess_error, norm_rope_triton
+    from wanrender.kernels import excess_error
+    from wanrender.kernels.qk_norm import norm_rope_triton
     from wanrender.models.dit import Attention, DiTConfig, rope_tables
 
     cfg = DiTConfig.preset("i2v-A14B")  # 5120 wide, 40 heads of 128
@@ -371,8 +372,8 @@ def test_the_norm_mod_check_takes_the_blocks_result_and_rejects_another(caplog) 
 @pytest.mark.gpu
 @pytest.mark.parametrize("affine", [False, True])
 def test_gpu_norm_mod_within_two_ulp(affine) -> None:
+    from wanrender.kernels import excess_error
     from wanrender.kernels.ln_mod import ln_mod_triton
-    from wanrender.kernels.qk_norm import excess_error
     from wanrender.models.common import FP32LayerNorm
     from wanrender.models.dit import Block
 

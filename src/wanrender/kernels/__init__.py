@@ -22,6 +22,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
+ULP = 2.0**-7  # one unit in the last place of bf16, relative, at worst
+
 
 def triton_importable() -> bool:
     """Whether Triton imports here (asked on use, never at import time)."""
@@ -72,9 +74,23 @@ class CheckedKernel:
             log.warning("%s unavailable (%s): using the PyTorch ops", self.what, self.broken)
         return out if self.broken is None else None
 
+    def compare(self, device: torch.device, got: torch.Tensor, ref: torch.Tensor) -> None:
+        """The verdict of a kernel that is not bit-exact: within ``excess_error``'s bound."""
+        err = excess_error(got, ref)
+        self.verdict(device, None if err <= 1.0 else f"it differs from the PyTorch ops by {err:.1f}x the tolerance")
+
     def verdict(self, device: torch.device, problem: str | None) -> None:
         if problem is None:
             self.checked.add(device)
             return
         self.broken = problem
         log.warning("%s: %s — using the PyTorch ops", self.what, problem)
+
+
+def excess_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The largest |got - ref| over its tolerance: two bf16 units in the last place of the
+    value, or of the row's root mean square where a result cancels to near zero (the
+    inputs' own rounding then dominates). Above 1: outside the tolerance."""
+    g, r = got.float(), ref.float()
+    rms = r.pow(2).mean(-1, keepdim=True).sqrt()
+    return ((g - r).abs() / (2 * ULP * (r.abs() + rms)).clamp_min(1e-30)).max().item()
