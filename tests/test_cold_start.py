@@ -122,6 +122,9 @@ def test_streaming_writer_encodes_chunks_and_abort_leaves_nothing(tmp_path: Path
         w.put(frames[i : i + 4])
     w.close()
     assert w.frames == 9 and probe_video(tmp_path / "a.mp4").frames == 9
+    from wanrender.runner import frames_sha256
+
+    assert w.frames_sha256 == frames_sha256(frames)  # hashed as they came, in order
     assert read_video(tmp_path / "a.mp4")[0].shape == (9, 48, 64, 3)
     aborted = StreamingWriter(tmp_path / "b.mp4")
     aborted.put(frames[:5])

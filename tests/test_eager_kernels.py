@@ -34,13 +34,16 @@ def test_a_block_hands_norm_and_silu_to_the_kernel_in_one_call() -> None:
         calls = []
         for norm in (m for m in block.modules() if isinstance(m, ChannelRMSNorm)):
 
-            def stand_in(t, gamma, scale, silu, reference):  # the module's ops: what the Triton kernel computes
-                calls.append(silu)
-                return reference(t)
+            def stand_in(
+                t, gamma, scale, silu, reference, out=None
+            ):  # the module's ops: what the Triton kernel computes
+                calls.append((silu, out is not None))
+                return reference(t) if out is None else out.copy_(reference(t))
 
             norm.kernel = stand_in
         got = block(x, TimeCache())
-    assert calls == [True, True]  # both norms of the block, each fused with its SiLU
+    # both norms of the block, each fused with its SiLU and written into its conv's frame buffer
+    assert calls == [(True, True), (True, True)]
     assert torch.equal(got, ref)
 
 
@@ -143,8 +146,72 @@ def test_gpu_vae_norm_within_one_ulp(c, silu) -> None:
     assert (got != ref).float().mean().item() < 0.01  # the odd rounding, not a different formula
 
 
+def test_the_vae_norm_kernel_takes_both_dense_layouts_only() -> None:
+    from wanrender.kernels.vae_norm import pixel_strides
+
+    x = torch.randn(2, 8, 3, 4, 5)
+    assert pixel_strides(x) == (60, 1)
+    assert pixel_strides(x.contiguous(memory_format=torch.channels_last_3d)) == (1, 8)
+    assert pixel_strides(torch.randn(2, 8, 4, 5).contiguous(memory_format=torch.channels_last)) == (1, 8)
+    assert pixel_strides(x[:, :, :, :, :3]) is None  # a crop: pixels not at one stride
+    assert pixel_strides(x.transpose(3, 4)) is None
+    assert pixel_strides(x[:, ::2]) is None  # every other channel
+
+
+def test_the_norm_writes_into_a_frame_buffer_only_where_laid_out_alike() -> None:
+    from wanrender.kernels.vae_norm import writes_into
+
+    cl = torch.channels_last_3d
+    x = torch.randn(1, 8, 4, 5, 6).contiguous(memory_format=cl)
+    buf = torch.empty(1, 8, 6, 5, 6).contiguous(memory_format=cl)
+    assert writes_into(x, buf[:, :, 2:])  # behind two remembered frames, one sample
+    assert not writes_into(
+        x.contiguous(), torch.empty(1, 8, 6, 5, 6)[:, :, 2:]
+    )  # channels-first: channel stride differs
+    two = torch.empty(2, 8, 6, 5, 6).contiguous(memory_format=cl)[:, :, 2:]
+    assert not writes_into(torch.randn(2, 8, 4, 5, 6).contiguous(memory_format=cl), two)  # batch stride differs
+    assert not writes_into(x, buf[:, :, 1:])  # another shape
+    assert not writes_into(x, buf[:, :, 2:].half())
+
+
 @pytest.mark.gpu
-def test_gpu_vae_decode_with_the_fused_norm_matches() -> None:
+def test_gpu_vae_norm_writes_into_a_frame_buffer() -> None:
+    from wanrender.kernels.vae_norm import channel_rms_norm
+
+    torch.manual_seed(5)
+    norm = ChannelRMSNorm(96, 3).cuda().to(torch.bfloat16)
+    x = (
+        (torch.randn(1, 96, 4, 24, 40, device="cuda") * 3)
+        .to(torch.bfloat16)
+        .contiguous(memory_format=torch.channels_last_3d)
+    )
+    buf = torch.zeros(1, 96, 6, 24, 40, device="cuda", dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    got = channel_rms_norm(x, norm.gamma, norm.scale, True, out=buf[:, :, 2:])
+    assert got.data_ptr() == buf[:, :, 2:].data_ptr()
+    assert torch.equal(buf[:, :, 2:], channel_rms_norm(x, norm.gamma, norm.scale, True))
+    assert not buf[:, :, :2].any()  # the remembered frames' slots untouched
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("silu", [False, True])
+def test_gpu_vae_norm_channels_last_matches_channels_first(silu) -> None:
+    from wanrender.kernels.vae_norm import channel_rms_norm
+
+    torch.manual_seed(7)
+    norm = ChannelRMSNorm(192, 3).cuda().to(torch.bfloat16)
+    norm.gamma.data.uniform_(0.5, 1.5)
+    x = (torch.randn(1, 192, 4, 24, 40, device="cuda") * 3).to(torch.bfloat16)
+    first = channel_rms_norm(x, norm.gamma, norm.scale, silu)
+    last = channel_rms_norm(x.contiguous(memory_format=torch.channels_last_3d), norm.gamma, norm.scale, silu)
+    assert last.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(first, last)  # the same per-pixel arithmetic, only addresses differ
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gpu_vae_decode_with_the_fused_norm_matches(channels_last) -> None:
     from wanrender.kernels.vae_norm import enable_vae_kernels
     from wanrender.models.random_init import init_random_
     from wanrender.pipeline import i2v
@@ -154,9 +221,9 @@ def test_gpu_vae_decode_with_the_fused_norm_matches() -> None:
     lat = torch.randn(1, 16, 3, 32, 40, generator=torch.Generator().manual_seed(4))
     ref = i2v.decode(vae, lat)
     assert enable_vae_kernels(vae) > 0
-    got = i2v.decode(vae, lat)
+    got = i2v.decode(vae.set_channels_last(channels_last), lat)
     diff = abs(got.astype("int16") - ref.astype("int16"))
-    assert diff.max() <= 3 and diff.mean() < 0.05
+    assert diff.max() <= 3 and diff.mean() < 0.05  # the convolutions' and norm's summation order
 
 
 def _attention():

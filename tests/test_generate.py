@@ -44,6 +44,12 @@ def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, t
     for key in ("request", "plan", "models", "seed", "timings_s", "versions", "seconds_per_step"):
         assert side[key] is not None, key
     assert len(side["step_s"]) == 4 and side["process_s"] is None  # a long-lived runner: no process age
+    # the streamed encoder's hash of the frames is the hash of the frames the render returned
+    from wanrender.runner import frames_sha256
+
+    assert side["frames_sha256"] == frames_sha256(res.frames)
+    # last step to the files: the decode and the encoder's end at least, within the render
+    assert side["timings_s"]["vae_decode"] <= side["tail_s"] <= side["render_s"]
     assert set(side["timings_s"]) >= {
         "text_encode",
         "vae_encode",

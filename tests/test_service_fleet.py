@@ -136,14 +136,23 @@ def _run_worker(url: str, data: Path, files, ids: list[str], overlap: bool):
 
 @pytest.mark.parametrize("overlap", [True, False])
 def test_back_to_back_jobs_overlap_the_encode_and_publish_with_the_next_render(
-    demo_set, tmp_path: Path, overlap: bool
+    demo_set, tmp_path: Path, overlap: bool, monkeypatch
 ) -> None:
     """Two jobs queued before the worker starts: with the overlap, the second starts
     rendering before the first is published (its MP4 encoded, its record succeeded);
-    without it, strictly after."""
-    from wanrender.media.video import read_video
+    without it, strictly after. The encoder's end is held 0.5 s (the one stand-in here):
+    the demo's 17 small frames encode in milliseconds, which would make the order a race
+    instead of a property of the worker."""
+    from wanrender.media.video import StreamingWriter, read_video
     from wanrender.service.broker import EmbeddedBroker
 
+    close = StreamingWriter.close
+
+    def slow_close(self):
+        time.sleep(0.5)
+        return close(self)
+
+    monkeypatch.setattr(StreamingWriter, "close", slow_close)
     _, files, image = demo_set
     with EmbeddedBroker(tmp_path / "nats") as b:
         ids = asyncio.run(_enqueue_all(b.url, tmp_path, image, 2))

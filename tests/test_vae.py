@@ -75,6 +75,26 @@ def test_encode_decode_match_diffusers_fp32(pair, frames: int) -> None:
     assert rel_err(video, video_ref) <= FP32_TOL
 
 
+def test_channels_last_matches_diffusers_and_switches_back(pair) -> None:
+    """NDHWC activations (what cuDNN convolves without layout conversions) give the same
+    video and latents; on the CPU the convolutions may return either layout, so this
+    also covers a network whose layers see both."""
+    ref, ours = pair
+    x = _video(9)
+    with torch.no_grad():
+        mu_ref = ref.encode(x).latent_dist.mean
+        video_ref = ref.decode(mu_ref * 3.0).sample
+    try:
+        assert ours.set_channels_last(True).channels_last
+        mu = ours.encode(x, normalized=False)
+        video = ours.decode(mu_ref * 3.0, normalized=False)
+        assert video.is_contiguous(memory_format=torch.channels_last_3d)  # frames land as [T, H, W, 3]
+    finally:
+        ours.set_channels_last(False)
+    assert rel_err(mu, mu_ref) <= FP32_TOL and rel_err(video, video_ref) <= FP32_TOL
+    assert not ours.channels_last and all(p.is_contiguous() for p in ours.parameters())
+
+
 def test_fp64_parity_is_structural(pair) -> None:
     # In fp64 rounding vanishes, so agreement must be near-exact. Only diffusers'
     # upsampler rounds its input to fp32 (a bf16 workaround), hence 1e-6 for decode.

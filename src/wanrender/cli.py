@@ -387,12 +387,13 @@ def models_random(
 
 def main() -> None:  # pragma: no cover - console entry (tests run it as a subprocess)
     """The catch-all: whatever a command raises becomes one line and an exit code."""
-    from wanrender.cli_errors import install_interrupt_handler
+    from wanrender.cli_errors import install_interrupt_handler, leave
 
     install_interrupt_handler()
     try:
         app()
-    except SystemExit:
+    except SystemExit as e:
+        leave(e.code)
         raise
     except BaseException as e:  # noqa: BLE001 - the one place every error is turned into a line
         import os

@@ -104,3 +104,28 @@ def pair(value: str | None, flag: str) -> tuple[float | None, float | None]:
     if len(parts) == 2:
         return parts[0], parts[1]
     raise WanrenderError(f"{flag} {value!r} is invalid — use a number or two separated by a comma")
+
+
+# Set by a command that rendered on a GPU and wrote everything (see ``leave``).
+_SKIP_TEARDOWN: list[bool] = []
+
+
+def skip_teardown() -> None:
+    """The command has written all its files: let the process end without the interpreter's
+    teardown, which for a one-video render frees tens of GB of models object by object
+    (measured in docs/benchmarks.md). Only ``leave``, from the console entry, acts on it:
+    a command run in-process (tests, a service) is unaffected."""
+    _SKIP_TEARDOWN.append(True)
+
+
+def leave(code: object) -> None:
+    """Exit now with ``code`` 0 when a command asked to skip the teardown; else return."""
+    if _SKIP_TEARDOWN and code in (0, None):
+        import logging
+        import os
+        import sys
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)

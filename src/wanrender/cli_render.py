@@ -114,6 +114,10 @@ def _run_render(req, files, device, gpus: int = 1) -> None:
     with bar:
         result = Runner(device, one_shot=True).render(req, files, progress=on_event)
     _summary(result, req)
+    if device.type == "cuda":
+        from wanrender.cli_errors import skip_teardown
+
+        skip_teardown()
 
 
 def generate(

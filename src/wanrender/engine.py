@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,7 +115,7 @@ class Engine:
         t0 = time.perf_counter()
         from concurrent.futures import ThreadPoolExecutor
 
-        from wanrender.kernels.vae_norm import enable_vae_kernels
+        from wanrender.kernels.vae_norm import prepare_vae
         from wanrender.runtime.offload import load_devices
 
         dev = torch.device(device)
@@ -131,7 +132,7 @@ class Engine:
                     engine.vae = loading.load_vae(
                         files.vae, device=dev, dtype=dtype or (torch.bfloat16 if dev.type == "cuda" else None)
                     )
-                    enable_vae_kernels(engine.vae, dev)
+                    prepare_vae(engine.vae, dev)
                 with _timed(engine.load_parts, "text_encoder", te_dev):
                     engine.text_encoder = loading.load_text_encoder(files.text_encoder, device=te_dev, dtype=dtype)
                     engine.tokenizer = loading.load_tokenizer(files.tokenizer)
@@ -389,11 +390,12 @@ class Engine:
         return early[2:]
 
     def render(self, req: RenderRequest, image: torch.Tensor, progress: Progress | None = None,
-               swap_experts: bool = False, on_frames: Callable[[np.ndarray], None] | None = None,
+               swap_experts: bool = False, on_frames: Callable[[Any], None] | None = None,
                parallel=None) -> RenderResult:  # fmt: skip
         """Run the pipeline on an already fitted image [3, H, W] in [0, 1]. ``swap_experts``
         (a benchmark experiment): the low-noise expert takes the high-noise steps.
-        ``on_frames`` receives the uint8 frames chunk by chunk as the VAE decodes them.
+        ``on_frames`` receives the uint8 frames chunk by chunk as the VAE decodes them (array-likes:
+        ``np.asarray`` gives [T, H, W, 3] and, on a GPU, waits for their copy to the host).
         ``parallel``: this process is one rank of several rendering one video
         (``parallel.render.Ranks``: ``share`` makes rank 0's conditioning everyone's,
         ``wrap`` turns an expert into the ranks' joint denoiser, ``decodes`` says whether
@@ -463,8 +465,9 @@ class Engine:
         with compiled_scope() if self.config.plan.compile != "off" else nullcontext():
             latent = i2v.sample(first, second, noise, cond, ctx, s, neg, on_step, on_switch)
         self._sync()
-        timings[Stage.PASS2_LOW.value] = time.perf_counter() - t_pass[0]
-        timings[Stage.SAMPLING.value] = time.perf_counter() - t_start
+        sampled_at = time.perf_counter()
+        timings[Stage.PASS2_LOW.value] = sampled_at - t_pass[0]
+        timings[Stage.SAMPLING.value] = sampled_at - t_start
         del cond, noise, ctx, neg
         if parallel is not None and not parallel.decodes:
             frames = np.zeros((0, r.height, r.width, 3), np.uint8)
@@ -475,6 +478,7 @@ class Engine:
         result = RenderResult(None, None, frames, latent.cpu(), timings)
         result.meta["step_seconds"] = step_times
         result.meta["during_load"] = during_load
+        result.meta["sampled_at"] = sampled_at  # perf_counter: where the "tail" to the files starts
         if self.memory is not None:
             result.meta["memory"] = self.memory.report()
         if self.device.type == "cuda":

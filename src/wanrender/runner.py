@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -372,7 +373,16 @@ class Runner:
             frames,
             result.frames,
             result.timings,
-            lambda: sidecar(req, self.engine, result, memory, self._hashes, self._parallel_record()),
+            # The streamed encoder hashed the rendered frames as they came (the same bytes).
+            lambda: sidecar(
+                req,
+                self.engine,
+                result,
+                memory,
+                self._hashes,
+                self._parallel_record(),
+                stream.frames_sha256 if stream is not None else None,
+            ),  # fmt: skip
             progress,
             stream=stream,
         )
@@ -393,13 +403,14 @@ def frames_sha256(frames) -> str:
 
     import numpy as np
 
-    return hashlib.sha256(np.ascontiguousarray(frames, dtype=np.uint8).tobytes()).hexdigest()
+    return hashlib.sha256(memoryview(np.ascontiguousarray(frames, dtype=np.uint8)).cast("B")).hexdigest()
 
 
 def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: MemoryRecord | None = None,
-            hashes=None, parallel: dict | None = None) -> dict:  # fmt: skip
+            hashes=None, parallel: dict | None = None, frames_digest: str | None = None) -> dict:  # fmt: skip
     """``hashes``: a media.sidecar.FileHashes already under way for the engine's files;
-    ``parallel``: how many GPUs rendered it, and how (one, when not given)."""
+    ``parallel``: how many GPUs rendered it, and how (one, when not given);
+    ``frames_digest``: the frames' SHA-256 when already known (the streamed encoder's)."""
     from wanrender.media.sidecar import describe_files, versions
 
     if engine.files is None:
@@ -432,7 +443,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         "frames": int(result.frames.shape[0]),
         # Same seed and settings -> the same frames, bit for bit; the MP4's bytes may
         # still differ (x264 in a torch process is not reproducible), so compare this.
-        "frames_sha256": frames_sha256(result.frames),
+        "frames_sha256": frames_digest or frames_sha256(result.frames),
         "frames_sha256_of": "the rendered uint8 RGB frames [T,H,W,3], before interpolation and video encoding",
         "interpolation": result.meta.get("interpolation"),
         "size": [int(result.frames.shape[2]), int(result.frames.shape[1])],
@@ -451,4 +462,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         if "process_s" in result.meta
         else None,
         "versions": versions(),
+        # From the end of the last DiT step to this sidecar, the last thing before the
+        # files take their names: decode, the encoder's end, hashing (issue #13's "tail").
+        "tail_s": round(time.perf_counter() - result.meta["sampled_at"], 3) if "sampled_at" in result.meta else None,
     }

@@ -99,9 +99,9 @@ def random_engine(device: str | torch.device = "cuda", memory=None, presets: tup
     high, low = high.to(expert_dev), low.to(expert_dev)
     vae = WanVAE(VAEConfig.preset(vae_p)).to(dev, torch.bfloat16 if dev.type == "cuda" else torch.float32).eval()
     init_random_(vae, seed=3)
-    from wanrender.kernels.vae_norm import enable_vae_kernels
+    from wanrender.kernels.vae_norm import prepare_vae
 
-    enable_vae_kernels(vae)  # as Engine.load does
+    prepare_vae(vae)  # as Engine.load does
     with tempfile.TemporaryDirectory() as tmp:
         tok = tiny_tokenizer(Path(tmp))
     engine = Engine(high, low, vae, te, tok, dev, None)  # in-memory: no files to hash or reload

@@ -75,14 +75,23 @@ def _iter_input_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np
     return iter(frames)
 
 
+# x264's speed/size preset. Measured on an H200 host (16 cores, docs/benchmarks.md,
+# 2026-12-02 seventh session), 81 frames at 832x1216, crf 18: a natural clip took
+# 1.11 s / 0.82 MB / 40.8 dB PSNR with "medium" and 0.55 s / 0.63 MB / 39.8 dB with
+# "veryfast"; streamed beside the VAE decode, medium left 1.9 s of encoding after the
+# last frame (its 40-frame lookahead), veryfast 0.14 s. A render waits for that tail.
+PRESET = "veryfast"
+
+
 def write_video(
     frames: np.ndarray | Iterable[np.ndarray],
     path: str | os.PathLike[str],
     fps: float = 16,
     crf: int = 18,
     pix_fmt: str = "yuv420p",
-    preset: str = "medium",
+    preset: str = PRESET,
     *,
+    lookahead: int | None = None,
     shown_as: str | os.PathLike[str] | None = None,
 ) -> int:
     """Encode RGB frames to an H.264 MP4 at ``path``; returns the number of frames.
@@ -90,6 +99,9 @@ def write_video(
     ``frames`` may be a ``[T,H,W,3]`` array or any iterable (a generator streams:
     only one frame is held at a time). Nothing appears at ``path`` unless every
     frame was encoded and the file was closed; missing folders are created.
+    ``lookahead``: x264's rc-lookahead in frames (the preset's own when None; medium's is
+    40). Frames wait that long in the encoder, so it is what a streamed encode still owes
+    when the last frame arrives.
     ``shown_as``: the name errors give (the final name when ``path`` is a temporary one).
     """
     import av
@@ -125,6 +137,8 @@ def write_video(
                     stream = container.add_stream("libx264", rate=rate)
                     stream.width, stream.height, stream.pix_fmt = w, h, pix_fmt
                     stream.options = {"crf": str(crf), "preset": preset}
+                    if lookahead is not None:
+                        stream.options = {**stream.options, "rc-lookahead": str(lookahead)}
                 vf = av.VideoFrame.from_ndarray(frame, format="rgb24")
                 vf.pts = count
                 vf.time_base = 1 / rate
@@ -318,17 +332,21 @@ class StreamingWriter:
 
     _END, _ABORT = object(), object()
 
-    def __init__(self, path: str | os.PathLike[str], fps: float = 16, crf: int = 18, *,
-                 shown_as: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+    def __init__(self, path: str | os.PathLike[str], fps: float = 16, crf: int = 18, *, preset: str = PRESET,
+                 lookahead: int | None = None, shown_as: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
+        import hashlib
         import queue
         import threading
 
         self.path = Path(path)
         self.frames = 0
         self.error: BaseException | None = None
+        # The frames' SHA-256 as they arrive (the sidecar's frames_sha256): hashed here, on
+        # the encoder's thread beside the encode (hashlib lets go of the GIL), not after it.
+        self._sha256 = hashlib.sha256()
         self._queue: queue.SimpleQueue = queue.SimpleQueue()  # unbounded: put never waits on a dead encoder
         self._stop = threading.Event()  # set by abort: the frames still queued are skipped, not encoded
-        self._args = (fps, crf, shown_as)
+        self._args = (fps, crf, preset, lookahead, shown_as)
         self._thread = threading.Thread(target=self._run, name="wanrender-encode", daemon=True)
         self._thread.start()
 
@@ -339,19 +357,24 @@ class StreamingWriter:
                 return
             if item is self._ABORT or self._stop.is_set():
                 raise _Aborted
-            yield from item
+            frames = np.ascontiguousarray(item, dtype=np.uint8)
+            self._sha256.update(memoryview(frames).cast("B"))
+            yield from frames
 
     def _run(self) -> None:
-        fps, crf, shown_as = self._args
+        fps, crf, preset, lookahead, shown_as = self._args
         try:
-            self.frames = write_video(self._source(), self.path, fps=fps, crf=crf, shown_as=shown_as)
+            self.frames = write_video(self._source(), self.path, fps=fps, crf=crf, preset=preset, lookahead=lookahead,
+                                      shown_as=shown_as)  # fmt: skip
         except BaseException as e:  # reported on the caller's thread
             self.error = e
 
-    def put(self, frames: np.ndarray) -> None:
+    def put(self, frames: Any) -> None:
+        """``frames``: an array [T, H, W, 3] (copied if strided), or an object that becomes one
+        under ``np.asarray`` on the encoder's thread (frames still on their way from the GPU)."""
         if self.error is not None:
             raise self.error
-        self._queue.put(np.ascontiguousarray(frames))
+        self._queue.put(np.ascontiguousarray(frames) if isinstance(frames, np.ndarray) else frames)
 
     def close(self) -> float:
         import time
@@ -361,6 +384,11 @@ class StreamingWriter:
         if self.error is not None:
             raise self.error
         return time.perf_counter() - t0
+
+    @property
+    def frames_sha256(self) -> str:
+        """SHA-256 of every frame handed over, in order, as uint8 bytes (after ``close``)."""
+        return self._sha256.hexdigest()
 
     @property
     def running(self) -> bool:

@@ -123,17 +123,41 @@ class CausalConv3d(nn.Conv3d):
         super().__init__(cin, cout, kernel, stride=stride, padding=(0, pad[1], pad[2]))
         self.past_frames = 2 * pad[0]
 
-    def forward(self, x: Tensor, cache: TimeCache | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, cache: TimeCache | None = None, *, buffered: bool = False) -> Tensor:  # type: ignore[override]
+        """``buffered``: ``x`` is already a :meth:`frames_buffer` with the new frames filled in."""
         if self.past_frames == 0:
             return super().forward(x)
+        if buffered:
+            return self._forward_buffer(x, cache)
+        ctx = self.frames_buffer(x, cache)
+        ctx[:, :, self.past_frames :].copy_(x)
+        return self._forward_buffer(ctx, cache)
+
+    def frames_buffer(self, x: Tensor, cache: TimeCache | None) -> Tensor:
+        """``[B, C, past + T, H, W]`` in ``x``'s layout, the remembered frames (or the
+        reference's zero frames at the start of a stream) in front, room for ``x``'s T
+        frames behind. Whoever makes ``x`` may write it straight there (the fused norm
+        does), which saves concatenating the past with a copy of the whole chunk."""
+        p = self.past_frames
+        b, c, t, h, w = x.shape
+        ctx = torch.empty((b, c, p + t, h, w), dtype=x.dtype, device=x.device, memory_format=_layout(x))
         past = cache.get(self) if cache is not None else None
-        ctx = x if past is None else torch.cat([past, x], dim=2)
+        have = 0 if past is None else past.shape[2]
+        if have < p:
+            ctx[:, :, : p - have].zero_()
+        if have:
+            ctx[:, :, p - have : p].copy_(past)
+        return ctx
+
+    def _forward_buffer(self, ctx: Tensor, cache: TimeCache | None) -> Tensor:
+        new = ctx.shape[2] - self.past_frames
         if cache is not None:
-            # clone: a view would pin the whole concatenated chunk in memory.
-            cache.put(self, ctx[:, :, -self.past_frames :].clone())
-        missing = self.past_frames - (ctx.shape[2] - x.shape[2])
-        if missing > 0:  # start of the stream: the reference's zero frames
-            ctx = F.pad(ctx, (0, 0, 0, 0, missing, 0))
+            # The last frames that were real input (never the zero padding), up to past_frames.
+            past = cache.get(self)
+            real = new + (0 if past is None else past.shape[2])
+            keep = min(self.past_frames, real)
+            # clone: a view would pin the whole chunk in memory.
+            cache.put(self, ctx[:, :, ctx.shape[2] - keep :].clone())
         return super().forward(ctx)
 
 
@@ -152,16 +176,23 @@ class ChannelRMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *([1] * spatial_dims)))
         self.scale = dim**0.5
         # A fused norm (and SiLU) the runtime may set (kernels/vae_norm.py): kernel(x, gamma,
-        # scale, silu, reference) -> y, or None where it does not apply. None keeps the ops.
+        # scale, silu, reference, out) -> y (written into out when given), or None where it
+        # does not apply. None keeps the ops.
         self.kernel: Callable[..., Tensor | None] | None = None
 
-    def forward(self, x: Tensor, silu: bool = False) -> Tensor:
-        """The norm; with ``silu`` also the SiLU that follows it in the blocks."""
+    def forward(self, x: Tensor, silu: bool = False, out: Tensor | None = None) -> Tensor:
+        """The norm; with ``silu`` also the SiLU that follows it in the blocks. ``out``: a
+        tensor of ``x``'s shape to write the result into (returned)."""
         if self.kernel is not None:
-            y = self.kernel(x, self.gamma, self.scale, silu, lambda t: self._plain(t, silu))
+            reference = lambda t: self._plain(t, silu)  # noqa: E731
+            y = self.kernel(x, self.gamma, self.scale, silu, reference, out)
+            if y is None and out is not None:  # it cannot write there (a layout): a result to copy
+                y = self.kernel(x, self.gamma, self.scale, silu, reference)
+                y = None if y is None else out.copy_(y)
             if y is not None:
                 return y
-        return self._plain(x, silu)
+        y = self._plain(x, silu)
+        return y if out is None else out.copy_(y)
 
     def _plain(self, x: Tensor, silu: bool) -> Tensor:
         y = self._norm(x)
@@ -263,9 +294,15 @@ class Resample(nn.Module):
         if x.shape[2] > 0:
             y = self.time_conv(x, cache)
             b, c2, t, h, w = y.shape
-            # Channel halves [a | b] of frame i become frames 2i (a) and 2i + 1 (b).
-            y = y.reshape(b, 2, c2 // 2, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * t, h, w)
-            parts.append(y)
+            c = c2 // 2
+            # Channel halves [a | b] of frame i become frames 2i (a) and 2i + 1 (b): two
+            # copies into a buffer in x's layout (a reshape/permute would leave channels-
+            # first behind and cost the next conv a layout conversion).
+            out = torch.empty((b, c, 2 * t, h, w), dtype=y.dtype, device=y.device, memory_format=_layout(x))
+            pairs = out.unflatten(2, (t, 2))
+            pairs[:, :, :, 0] = y[:, :c]
+            pairs[:, :, :, 1] = y[:, c:]
+            parts.append(out)
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
     def _halve_time(self, x: Tensor, cache: TimeCache) -> Tensor:
@@ -288,12 +325,30 @@ class Resample(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
+def _layout(x: Tensor) -> torch.memory_format:
+    """channels_last_3d for a channels-last video, else contiguous."""
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def _run_layers(layers: nn.Sequential, x: Tensor, cache: TimeCache) -> Tensor:
     mods = list(layers)
     i = 0
     while i < len(mods):
         layer = mods[i]
         if isinstance(layer, ChannelRMSNorm) and i + 1 < len(mods) and isinstance(mods[i + 1], nn.SiLU):
+            j = i + 2
+            while j < len(mods) and isinstance(mods[j], nn.Identity):  # the dropout's empty slot
+                j += 1
+            conv = mods[j] if j < len(mods) else None
+            if isinstance(conv, CausalConv3d) and conv.past_frames:
+                # norm + SiLU written straight behind the conv's remembered frames
+                ctx = conv.frames_buffer(x, cache)
+                layer(x, silu=True, out=ctx[:, :, conv.past_frames :])
+                x = conv(ctx, cache, buffered=True)
+                i = j + 1
+                continue
             x = layer(x, silu=True)  # one pass where a fused kernel is set
             i += 2
             continue
@@ -387,9 +442,36 @@ class WanVAE(nn.Module):
         self.conv1 = CausalConv3d(2 * z, 2 * z, 1)  # -> (mu, log_var)
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder(self.config)
+        self._channels_last = False
 
     def _param(self) -> Tensor:
         return self.conv2.weight
+
+    @property
+    def channels_last(self) -> bool:
+        """Whether activations run channels-last (NDHWC), see :meth:`set_channels_last`."""
+        return self._channels_last
+
+    def set_channels_last(self, on: bool = True) -> WanVAE:
+        """Run activations channels-last (NDHWC) with the conv weights to match, or back.
+
+        cuDNN's convolutions on recent GPUs work channels-last: fed channels-first they
+        convert every input and output around the kernel. Measured on an H200
+        (docs/benchmarks.md) before this became a default. Same results up to the
+        convolutions' own summation order."""
+        fmt3, fmt2 = (torch.channels_last_3d, torch.channels_last) if on else (torch.contiguous_format,) * 2
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt3)
+            elif isinstance(m, nn.Conv2d):
+                m.weight.data = m.weight.data.contiguous(memory_format=fmt2)
+        self._channels_last = on
+        return self
+
+    def _enter(self, x: Tensor) -> Tensor:
+        # The first conv's output layout follows its input on some backends (CPU) and its
+        # weight on others (cuDNN): set it once so every later layer sees one layout.
+        return x.contiguous(memory_format=torch.channels_last_3d) if self.channels_last else x
 
     def _out_dtype(self) -> torch.dtype:
         return torch.promote_types(self._param().dtype, torch.float32)
@@ -419,7 +501,9 @@ class WanVAE(nn.Module):
         step = self.config.temporal_stride
         cache = TimeCache()
         # Chunks of 1, then `step` frames: each chunk yields exactly one latent frame.
-        outs = [self.encoder(x[:, :, max(0, 1 + step * (i - 1)) : 1 + step * i], cache) for i in range(n_lat)]
+        outs = [
+            self.encoder(self._enter(x[:, :, max(0, 1 + step * (i - 1)) : 1 + step * i]), cache) for i in range(n_lat)
+        ]
         mu = self.conv1(torch.cat(outs, dim=2))[:, : self.config.z_dim].to(self._out_dtype())
         if not normalized:
             return mu
@@ -443,11 +527,12 @@ class WanVAE(nn.Module):
         if normalized:
             mean, std = self._stats(z.device)
             z = z * std + mean
-        x = self.conv2(z.to(p.dtype))
+        x = self._enter(self.conv2(z.to(p.dtype)))
         b, _, t, h, w = x.shape
         s = self.config.spatial_stride
         shape = (b, 3, self.config.video_frames(t), h * s, w * s)
-        out = torch.empty(shape, dtype=self._out_dtype(), device=p.device)
+        # Channels-last output too: its frames are then [T, H, W, 3] in memory already.
+        out = torch.empty(shape, dtype=self._out_dtype(), device=p.device, memory_format=_layout(x))
         cache = TimeCache()
         at = 0
         # One latent frame per call bounds activation memory to a few pixel frames.

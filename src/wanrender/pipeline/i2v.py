@@ -90,9 +90,10 @@ def sample(
 
 @torch.no_grad()
 def decode(vae, latent: torch.Tensor, tiled: bool = False, tile_px: int = 512,
-           on_frames: Callable[[np.ndarray], None] | None = None) -> np.ndarray:  # fmt: skip
+           on_frames: Callable[[np.ndarray | HostFrames], None] | None = None) -> np.ndarray:  # fmt: skip
     """Latent -> uint8 RGB frames [T, H, W, 3]. ``on_frames`` gets them chunk by chunk
-    while the rest still decodes (all at once at the end for a tiled decode)."""
+    while the rest still decodes (all at once at the end for a tiled decode); on a GPU
+    as :class:`HostFrames`, which ``np.asarray`` turns into the array."""
     p = next(vae.parameters())
     z = latent.to(p.device)
     if tiled or on_frames is None:
@@ -101,18 +102,46 @@ def decode(vae, latent: torch.Tensor, tiled: bool = False, tile_px: int = 512,
         if on_frames is not None:
             on_frames(frames)
         return frames
-    parts: list[np.ndarray] = []
+    parts: list[np.ndarray | HostFrames] = []
 
     def on_chunk(chunk: torch.Tensor) -> None:
-        parts.append(to_uint8(chunk))  # the same formula per chunk: bit-identical to the whole
+        # The same formula per chunk: bit-identical to the whole. On a GPU the copy to the
+        # host is queued, not waited for: the decoder goes on while the frames travel.
+        parts.append(to_uint8(chunk, wait=False))
         on_frames(parts[-1])
 
     vae.decode(z, on_chunk=on_chunk)
-    return np.concatenate(parts)
+    return np.concatenate([np.asarray(p) for p in parts])
 
 
-def to_uint8(video: torch.Tensor) -> np.ndarray:
+class HostFrames:
+    """uint8 frames on their way to pinned host memory; ``np.asarray`` waits for them.
+    The copy runs on the GPU's stream after the decode that made the frames, so whoever
+    reads them (the encoder's thread) waits, not the thread that queues the GPU work."""
+
+    def __init__(self, frames: torch.Tensor) -> None:
+        self._host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+        self._host.copy_(frames, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ANN001 - numpy's protocol
+        self._done.synchronize()
+        out = self._host.numpy()
+        return out if dtype is None or np.dtype(dtype) == out.dtype else out.astype(dtype)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._host.shape)
+
+
+def to_uint8(video: torch.Tensor, wait: bool = True) -> np.ndarray | HostFrames:
     """[1, 3, T, H, W] in [-1, 1] -> contiguous uint8 [T, H, W, 3] on the host (made
-    contiguous on the device: a strided host array costs the encoder a copy per frame)."""
+    contiguous on the device: a strided host array costs the encoder a copy per frame;
+    a channels-last video is laid out so already). With ``wait=False`` a CUDA video
+    comes back as :class:`HostFrames`, still in transit."""
     frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    frames = frames.permute(1, 2, 3, 0).contiguous()
+    if not wait and frames.is_cuda:
+        return HostFrames(frames)
+    return frames.cpu().numpy()
