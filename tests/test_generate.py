@@ -68,6 +68,20 @@ def test_generate_writes_playable_mp4_and_complete_sidecar(demo_files, engine, t
     assert [e[0] for e in events if e[1] is not None][-1] == "pass2_low"
 
 
+def test_the_x264_preset_reaches_the_encoder(demo_files, engine, tmp_path: Path) -> None:
+    """x264 writes its settings into the stream (an SEI message): the default preset's
+    10-frame lookahead, medium's 40 when asked, and the sidecar records which."""
+    import re
+
+    files, image = demo_files
+    for preset, lookahead in ((None, 10), ("medium", 40)):
+        kw = {} if preset is None else {"x264_preset": preset}
+        res = engine.render(_req(image, tmp_path / f"{preset}.mp4", **kw), files)
+        settings = re.search(rb"rc_lookahead=(\d+)", res.video.read_bytes())
+        assert settings is not None and int(settings.group(1)) == lookahead
+        assert json.loads(res.sidecar.read_text())["request"]["x264_preset"] == (preset or "veryfast")
+
+
 def test_same_seed_same_frames_other_seed_differs(demo_files, engine, tmp_path: Path) -> None:
     files, image = demo_files
     a = engine.render(_req(image, tmp_path / "a.mp4", seed=3), files)
@@ -130,6 +144,8 @@ def test_cli_generate_and_errors(demo_files, tmp_path: Path) -> None:
     assert 0 < proc["at_load"] <= proc["at_sidecar"]
     res = runner.invoke(app, args[:-4] + ["--frames", "6"] + args[-4:])
     assert res.exit_code == 2 and "try 5" in res.output
+    res = runner.invoke(app, args + ["--x264-preset", "quick"])
+    assert res.exit_code == 2 and "--x264-preset" in res.output and "veryfast" in res.output
     res = runner.invoke(app, args + ["--attention", "sdpa-cudnn"])
     assert res.exit_code == 2 and "'sdpa-cudnn' cannot run here: needs a CUDA GPU" in res.output
     res = runner.invoke(app, ["generate", str(image), "--prompt", "x", "--models", str(tmp_path)])

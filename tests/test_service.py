@@ -144,6 +144,8 @@ def test_invalid_params_are_refused_with_the_cli_message_before_queueing(service
     assert status == 422 and "out" in body["error"] and "allowed:" in body["error"]
     status, body = _post(client, {"prompt": "   "}, png)
     assert status == 422 and "the prompt is empty" in body["error"]
+    status, body = _post(client, {"prompt": "x", **TINY, "x264_preset": "quick"}, png)
+    assert status == 422 and body["error"].startswith("x264_preset 'quick' is invalid — choose one of")
     assert _jobs(data) == before
     r = _cli(_env(home), "submit", str(image), "-p", "x", "--server", client.server, "--frames", "6")
     _one_line_error(r, 2, "422", "frames 6 is invalid")

@@ -15,6 +15,7 @@ FLAGS = {
     "shift_high": "--shift", "shift_low": "--shift", "interpolate": "--interpolate", "fps": "--fps",
     "crf": "--crf", "seed": "--seed", "steps": "--steps", "switch": "--switch", "boundary": "--boundary",
     "cfg": "--cfg", "sampler": "--sampler", "fit": "--fit", "prompt": "--prompt", "preset": "--preset",
+    "x264_preset": "--x264-preset",
 }  # fmt: skip
 FLAGS.update({"device": "--device", "negative": "--negative", "image": "IMAGE"})
 

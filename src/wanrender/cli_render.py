@@ -142,6 +142,9 @@ def generate(
     interpolate: str = typer.Option("off", "--interpolate", help="off, rife or dis: raise the frame rate to --fps."),
     fps: Optional[int] = typer.Option(None, "--fps", help="Output fps (16; 32 by default with --interpolate)."),
     crf: int = typer.Option(18, "--crf", help="H.264 quality, lower is better."),
+    x264_preset: Optional[str] = typer.Option(
+        None, "--x264-preset", help="x264 speed: veryfast (default) ... veryslow (smaller files, slower encode)."
+    ),
     save_frames: bool = typer.Option(False, "--frames-png", help="Also save PNG frames."),
     models: Optional[Path] = typer.Option(None, "--models", help="Folder with the model files."),
     high: Optional[Path] = typer.Option(None, "--high"),
@@ -234,7 +237,7 @@ def generate(
                 preset, image, prompt, negative=negative, frames=frames, width=width, height=height, steps=steps,
                 switch=switch, cfg=cfg, shift_high=sh, shift_low=sl, sampler=sampler, seed=seed, fit=fit, fps=fps,
                 interpolate=interpolate, boundary=boundary, precision=precision, attention=attention, compile=compile,
-                memory=memory, reserve_vram=reserve_vram, crf=crf, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
+                memory=memory, reserve_vram=reserve_vram, crf=crf, x264_preset=x264_preset, save_frames=save_frames, out=out, lora_strength_high=lh, lora_strength_low=ll,
             )  # fmt: skip
             files = None
         from wanrender.bench.commands import profile_for_generate

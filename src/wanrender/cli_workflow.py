@@ -29,7 +29,7 @@ SUPPORTED = (
 # generate's options that set request fields (the flag's parameter -> field); --size and the
 # S,S pairs are split below.
 _FIELDS = ("prompt", "negative", "frames", "steps", "switch", "cfg", "sampler", "seed", "fit", "interpolate", "fps",
-           "crf", "save_frames", "out", "precision", "attention", "compile", "memory", "reserve_vram")  # fmt: skip
+           "crf", "x264_preset", "save_frames", "out", "precision", "attention", "compile", "memory", "reserve_vram")  # fmt: skip
 _FILES = ("high", "low", "vae", "text_encoder", "tokenizer", "lora_high", "lora_low")
 
 

@@ -177,7 +177,8 @@ def write_outputs(req: RenderRequest, frames: np.ndarray, rendered: np.ndarray, 
         if stream is not None:
             stream.close()
         else:
-            write_video(frames, tmp["video"], fps=req.output.fps, crf=req.output.crf, shown_as=out)
+            write_video(frames, tmp["video"], fps=req.output.fps, crf=req.output.crf, preset=req.output.x264_preset,
+                        shown_as=out)  # fmt: skip
         timings[Stage.VIDEO_ENCODE.value] = time.perf_counter() - t0
         if progress:
             progress(Stage.VIDEO_ENCODE.value, None, None, f"{timings[Stage.VIDEO_ENCODE.value]:.2f}s")

@@ -329,7 +329,8 @@ class Runner:
         from wanrender.outputs import video_partial
 
         out = req.output.out
-        return StreamingWriter(video_partial(out), fps=req.output.fps, crf=req.output.crf, shown_as=out)
+        return StreamingWriter(video_partial(out), fps=req.output.fps, crf=req.output.crf,
+                               preset=req.output.x264_preset, shown_as=out)  # fmt: skip
 
     def _step_down(self, memory: MemoryRecord, progress: Progress | None):
         from wanrender.runtime.planner import step_down

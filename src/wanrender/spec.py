@@ -143,6 +143,13 @@ COMPILE_MODES = ("off", "default", "max-autotune")
 MEMORY_MODES = ("auto", "resident", "swap", "stream")
 INTERPOLATE = ("off", "rife", "dis")
 RENDER_FPS = 16  # Wan renders 16 frames per second; interpolation multiplies it
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+# The default x264 preset. Measured on an H200 host (16 cores, docs/benchmarks.md, seventh
+# session), 81 frames at 832x1216, crf 18: a natural clip took 1.11 s / 0.82 MB / 40.8 dB
+# PSNR with "medium" and 0.55 s / 0.63 MB / 39.8 dB with "veryfast"; streamed beside the
+# VAE decode, medium left 1.7-1.9 s of encoding after the last frame (its 40-frame
+# lookahead), veryfast 0.11-0.14 s. A render waits for that tail.
+X264_PRESET = "veryfast"
 
 
 @dataclass(frozen=True)
@@ -202,6 +209,7 @@ class OutputSpec:
     out: Path | None = None  # None: a name under outputs/ from the image, preset, seed and time
     fps: int = RENDER_FPS  # 16, or 16 x N with interpolation
     crf: int = 18
+    x264_preset: str = X264_PRESET  # speed against file size at the same crf
     interpolate: str = "off"
     save_frames: bool = False
 

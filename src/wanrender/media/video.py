@@ -19,6 +19,7 @@ import numpy as np
 
 from wanrender.errors import WanrenderError
 from wanrender.media.atomic import atomic_path
+from wanrender.spec import X264_PRESET
 
 # Pixel formats whose chroma planes are halved in both directions; H.264 then
 # needs even width and height.
@@ -75,12 +76,7 @@ def _iter_input_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np
     return iter(frames)
 
 
-# x264's speed/size preset. Measured on an H200 host (16 cores, docs/benchmarks.md,
-# 2026-12-02 seventh session), 81 frames at 832x1216, crf 18: a natural clip took
-# 1.11 s / 0.82 MB / 40.8 dB PSNR with "medium" and 0.55 s / 0.63 MB / 39.8 dB with
-# "veryfast"; streamed beside the VAE decode, medium left 1.9 s of encoding after the
-# last frame (its 40-frame lookahead), veryfast 0.14 s. A render waits for that tail.
-PRESET = "veryfast"
+PRESET = X264_PRESET  # spec.X264_PRESET says why
 
 
 def write_video(

@@ -61,6 +61,7 @@ class JobParams(BaseModel):
     fit: str = "crop"
     fps: Optional[int] = None
     crf: int = 18
+    x264_preset: Optional[str] = None  # None: spec.X264_PRESET
     interpolate: str = "off"
     lora_strength_high: Optional[float] = None
     lora_strength_low: Optional[float] = None
