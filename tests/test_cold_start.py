@@ -125,6 +125,11 @@ def test_streaming_writer_encodes_chunks_and_abort_leaves_nothing(tmp_path: Path
     from wanrender.runner import frames_sha256
 
     assert w.frames_sha256 == frames_sha256(frames)  # hashed as they came, in order
+    assert frames_sha256(frames[:0]) == frames_sha256(np.zeros((0, 48, 64, 3), np.uint8))  # empty: no error
+    floats = StreamingWriter(tmp_path / "f.mp4")
+    floats.put(frames[:2].astype(np.float32) / 255)  # kept as they are: the encoder's own check refuses them
+    with pytest.raises(Exception, match="dtype float32"):
+        floats.close()
     assert read_video(tmp_path / "a.mp4")[0].shape == (9, 48, 64, 3)
     aborted = StreamingWriter(tmp_path / "b.mp4")
     aborted.put(frames[:5])

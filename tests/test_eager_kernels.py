@@ -468,10 +468,11 @@ def test_the_vae_norm_check_takes_the_modules_result_and_rejects_another(caplog)
     with torch.no_grad():
         right = norm._plain(x, True)
         fused = ChannelNormKernel()
-        fused._check(x, right, lambda t: norm._plain(t, True))
-        assert fused.broken is None and x.device in fused.checked
+        key = (x.device, False)  # checked per device and layout
+        fused._check(key, x, right, lambda t: norm._plain(t, True))
+        assert fused.broken is None and fused.checked == {key}
         wrong = right.clone()
         wrong[0, :, 0, 0, 0] *= 1.1
         fused = ChannelNormKernel()
-        fused._check(x, wrong, lambda t: norm._plain(t, True))
+        fused._check(key, x, wrong, lambda t: norm._plain(t, True))
     assert fused.broken and "tolerance" in caplog.text

@@ -164,6 +164,8 @@ def test_back_to_back_jobs_overlap_the_encode_and_publish_with_the_next_render(
         assert frames.shape[0] == 17
         side = json.loads((tmp_path / r.result["sidecar"]).read_text())
         assert side["timings_s"]["video_encode"] > 0  # the encode ran (on the finishing thread with the overlap)
+        # the overlap's sidecar is made before its encoder ends: no tail to report there
+        assert (side["tail_s"] is None) == overlap
     if overlap:
         assert second.started_at < first.finished_at, (second.started_at, first.finished_at)
     else:

@@ -404,14 +404,17 @@ def frames_sha256(frames) -> str:
 
     import numpy as np
 
-    return hashlib.sha256(memoryview(np.ascontiguousarray(frames, dtype=np.uint8)).cast("B")).hexdigest()
+    a = np.ascontiguousarray(frames, dtype=np.uint8)
+    return hashlib.sha256(memoryview(a).cast("B") if a.size else b"").hexdigest()
 
 
 def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: MemoryRecord | None = None,
-            hashes=None, parallel: dict | None = None, frames_digest: str | None = None) -> dict:  # fmt: skip
+            hashes=None, parallel: dict | None = None, frames_digest: str | None = None,
+            tail: bool = True) -> dict:  # fmt: skip
     """``hashes``: a media.sidecar.FileHashes already under way for the engine's files;
     ``parallel``: how many GPUs rendered it, and how (one, when not given);
-    ``frames_digest``: the frames' SHA-256 when already known (the streamed encoder's)."""
+    ``frames_digest``: the frames' SHA-256 when already known (the streamed encoder's);
+    ``tail``: record ``tail_s`` (off where the sidecar is made before the encoder ends)."""
     from wanrender.media.sidecar import describe_files, versions
 
     if engine.files is None:
@@ -465,5 +468,7 @@ def sidecar(req: RenderRequest, engine: Engine, result: RenderResult, memory: Me
         "versions": versions(),
         # From the end of the last DiT step to this sidecar, the last thing before the
         # files take their names: decode, the encoder's end, hashing (issue #13's "tail").
-        "tail_s": round(time.perf_counter() - result.meta["sampled_at"], 3) if "sampled_at" in result.meta else None,
+        "tail_s": round(time.perf_counter() - result.meta["sampled_at"], 3)
+        if tail and "sampled_at" in result.meta
+        else None,
     }

@@ -16,7 +16,7 @@ reasons it cannot run on the current machine.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -59,12 +59,13 @@ class CheckedKernel:
     what = "fused kernel"
 
     def __init__(self) -> None:
-        self.checked: set[torch.device] = set()
+        self.checked: set[Hashable] = set()
         self.broken: str | None = None
 
-    def run(self, device: torch.device, compute: Callable[[], object], check: Callable[[object], None]):
+    def run(self, device: Hashable, compute: Callable[[], object], check: Callable[[object], None]):
         """``compute()``'s result, checked by ``check(result)`` (which calls ``verdict``)
-        on this device's first call; None once the kernel is broken."""
+        on this device's first call; None once the kernel is broken. ``device`` may be any
+        key that says which checks are separate (a device, or a device and a layout)."""
         try:
             out = compute()
             if device not in self.checked:
@@ -74,12 +75,12 @@ class CheckedKernel:
             log.warning("%s unavailable (%s): using the PyTorch ops", self.what, self.broken)
         return out if self.broken is None else None
 
-    def compare(self, device: torch.device, got: torch.Tensor, ref: torch.Tensor) -> None:
+    def compare(self, device: Hashable, got: torch.Tensor, ref: torch.Tensor) -> None:
         """The verdict of a kernel that is not bit-exact: within ``excess_error``'s bound."""
         err = excess_error(got, ref)
         self.verdict(device, None if err <= 1.0 else f"it differs from the PyTorch ops by {err:.1f}x the tolerance")
 
-    def verdict(self, device: torch.device, problem: str | None) -> None:
+    def verdict(self, device: Hashable, problem: str | None) -> None:
         if problem is None:
             self.checked.add(device)
             return

@@ -353,8 +353,9 @@ class StreamingWriter:
                 return
             if item is self._ABORT or self._stop.is_set():
                 raise _Aborted
-            frames = np.ascontiguousarray(item, dtype=np.uint8)
-            self._sha256.update(memoryview(frames).cast("B"))
+            frames = np.ascontiguousarray(np.asarray(item))
+            if frames.dtype == np.uint8 and frames.size:  # anything else the encoder refuses below
+                self._sha256.update(memoryview(frames).cast("B"))
             yield from frames
 
     def _run(self) -> None:

@@ -537,7 +537,7 @@ class WanVAE(nn.Module):
         at = 0
         # One latent frame per call bounds activation memory to a few pixel frames.
         for i in range(t):
-            frames = self.decoder(x[:, :, i : i + 1], cache)
+            frames = self.decoder(self._enter(x[:, :, i : i + 1]), cache)
             chunk = out[:, :, at : at + frames.shape[2]]
             chunk.copy_(frames).clamp_(-1.0, 1.0)
             at += frames.shape[2]

@@ -120,13 +120,20 @@ class HostFrames:
     reads them (the encoder's thread) waits, not the thread that queues the GPU work."""
 
     def __init__(self, frames: torch.Tensor) -> None:
-        self._host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
-        self._host.copy_(frames, non_blocking=True)
-        self._done = torch.cuda.Event()
-        self._done.record()
+        # Under the frames' device: the copy goes on that device's stream, so the event
+        # must too (a process rendering on cuda:1 need not have made it current).
+        self._device = frames.device
+        with torch.cuda.device(self._device):
+            self._host = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+            self._host.copy_(frames, non_blocking=True)
+            self._done = torch.cuda.Event()
+            self._done.record(torch.cuda.current_stream(self._device))
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:  # noqa: ANN001 - numpy's protocol
-        self._done.synchronize()
+        # The encoder's thread has no current device of its own: without the guard it would
+        # wake GPU 0's context there (memory a worker for another GPU must not take).
+        with torch.cuda.device(self._device):
+            self._done.synchronize()
         out = self._host.numpy()
         return out if dtype is None or np.dtype(dtype) == out.dtype else out.astype(dtype)
 

@@ -439,7 +439,8 @@ class Worker:
         # waits on the finishing thread, while the next job starts on the GPU.
         result = runner.render(req, self.files, progress=progress, write=False, encode=True)
         try:
-            doc = sidecar(req, runner.engine, result, result.meta.get("memory_record"), runner._hashes)
+            # Made before the encoder ends (on the finishing thread): no tail to report.
+            doc = sidecar(req, runner.engine, result, result.meta.get("memory_record"), runner._hashes, tail=False)
         except BaseException:
             if result.encoder is not None:
                 result.encoder.abort()
