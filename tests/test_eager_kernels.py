@@ -192,6 +192,14 @@ def test_gpu_vae_norm_writes_into_a_frame_buffer() -> None:
     assert got.data_ptr() == buf[:, :, 2:].data_ptr()
     assert torch.equal(buf[:, :, 2:], channel_rms_norm(x, norm.gamma, norm.scale, True))
     assert not buf[:, :, :2].any()  # the remembered frames' slots untouched
+    # a channels-first buffer: laid out unlike x, so the kernel's result arrives by a copy
+    from wanrender.kernels.vae_norm import ChannelNormKernel
+
+    first = torch.zeros(1, 96, 6, 24, 40, device="cuda", dtype=torch.bfloat16)
+    xf = x.contiguous()
+    got = ChannelNormKernel()(xf, norm.gamma, norm.scale, True, lambda t: norm(t, silu=True), first[:, :, 2:])
+    assert got is not None and got.data_ptr() == first[:, :, 2:].data_ptr()
+    assert torch.equal(first[:, :, 2:], channel_rms_norm(xf, norm.gamma, norm.scale, True))
 
 
 @pytest.mark.gpu

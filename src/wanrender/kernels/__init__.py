@@ -51,6 +51,12 @@ def attach(model: torch.nn.Module, kind: type, attr: str, make: Callable[[], obj
     return len(mods)
 
 
+# The row kernels (quant_rows, qk_norm, ln_mod): one program holds a whole row (the norms'
+# rows up to MAX_ROW values); the first call's check compares the first CHECK_ROWS rows.
+MAX_ROW = 16384
+CHECK_ROWS = 64
+
+
 class CheckedKernel:
     """A fused kernel whose first call on each device is checked against the PyTorch
     ops it replaces; a difference, or any exception in the kernel or the check, sends

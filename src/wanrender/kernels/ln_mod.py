@@ -24,10 +24,7 @@ import functools
 
 import torch
 
-from wanrender.kernels import CheckedKernel
-
-MAX_D = 16384
-CHECK_ROWS = 64
+from wanrender.kernels import CHECK_ROWS, MAX_ROW, CheckedKernel
 
 
 @functools.cache
@@ -87,7 +84,7 @@ class NormModulate(CheckedKernel):
     def applies(self, x: torch.Tensor, norm: torch.nn.LayerNorm, shift, dtype: torch.dtype) -> bool:
         if self.broken is not None or not x.is_cuda or x.dtype != torch.float32 or dtype != torch.bfloat16:
             return False
-        if x.dim() != 3 or not x.is_contiguous() or not 0 < x.shape[-1] <= MAX_D or torch.compiler.is_compiling():
+        if x.dim() != 3 or not x.is_contiguous() or not 0 < x.shape[-1] <= MAX_ROW or torch.compiler.is_compiling():
             return False
         if norm.weight is not None and norm.weight.device != x.device:
             return False

@@ -23,10 +23,7 @@ import functools
 
 import torch
 
-from wanrender.kernels import CheckedKernel
-
-MAX_D = 16384
-CHECK_ROWS = 64
+from wanrender.kernels import CHECK_ROWS, MAX_ROW, CheckedKernel
 
 
 @functools.cache
@@ -89,7 +86,7 @@ class NormRope(CheckedKernel):
     def applies(self, y: torch.Tensor, rope: torch.Tensor | None) -> bool:
         if self.broken is not None or not y.is_cuda or y.dtype != torch.bfloat16 or not y.is_contiguous():
             return False
-        if y.dim() < 2 or y.shape[-1] % 2 or not 0 < y.shape[-1] <= MAX_D or torch.compiler.is_compiling():
+        if y.dim() < 2 or y.shape[-1] % 2 or not 0 < y.shape[-1] <= MAX_ROW or torch.compiler.is_compiling():
             return False
         if rope is None:
             return True

@@ -24,11 +24,10 @@ import functools
 
 import torch
 
-from wanrender.kernels import CheckedKernel
+from wanrender.kernels import CHECK_ROWS, CheckedKernel
 
 FP8 = torch.float8_e4m3fn
 MAX_K = 32768  # one row per program, held in registers: wider rows take the PyTorch path
-CHECK_ROWS = 64
 
 
 @functools.cache

@@ -131,7 +131,7 @@ class ChannelNormKernel(CheckedKernel):
     def __call__(self, x: torch.Tensor, gamma: torch.Tensor, scale: float, silu: bool, reference,
                  out: torch.Tensor | None = None) -> torch.Tensor | None:  # fmt: skip
         """``reference(t)``: the module's own ops (norm, then SiLU when ``silu``) on ``t``.
-        ``out``: where to write the result (declined when the kernel cannot write there)."""
+        ``out``: where to write the result (through a copy where its layout is not ``x``'s)."""
         if (
             self.broken is not None
             or not x.is_cuda
@@ -142,13 +142,14 @@ class ChannelNormKernel(CheckedKernel):
             or x.shape[1] > MAX_C
             or x.numel() == 0
             or torch.compiler.is_compiling()
-            or (out is not None and not writes_into(x, out))
         ):
             return None
+        direct = out is None or writes_into(x, out)
         # Checked once per device and layout: the two layouts take different kernel branches.
         key = (x.device, pixel_strides(x)[1] != 1)
-        return self.run(key, lambda: channel_rms_norm(x, gamma, scale, silu, out),
-                        lambda y: self._check(key, x, y, reference))  # fmt: skip
+        y = self.run(key, lambda: channel_rms_norm(x, gamma, scale, silu, out if direct else None),
+                     lambda y: self._check(key, x, y, reference))  # fmt: skip
+        return y if direct or y is None else out.copy_(y)
 
     def _check(self, key, x, out, reference) -> None:
         first = (slice(None), slice(None), slice(0, 1))  # the first frame (or row) of every channel

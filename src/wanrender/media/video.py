@@ -76,16 +76,13 @@ def _iter_input_frames(frames: np.ndarray | Iterable[np.ndarray]) -> Iterator[np
     return iter(frames)
 
 
-PRESET = X264_PRESET  # spec.X264_PRESET says why
-
-
 def write_video(
     frames: np.ndarray | Iterable[np.ndarray],
     path: str | os.PathLike[str],
     fps: float = 16,
     crf: int = 18,
     pix_fmt: str = "yuv420p",
-    preset: str = PRESET,
+    preset: str = X264_PRESET,
     *,
     lookahead: int | None = None,
     shown_as: str | os.PathLike[str] | None = None,
@@ -328,7 +325,7 @@ class StreamingWriter:
 
     _END, _ABORT = object(), object()
 
-    def __init__(self, path: str | os.PathLike[str], fps: float = 16, crf: int = 18, *, preset: str = PRESET,
+    def __init__(self, path: str | os.PathLike[str], fps: float = 16, crf: int = 18, *, preset: str = X264_PRESET,
                  lookahead: int | None = None, shown_as: str | os.PathLike[str] | None = None) -> None:  # fmt: skip
         import hashlib
         import queue

@@ -184,11 +184,7 @@ class ChannelRMSNorm(nn.Module):
         """The norm; with ``silu`` also the SiLU that follows it in the blocks. ``out``: a
         tensor of ``x``'s shape to write the result into (returned)."""
         if self.kernel is not None:
-            reference = lambda t: self._plain(t, silu)  # noqa: E731
-            y = self.kernel(x, self.gamma, self.scale, silu, reference, out)
-            if y is None and out is not None:  # it cannot write there (a layout): a result to copy
-                y = self.kernel(x, self.gamma, self.scale, silu, reference)
-                y = None if y is None else out.copy_(y)
+            y = self.kernel(x, self.gamma, self.scale, silu, lambda t: self._plain(t, silu), out)
             if y is not None:
                 return y
         y = self._plain(x, silu)
