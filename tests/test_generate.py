@@ -188,6 +188,18 @@ def test_cli_interpolate_and_bench(tmp_path: Path) -> None:
     assert frames.shape[0] == 9 and fps == 32
     res = runner.invoke(app, ["interpolate", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o.mp4")])
     assert res.exit_code == 2 and "error:" in res.output
+    # The encoder's settings: used (x264 writes its options into the stream), and refused
+    # by their flag's name before any work.
+    res = runner.invoke(app, ["interpolate", str(tmp_path / "in.mp4"), "--method", "blend", "--x264-preset", "medium",
+                              "--crf", "23", "-o", str(tmp_path / "medium.mp4")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    head = (tmp_path / "medium.mp4").read_bytes()
+    assert b"rc_lookahead=40" in head and b"crf=23.0" in head
+    assert b"rc_lookahead=10" in (tmp_path / "out.mp4").read_bytes()  # the default, veryfast
+    for bad, says in ((["--x264-preset", "quick"], "--x264-preset 'quick' is invalid"), (["--crf", "60"], "--crf 60")):
+        res = runner.invoke(app, ["interpolate", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "bad.mp4"), *bad])
+        assert res.exit_code == 2 and says in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "bad.mp4").exists()
     res = runner.invoke(app, ["bench", "interp", "--methods", "blend,repeat"])
     assert res.exit_code == 0, res.output
     assert "blend" in res.output and "PSNR" in res.output

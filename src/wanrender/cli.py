@@ -78,10 +78,9 @@ def _default_compile_cache() -> None:
 
 
 def _fail(err: Exception) -> None:
-    from wanrender.cli_errors import flagged
+    from wanrender.cli_errors import fail
 
-    console.print(f"[bold red]error:[/] {flagged(err)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    fail(err)  # one copy of the error line: markup escaped, --debug's traceback
 
 
 @app.command()

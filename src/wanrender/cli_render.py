@@ -302,6 +302,10 @@ def interpolate(
     multiplier: int = typer.Option(2, "-x", help="Frame-rate multiplier (2..16)."),
     method: str = typer.Option("rife", "--method", help="rife (needs 'models fetch rife'), dis, blend or repeat."),
     device: Optional[str] = typer.Option(None, "--device", help="For rife: cuda, cuda:N or cpu."),
+    crf: int = typer.Option(18, "--crf", help="H.264 quality, lower is better."),
+    x264_preset: Optional[str] = typer.Option(
+        None, "--x264-preset", help="x264 speed: veryfast (default) ... veryslow (smaller files, slower encode)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ) -> None:
     """Raise a video's frame rate by MULTIPLIER (16 fps Wan output -> 32 fps with -x 2).
@@ -315,7 +319,9 @@ def interpolate(
     try:
         from wanrender.interp import check_paths
         from wanrender.runner import resolve_device
+        from wanrender.spec import X264_PRESET, check_encoding
 
+        check_encoding(crf, X264_PRESET if x264_preset is None else x264_preset)
         if device is not None:
             device = str(resolve_device(device))
         check_paths(src, out)  # the input itself is refused even with --overwrite
@@ -331,7 +337,8 @@ def interpolate(
             bar.update(tasks[0], completed=done, total=total)
 
         try:
-            info = interpolate_video(src, out, multiplier, method, device, progress=on_progress)
+            info = interpolate_video(src, out, multiplier, method, device, progress=on_progress, crf=crf,
+                                     x264_preset=x264_preset)  # fmt: skip
         finally:
             bar.stop()
     except WanrenderError as e:

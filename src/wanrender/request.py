@@ -16,13 +16,13 @@ from wanrender.spec import (
     MEMORY_MODES,
     RENDER_FPS,
     SAMPLERS,
-    X264_PRESETS,
     OutputSpec,
     RenderRequest,
     RenderSpec,
     RuntimeKnobs,
     Sampling,
     SpecError,
+    check_encoding,
     check_reserve,
 )
 
@@ -151,12 +151,7 @@ def validate(req: RenderRequest) -> RenderRequest:
         raise SpecError("seed", f"seed {r.seed} is invalid — use 0..2^63-1")
     if not 1 <= o.fps <= 240:
         raise SpecError("fps", f"fps {o.fps} is invalid — use 1..240 (Wan renders at 16)")
-    if not 0 <= o.crf <= 51:
-        raise SpecError("crf", f"crf {o.crf} is invalid — use 0..51 (lower is better quality; 18 is visually lossless)")
-    if o.x264_preset not in X264_PRESETS:
-        raise SpecError(
-            "x264_preset", f"x264_preset {o.x264_preset!r} is invalid — choose one of {', '.join(X264_PRESETS)}"
-        )
+    check_encoding(o.crf, o.x264_preset)
     for name, v in (("lora_strength_high", r.lora_strength_high), ("lora_strength_low", r.lora_strength_low)):
         if not -10.0 <= v <= 10.0:  # also rejects nan and inf
             raise SpecError(name, f"{name} {v} is invalid — use a finite value in -10..10 (the 4-step LoRAs use 1)")

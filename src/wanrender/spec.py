@@ -152,6 +152,16 @@ X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium"
 X264_PRESET = "veryfast"
 
 
+def check_encoding(crf: int, x264_preset: str) -> None:
+    """The MP4 encoder's settings, checked before any work (renders and ``interpolate``)."""
+    if not 0 <= crf <= 51:
+        raise SpecError("crf", f"crf {crf} is invalid — use 0..51 (lower is better quality; 18 is visually lossless)")
+    if x264_preset not in X264_PRESETS:
+        raise SpecError(
+            "x264_preset", f"x264_preset {x264_preset!r} is invalid — choose one of {', '.join(X264_PRESETS)}"
+        )
+
+
 @dataclass(frozen=True)
 class Sampling:
     """The two-expert sampling schedule (two KSamplerAdvanced nodes)."""

@@ -60,6 +60,7 @@ def interpolate_video(
     scene_cut: float | None = None,
     keep_duration: bool = False,
     crf: int = 18,
+    x264_preset: str | None = None,
 ) -> dict[str, Any]:
     """Interpolate a video file to ``multiplier`` x its frame rate, streaming.
 
@@ -67,12 +68,16 @@ def interpolate_video(
     grow with length); the output appears atomically at ``out_path``.
     ``progress(done, total)`` counts input frames (total may be None).
     ``scene_cut`` overrides the cut threshold (see ``flow.scene_cut_score``);
-    pass a value above 1 to disable cut detection. Returns timings and counts.
+    pass a value above 1 to disable cut detection. ``x264_preset``: None for
+    ``spec.X264_PRESET``. Returns timings and counts.
     """
     from wanrender.interp import flow
     from wanrender.media.video import audio_codec, iter_video, probe_video
+    from wanrender.spec import X264_PRESET, check_encoding
 
     t_start = time.perf_counter()
+    preset = X264_PRESET if x264_preset is None else x264_preset
+    check_encoding(crf, preset)
     multiplier = flow.check_multiplier(multiplier)
     if method not in METHODS:
         raise WanrenderError(f"unknown interpolation method {method!r} — use one of {', '.join(METHODS)}")
@@ -104,7 +109,7 @@ def interpolate_video(
 
         out_frames = (np.pad(f, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge") for f in out_frames)
     codec = audio_codec(in_path)
-    written, audio = _write(out_frames, out, Path(in_path) if codec else None, fps * multiplier, crf)
+    written, audio = _write(out_frames, out, Path(in_path) if codec else None, fps * multiplier, crf, preset)
     t_end = time.perf_counter()
     new_frames = written - stats.frames_in
     return {
@@ -112,6 +117,8 @@ def interpolate_video(
         "device": str(getattr(interp, "device", "cpu")),
         "dtype": getattr(interp, "dtype_name", None),
         "multiplier": multiplier,
+        "crf": crf,
+        "x264_preset": preset,
         "width": info.width,
         "height": info.height,
         "fps_in": fps,
@@ -147,16 +154,17 @@ def check_paths(src: str | os.PathLike[str], out: Path) -> None:
         raise WanrenderError(f"{shown(out)} is the input video — write to another file (it would be overwritten)")
 
 
-def _write(frames: Any, out: Path, audio_from: Path | None, fps: float, crf: int) -> tuple[int, str | None]:
+def _write(frames: Any, out: Path, audio_from: Path | None, fps: float, crf: int,
+           preset: str) -> tuple[int, str | None]:  # fmt: skip
     """Encode ``frames`` to ``out`` with ``audio_from``'s audio track copied; returns
     (frames written, why the audio was dropped or None)."""
     from wanrender.media.video import mux_audio, write_video
 
     if audio_from is None:
-        return write_video(frames, out, fps=fps, crf=crf), None
+        return write_video(frames, out, fps=fps, crf=crf, preset=preset), None
     video = _video_only(out)
     try:
-        written = write_video(frames, video, fps=fps, crf=crf, shown_as=out)
+        written = write_video(frames, video, fps=fps, crf=crf, preset=preset, shown_as=out)
         try:
             mux_audio(video, audio_from, out)
             return written, None
