@@ -66,6 +66,34 @@ def sequence_parallel_checks(world: World) -> dict:
     return out
 
 
+def split_decode_checks(world: World) -> dict:
+    """The VAE decode split by rows over the ranks against the whole decode in this
+    process: float bands (``rows=``) and the gathered uint8 frames, channels-first and
+    channels-last, on a height every rank count divides and on one it does not (7
+    latent rows: padded bands)."""
+    from wanrender.models.vae import VAEConfig, WanVAE
+    from wanrender.parallel.decode import bands, split_decode
+
+    torch.manual_seed(3)  # the same random VAE on every rank
+    vae = WanVAE(VAEConfig.preset("demo")).eval()
+    for p in vae.parameters():  # norms' gains near 1, conv weights large enough to mix
+        p.data = p.data.normal_(0, 0.15) if p.dim() > 1 else p.data.uniform_(0.5, 1.5)
+    out: dict = {"rank": world.rank, "cases": []}
+    for height, channels_last in ((8, False), (7, True)):
+        vae.set_channels_last(channels_last)
+        z = torch.randn(1, 16, 3, height, 5, generator=torch.Generator().manual_seed(height))
+        whole = vae.decode(z)
+        a, b = bands(height, world.size)[world.rank]
+        band = vae.decode(z, rows=(a, b))
+        seen: list = []
+        frames = split_decode(vae, z, on_frames=seen.append)
+        out["cases"].append({
+            "height": height, "band_gap": (band - whole[..., a * 8 : b * 8, :]).abs().max().item(),
+            "frames": frames, "whole": i2v.to_uint8(whole), "chunks": [len(c) for c in seen],
+        })  # fmt: skip
+    return out
+
+
 def fail_on_rank_1(world: World, how: str) -> None:
     """Rank 0 waits in a collective while rank 1 fails ``how``."""
     if world.rank == 1:

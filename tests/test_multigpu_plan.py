@@ -48,6 +48,21 @@ def test_more_gpus_are_faster_and_never_need_more_memory_per_gpu() -> None:
     assert pcie.step_seconds > chosen[2].step_seconds
 
 
+def test_the_split_decode_shrinks_with_the_gpus_but_never_below_its_share() -> None:
+    fractions = [multigpu.decode_fraction(WORK, n) for n in (1, 2, 4, 8)]
+    assert fractions[0] == 1.0 and fractions == sorted(fractions, reverse=True)
+    for n, f in zip((2, 4, 8), fractions[1:]):
+        assert 1 / n < f < 1.0  # margins and the whole-frame middle block cost something
+    tiny = Workload(81, 64, 16)  # 2 latent rows: no band for a third GPU
+    assert multigpu.decode_fraction(tiny, 4) == 1.0
+    assert multigpu.decode_gather_seconds(WORK, 4, "pcie") > multigpu.decode_gather_seconds(WORK, 4, "nvlink") > 0
+    one, four = (decide(_ctx(gpus=n), WORK).chosen for n in (1, 4))
+    assert four.stage_seconds["vae_decode"] == pytest.approx(
+        one.stage_seconds["vae_decode"] * fractions[2] + multigpu.decode_gather_seconds(WORK, 4, "nvlink")
+    )
+    assert any("VAE decode split by rows" in note for note in four.notes)
+
+
 def test_divisibility_and_memory_mode_errors() -> None:
     with pytest.raises(WanrenderError, match=r"^3 GPUs cannot share the DiT's 40 attention heads evenly — use 2, 4, 5"):
         multigpu.check_heads(3, multigpu.WAN_HEADS)

@@ -398,8 +398,8 @@ class Engine:
         ``np.asarray`` gives [T, H, W, 3] and, on a GPU, waits for their copy to the host).
         ``parallel``: this process is one rank of several rendering one video
         (``parallel.render.Ranks``: ``share`` makes rank 0's conditioning everyone's,
-        ``wrap`` turns an expert into the ranks' joint denoiser, ``decodes`` says whether
-        this rank decodes; one that does not returns no frames)."""
+        ``wrap`` turns an expert into the ranks' joint denoiser, ``decode`` decodes together and
+        returns the frames on rank 0, none elsewhere)."""
         from wanrender.request import negative_prompt
         from wanrender.runtime.plan import compiled_scope
 
@@ -469,12 +469,12 @@ class Engine:
         timings[Stage.PASS2_LOW.value] = sampled_at - t_pass[0]
         timings[Stage.SAMPLING.value] = sampled_at - t_start
         del cond, noise, ctx, neg
-        if parallel is not None and not parallel.decodes:
-            frames = np.zeros((0, r.height, r.width, 3), np.uint8)
-        else:
-            with self._stage(timings, Stage.VAE_DECODE, progress):
-                frames = i2v.decode(self.vae, latent, tiled=self.memory is not None and self.memory.plan.tiled_decode,
-                                    on_frames=on_frames)  # fmt: skip
+        tiled = self.memory is not None and self.memory.plan.tiled_decode
+        with self._stage(timings, Stage.VAE_DECODE, progress):
+            if parallel is not None:
+                frames = parallel.decode(self.vae, latent, tiled, on_frames)
+            else:
+                frames = i2v.decode(self.vae, latent, tiled=tiled, on_frames=on_frames)
         result = RenderResult(None, None, frames, latent.cpu(), timings)
         result.meta["step_seconds"] = step_times
         result.meta["during_load"] = during_load

@@ -415,11 +415,85 @@ class Decoder(nn.Module):
         self.upsamples = nn.Sequential(*blocks)
         self.head = _head(dims[-1], 3)
 
-    def forward(self, x: Tensor, cache: TimeCache) -> Tensor:
-        x = self.conv1(x, cache)
-        for block in (*self.middle, *self.upsamples):
-            x = block(x, cache)
-        return _run_layers(self.head, x, cache)
+    def forward(self, x: Tensor, cache: TimeCache, rows: tuple[int, int] | None = None) -> Tensor:
+        """``rows``: only output rows ``[8 * r0, 8 * r1)`` for latent rows ``[r0, r1)``,
+        exactly as the whole frame has them (:func:`row_windows`)."""
+        steps = (self.conv1, *self.middle, *self.upsamples, self.head)
+        windows = row_windows(steps, x.shape[-2], rows) if rows is not None else None
+        at = 0  # the first row of x, at x's resolution
+        for i, step in enumerate(steps):
+            if windows is not None:
+                x, at = _crop_rows(x, at, windows[i]), windows[i][0]
+            if step is self.head:
+                x = _run_layers(step, x, cache)
+            else:
+                x = step(x, cache)
+            at *= _row_scale(step)
+        if windows is not None:
+            x = _crop_rows(x, at, windows[-1])
+        return x
+
+
+# --- a band of rows decoded exactly (the split decode of several GPUs) -----------------
+
+
+def _row_scale(step: nn.Module) -> int:
+    return 2 if isinstance(step, Resample) and step.mode.startswith("up") else 1
+
+
+def _context_rows(step: nn.Module, after: float) -> float:
+    """Rows of input context on each side that ``after`` rows of output context need
+    (inf: the whole frame). A 3x3 conv reads one row on each side, a residual block two;
+    an upsampler's conv reads one row at twice the resolution."""
+    if isinstance(step, FrameAttention):
+        return float("inf")
+    if isinstance(step, Resample):
+        if step.mode.startswith("up"):
+            return -(-(after + 1) // 2) if after != float("inf") else after
+        raise ValueError("row windows are for the decoder (no downsampling)")
+    if isinstance(step, ResBlock):
+        return after + 2
+    if isinstance(step, CausalConv3d):
+        return after + (step.kernel_size[1] - 1) // 2
+    if isinstance(step, nn.Sequential):  # the head: norm, SiLU, conv
+        for layer in reversed(list(step)):
+            after = _context_rows(layer, after)
+        return after
+    if isinstance(step, (ChannelRMSNorm, nn.SiLU, nn.Identity)):
+        return after
+    raise TypeError(f"no row context known for {type(step).__name__}")
+
+
+def row_windows(steps: tuple[nn.Module, ...], height: int, rows: tuple[int, int]) -> list[tuple[int, int]]:
+    """The rows each step must see (at its input's resolution) so that the last one
+    yields latent rows ``rows`` exactly, then the output window itself. Rows outside a
+    window only feed rows that are cut off later: the convs' zero padding at a window's
+    edge reaches no kept row, and at the frame's own edges the windows keep its padding."""
+    r0, r1 = rows
+    if not 0 <= r0 < r1 <= height:
+        raise ValueError(f"rows {rows} outside the latent height {height}")
+    scales = [1]
+    for step in steps:
+        scales.append(scales[-1] * _row_scale(step))
+    windows: list[tuple[int, int]] = [(r0 * scales[-1], r1 * scales[-1])]
+    after = 0.0
+    for step, scale in zip(reversed(steps), reversed(scales[:-1])):
+        after = _context_rows(step, after)
+        if after == float("inf"):
+            windows.append((0, height * scale))
+        else:
+            windows.append((max(0, r0 * scale - int(after)), min(height * scale, r1 * scale + int(after))))
+    return windows[::-1]
+
+
+def _crop_rows(x: Tensor, at: int, window: tuple[int, int]) -> Tensor:
+    """x holds rows from ``at`` on; keep ``window`` (in the same layout, contiguous)."""
+    lo, hi = window[0] - at, window[1] - at
+    if lo == 0 and hi == x.shape[-2]:
+        return x
+    if lo < 0 or hi > x.shape[-2]:
+        raise AssertionError(f"window {window} outside the rows held ({at}..{at + x.shape[-2]})")
+    return x[..., lo:hi, :].contiguous(memory_format=_layout(x))
 
 
 class WanVAE(nn.Module):
@@ -508,13 +582,16 @@ class WanVAE(nn.Module):
 
     @torch.no_grad()
     def decode(
-        self, latent: Tensor, *, normalized: bool = True, on_chunk: Callable[[Tensor], None] | None = None
-    ) -> Tensor:
+        self, latent: Tensor, *, normalized: bool = True, on_chunk: Callable[[Tensor], None] | None = None,
+        rows: tuple[int, int] | None = None,
+    ) -> Tensor:  # fmt: skip
         """``[B, z, T, h, w]`` -> video ``[B, 3, 4(T-1)+1, 8h, 8w]`` float32 in [-1, 1].
 
         ``latent`` is normalised (as :meth:`encode` returns it) unless ``normalized=False``.
         ``on_chunk`` sees each chunk of finished frames (1, then 4 per latent frame) as
         soon as it is decoded, so a consumer can start on them (a video encoder).
+        ``rows``: only the pixel rows of latent rows ``[r0, r1)``, equal to those rows of
+        the whole decode (several GPUs each decode a band: ``parallel/decode.py``).
         """
         if latent.dim() != 5 or latent.shape[1] != self.config.z_dim:
             raise ValueError(f"expected latents [B, {self.config.z_dim}, T, h, w], got {tuple(latent.shape)}")
@@ -526,14 +603,15 @@ class WanVAE(nn.Module):
         x = self._enter(self.conv2(z.to(p.dtype)))
         b, _, t, h, w = x.shape
         s = self.config.spatial_stride
-        shape = (b, 3, self.config.video_frames(t), h * s, w * s)
+        band = h if rows is None else rows[1] - rows[0]
+        shape = (b, 3, self.config.video_frames(t), band * s, w * s)
         # Channels-last output too: its frames are then [T, H, W, 3] in memory already.
         out = torch.empty(shape, dtype=self._out_dtype(), device=p.device, memory_format=_layout(x))
         cache = TimeCache()
         at = 0
         # One latent frame per call bounds activation memory to a few pixel frames.
         for i in range(t):
-            frames = self.decoder(self._enter(x[:, :, i : i + 1]), cache)
+            frames = self.decoder(self._enter(x[:, :, i : i + 1]), cache, rows)
             chunk = out[:, :, at : at + frames.shape[2]]
             chunk.copy_(frames).clamp_(-1.0, 1.0)
             at += frames.shape[2]

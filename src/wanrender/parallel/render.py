@@ -8,12 +8,14 @@ in tests) render one video together.
 - Every rank loads all models (both experts replicated) and checks that the ranks
   hold the same ones (``check_replicas``). Every rank encodes the prompt and the
   image; rank 0's conditioning is broadcast so that all ranks denoise exactly the
-  same inputs. The VAE is not split: splitting pays only where measured (issue #17).
+  same inputs.
 - The DiT runs sequence-parallel (``SequenceParallel``); every rank gets the whole
   output of each step, so the samplers stay in step without further exchange.
-- Rank 0 decodes and writes the outputs all or nothing, with the sidecar recording
-  ``gpus`` and the mode; the others return after sampling. A rank that fails ends the
-  run as one line (``launch``) and no output is written.
+- The VAE decode is split by rows over the ranks (``parallel/decode.py``; a tiled
+  decode, planned for small cards, stays on rank 0). Rank 0 gathers the frames and
+  writes the outputs all or nothing, with the sidecar recording ``gpus``, the mode and
+  how the decode ran. A rank that fails ends the run as one line (``launch``) and no
+  output is written.
 """
 
 from __future__ import annotations
@@ -43,9 +45,20 @@ class Ranks:
     def size(self) -> int:
         return self.world.size
 
-    @property
-    def decodes(self) -> bool:
-        return self.world.rank == 0
+    def decode(self, vae, latent: torch.Tensor, tiled: bool, on_frames=None):
+        """The frames on rank 0 (an empty array on the others): a band of rows per rank
+        where the latent has a row per rank; a tiled decode on rank 0 alone."""
+        import numpy as np
+
+        from wanrender.parallel.decode import can_split, split_decode
+        from wanrender.pipeline import i2v
+
+        if not tiled and can_split(latent.shape[-2], self.size):
+            return split_decode(vae, latent, on_frames)
+        if self.world.rank == 0:
+            return i2v.decode(vae, latent, tiled=tiled, on_frames=on_frames)
+        s = vae.config.spatial_stride
+        return np.zeros((0, latent.shape[-2] * s, latent.shape[-1] * s, 3), np.uint8)
 
     def share(self, t: torch.Tensor) -> torch.Tensor:
         """Rank 0's tensor on every rank (same shape everywhere)."""
@@ -58,7 +71,7 @@ class Ranks:
 
     def describe(self) -> dict:
         return {"gpus": self.size, "mode": MODE, "encode": "every rank, rank 0's result broadcast",
-                "decode": "rank 0"}  # fmt: skip
+                "decode": f"rows split over {self.size} ranks (rank 0 alone for a tiled decode)"}  # fmt: skip
 
 
 def dit_heads(files: ModelFiles) -> int:

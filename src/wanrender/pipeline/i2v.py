@@ -142,13 +142,18 @@ class HostFrames:
         return tuple(self._host.shape)
 
 
+def uint8_frames(video: torch.Tensor) -> torch.Tensor:
+    """[1, 3, T, H, W] in [-1, 1] -> contiguous uint8 [T, H, W, 3] where the video is."""
+    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).contiguous()
+
+
 def to_uint8(video: torch.Tensor, wait: bool = True) -> np.ndarray | HostFrames:
     """[1, 3, T, H, W] in [-1, 1] -> contiguous uint8 [T, H, W, 3] on the host (made
     contiguous on the device: a strided host array costs the encoder a copy per frame;
     a channels-last video is laid out so already). With ``wait=False`` a CUDA video
     comes back as :class:`HostFrames`, still in transit."""
-    frames = ((video[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    frames = frames.permute(1, 2, 3, 0).contiguous()
+    frames = uint8_frames(video)
     if not wait and frames.is_cuda:
         return HostFrames(frames)
     return frames.cpu().numpy()

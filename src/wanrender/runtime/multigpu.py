@@ -7,8 +7,10 @@ Sequence parallelism (Ulysses, ``parallel/ulysses.py``) over N GPUs:
   its send and receive buffers (q, k, v of the shard, in and out);
 - time: the DiT's attention, GEMMs and token-wise work divide by N (each GPU runs
   H/N heads over the whole sequence, and every token-wise layer on L/N tokens); the
-  all-to-alls add ``all_to_all_seconds``; text encode, VAE and MP4 encode are not
-  split (each rank encodes; rank 0 decodes).
+  all-to-alls add ``all_to_all_seconds``; the VAE decode is split by rows
+  (``decode_fraction``: a band of rows plus the margins its convolutions read, and the
+  gather of the uint8 frames to rank 0); text encode, VAE encode and MP4 encode are
+  not split (each rank encodes; rank 0 writes).
 
 All-to-all bandwidth is an ASSUMPTION, not a measurement (nothing has run on several
 GPUs yet): the effective per-GPU rate of an NCCL all-to-all, ``INTERCONNECT_GBS``
@@ -81,3 +83,37 @@ def exchange_buffer_bytes(work: Workload, gpus: int, dims: DiTDims = WAN_14B) ->
     if gpus <= 1:
         return 0
     return 2 * 3 * shard_tokens(work, gpus) * dims.dim * ACT_BYTES * work.batch
+
+
+# Wan's decoder per latent frame, from its architecture (models/vae.py): the share of
+# the convolutions' FLOPs in each part, and the rows of context a band needs on each
+# side there, in latent rows (3x3 convs: 2 per residual block, 1 per upsampler's conv,
+# at that part's resolution). The middle block's whole-frame attention makes every rank
+# run the parts before it on the whole (small) latent frame.
+DECODE_PARTS = (  # (share of the decode, latent rows of margin a side; None: whole frame)
+    (0.03, None),  # conv1 + middle block (with its attention) at latent resolution
+    (0.02, 13.0),  # stage 0 at 1x
+    (0.21, 6.0),  # stage 1 at 2x (2 frames per latent frame) and its upsampler
+    (0.39, 2.5),  # stage 2 at 4x (4 frames) and its upsampler
+    (0.35, 0.9),  # stage 3 at 8x and the head
+)
+
+
+def decode_fraction(work: Workload, gpus: int) -> float:
+    """The VAE decode time of the slowest rank of a split decode, against one GPU's
+    (a model from the FLOP shares above, not a measurement)."""
+    rows = math.ceil(work.height / 8)
+    if gpus <= 1 or rows < gpus:
+        return 1.0
+    band = math.ceil(rows / gpus)
+    # An inner band reads margins on both sides; the frame's edges clip them.
+    return sum(share * (1.0 if margin is None else min(rows, band + 2 * margin) / rows)
+               for share, margin in DECODE_PARTS)  # fmt: skip
+
+
+def decode_gather_seconds(work: Workload, gpus: int, interconnect: str) -> float:
+    """Rank 0 receives the other ranks' bands of uint8 frames."""
+    if gpus <= 1:
+        return 0.0
+    frames = (work.latent_frames - 1) * 4 + 1
+    return frames * work.width * work.height * 3 * (gpus - 1) / gpus / (INTERCONNECT_GBS[interconnect] * 1e9)

@@ -189,7 +189,8 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
         notes.append(
             f"{g} GPUs, sequence parallel: DiT {parts['total']:.2f} s/step on one GPU -> {parts['total'] / g:.2f} s "
             f"+ {a2a:.2f} s all-to-all ({multigpu.INTERCONNECT_GBS[ctx.interconnect]:g} GB/s {ctx.interconnect}, "
-            "assumed); text encode and VAE not split"
+            f"assumed); VAE decode split by rows ({multigpu.decode_fraction(work, g):.2f}x of one GPU's, "
+            "modelled); text encode not split"
         )
     if plan.experts == "stream":
         n = plan.resident_blocks or 0
@@ -203,6 +204,10 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
         Stage.VAE_DECODE.value: timing.vae_seconds(gpu, work, decode=True, tiled=plan.tiled_decode),
         Stage.VIDEO_ENCODE.value: timing.video_encode_seconds(work),
     }
+    if g > 1 and not plan.tiled_decode:  # parallel/decode.py: a band of rows per GPU
+        seconds[Stage.VAE_DECODE.value] = seconds[Stage.VAE_DECODE.value] * multigpu.decode_fraction(
+            work, g
+        ) + multigpu.decode_gather_seconds(work, g, ctx.interconnect)
     if plan.experts != "resident":
         installed = (
             w.expert_top + lora + (w.num_blocks if plan.experts == "swap" else plan.resident_blocks or 0) * w.block
