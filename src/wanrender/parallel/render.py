@@ -21,6 +21,7 @@ in tests) render one video together.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,9 @@ class Ranks:
     """What the engine needs to be one rank of a sequence-parallel render."""
 
     world: World
+    # Called by every rank before each DiT forward (parallel/group.py: where a long-lived
+    # group stops a render on all ranks together); None for a one-video run.
+    gate: Callable[[], None] | None = None
 
     @property
     def size(self) -> int:
@@ -67,7 +71,7 @@ class Ranks:
         return t
 
     def wrap(self, model) -> SequenceParallel:
-        return SequenceParallel(model)
+        return SequenceParallel(model, gate=self.gate)
 
     def describe(self) -> dict:
         return {"gpus": self.size, "mode": MODE, "encode": "every rank, rank 0's result broadcast",

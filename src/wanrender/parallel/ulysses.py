@@ -25,6 +25,8 @@ model's own for cross-attention), its head and ``unpatchify``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -103,9 +105,13 @@ class SequenceParallel:
     not changed, and its single-process ``forward`` stays as it is.
     """
 
-    def __init__(self, model: WanDiT, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(self, model: WanDiT, group: dist.ProcessGroup | None = None,
+                 gate: Callable[[], None] | None = None) -> None:  # fmt: skip
+        """``gate``: called by every rank before each forward (a collective of its own:
+        ``parallel/group.py`` stops all ranks there together)."""
         check_heads(dist.get_world_size(group), model.cfg.num_heads)
         self.model = model
+        self.gate = gate
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -115,6 +121,8 @@ class SequenceParallel:
         self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, cond: torch.Tensor | None = None
     ) -> torch.Tensor:
         m, world = self.model, self.world
+        if self.gate is not None:
+            self.gate()
         if m.block_source is not None:
             # Streaming or chunking would split the self-attention into several calls per
             # block; with weights replicated and activations / N neither is needed.

@@ -132,11 +132,12 @@ class Worker:
     def __init__(self, nats_url: str, data, files, device: str = "cpu", name: str | None = None,
                  queue: QueueConfig = QueueConfig(), heartbeat_s: float = 5.0, runner=None,
                  vram_gib: float | None = None, overlap: bool = True, scratch: Path | None = None,
-                 profile: Profile | None = None) -> None:  # fmt: skip
+                 profile: Profile | None = None, gpus: int = 1) -> None:  # fmt: skip
         """``data``: a data folder or a storage (storage.py); ``vram_gib``: plan as if the
         device had this much memory (an emulated card; routing and the render's plan agree);
         ``scratch``: where an S3 worker renders before uploading (default: the temp folder);
-        ``profile``: the GPU profile applied to every job (``worker_profile``), None: none."""
+        ``profile``: the GPU profile applied to every job (``worker_profile``), None: none;
+        ``gpus``: GPUs per render (a ``parallel.group.GroupRunner`` as ``runner``)."""
         self.url, self.files, self.device = nats_url, files, device
         self.storage = as_storage(data)
         self.data = getattr(self.storage, "root", None)
@@ -144,7 +145,7 @@ class Worker:
         self.queue, self.heartbeat_s = queue, heartbeat_s
         self._runner = runner
         self.vram_gib, self.overlap, self.scratch = vram_gib, overlap, scratch
-        self.profile = profile
+        self.profile, self.gpus = profile, gpus
         self.current: str | None = None
         self.jobs_done = 0
         self.capability = None
@@ -235,7 +236,7 @@ class Worker:
     async def beat(self) -> None:
         info = {"name": self.name, "device": self.device, "warm": self._runner is not None and self._runner.engine is not None,
                 "job": self.current, "jobs_done": self.jobs_done, "host": socket.gethostname(), "pid": os.getpid(),
-                "seen_at": time.time(), "gpu": getattr(self, "gpu", None),
+                "seen_at": time.time(), "gpu": getattr(self, "gpu", None), "gpus": self.gpus,
                 "capability": self.capability.to_json() if self.capability else None}  # fmt: skip
         try:
             await self._workers_kv.put(self.name, json.dumps(info).encode())
@@ -440,7 +441,8 @@ class Worker:
         result = runner.render(req, self.files, progress=progress, write=False, encode=True)
         try:
             # Made before the encoder ends (on the finishing thread): no tail to report.
-            doc = sidecar(req, runner.engine, result, result.meta.get("memory_record"), runner._hashes, tail=False)
+            doc = sidecar(req, runner.engine, result, result.meta.get("memory_record"), runner._hashes,
+                          runner._parallel_record(), tail=False)  # fmt: skip
         except BaseException:
             if result.encoder is not None:
                 result.encoder.abort()
