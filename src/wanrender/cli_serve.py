@@ -213,8 +213,8 @@ def worker(
 ) -> None:
     """Join a running service as one more warm worker: it reads uploads from and writes results to --data, or to
     the service's S3 bucket (--s3/--bucket: no shared folder needed). It takes only the jobs that its model files
-    and its VRAM can run (the planner decides). With --parallel N it renders each job on N GPUs: one worker, a
-    video N times sooner (throughput is higher with one worker per GPU)."""
+    and its VRAM can run (the planner decides). With --parallel N it renders each job on N GPUs together: each
+    video sooner, where one worker per GPU renders more videos per hour."""
     from wanrender.service.local_workers import follow_parent
 
     follow_parent()  # a child of serve: it ends with serve
