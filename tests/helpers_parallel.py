@@ -91,6 +91,12 @@ def split_decode_checks(world: World) -> dict:
             "height": height, "band_gap": (band - whole[..., a * 8 : b * 8, :]).abs().max().item(),
             "frames": frames, "whole": i2v.to_uint8(whole), "chunks": [len(c) for c in seen],
         })  # fmt: skip
+    # Ranks that planned differently (each against its own free memory): rank 0's choice holds.
+    from wanrender.parallel.render import Ranks
+
+    z = torch.randn(1, 16, 2, 8, 5, generator=torch.Generator().manual_seed(1))
+    out["rank0_tiled"] = Ranks(world).decode(vae, z, tiled=world.rank == 0).shape
+    out["others_tiled"] = Ranks(world).decode(vae, z, tiled=world.rank != 0).shape
     return out
 
 

@@ -22,8 +22,10 @@ def _latent(height: int, width: int = 6, frames: int = 3, dtype: torch.dtype = t
 
 
 # fp64: the band runs the same convolutions on fewer rows, so only the summation order
-# can differ (measured up to 2.1e-15 on outputs in [-1, 1]). A window one row too small
-# lets a conv's zero padding into a kept row: errors of order 0.1 (checked below).
+# can differ (measured up to 2.1e-15 on outputs in [-1, 1]). A last window one row too
+# small lets a conv's zero padding into a kept row: errors of order 0.1 (checked below);
+# in early windows such an error fades through the later blocks, so every window is
+# also checked against autograd's dependencies (the last test).
 TOL = 1e-12
 
 
@@ -99,3 +101,40 @@ def test_rows_outside_the_frame_are_refused() -> None:
         vae.decode(_latent(8, dtype=torch.float32), rows=(3, 3))
     with pytest.raises(ValueError, match=r"rows \(6, 9\) outside"):
         vae.decode(_latent(8, dtype=torch.float32), rows=(6, 9))
+
+
+def _run(step: torch.nn.Module, x: torch.Tensor, head: torch.nn.Module) -> torch.Tensor:
+    from wanrender.models.vae import TimeCache, _run_layers
+
+    cache = TimeCache()  # a first chunk: no history
+    return _run_layers(step, x, cache) if step is head else step(x, cache)
+
+
+@pytest.mark.parametrize("cfg", [VAEConfig.preset("demo"), VAEConfig(base_dim=8, attn_scales=(1.0,))])
+def test_each_window_is_exactly_the_rows_the_next_one_depends_on(cfg: VAEConfig) -> None:
+    """Autograd's answer, step by step: the input rows that the next window's rows
+    depend on are exactly this window (never fewer: a row short lets the zero padding
+    in; never more: wasted work). A whole-decode comparison could not show an early
+    window one row short: its error fades through the later blocks (to 1e-16)."""
+    from wanrender.models.vae import FrameAttention
+
+    vae = _vae(cfg)
+    d = vae.decoder
+    steps = (d.conv1, *d.middle, *d.upsamples, d.head)
+    height = 13
+    x = vae.conv2(_latent(height, width=4, frames=1))
+    inputs = []
+    with torch.no_grad():
+        for step in steps:  # every step's whole-frame input
+            inputs.append(x)
+            x = _run(step, x, d.head)
+    for rows in ((0, 4), (4, 9), (9, 13), (6, 7), (0, 13)):
+        windows = row_windows(steps, height, rows)
+        for i, step in enumerate(steps):
+            if isinstance(step, FrameAttention):
+                continue  # reads the whole frame: its window is the whole frame by construction
+            xi = inputs[i].detach().clone().requires_grad_(True)
+            lo, hi = windows[i + 1]
+            _run(step, xi, d.head)[..., lo:hi, :].sum().backward()
+            used = xi.grad.abs().sum(dim=(0, 1, 2, 4)).nonzero().flatten()
+            assert (int(used.min()), int(used.max()) + 1) == windows[i], (rows, i, type(step).__name__)

@@ -416,13 +416,17 @@ class Decoder(nn.Module):
         self.head = _head(dims[-1], 3)
 
     def forward(self, x: Tensor, cache: TimeCache, rows: tuple[int, int] | None = None) -> Tensor:
-        """``rows``: only output rows ``[8 * r0, 8 * r1)`` for latent rows ``[r0, r1)``,
-        exactly as the whole frame has them (:func:`row_windows`)."""
+        """``rows``: only the output rows of latent rows ``[r0, r1)``, exactly as the
+        whole frame has them (:func:`row_windows`)."""
         steps = (self.conv1, *self.middle, *self.upsamples, self.head)
         windows = row_windows(steps, x.shape[-2], rows) if rows is not None else None
         at = 0  # the first row of x, at x's resolution
         for i, step in enumerate(steps):
-            if windows is not None:
+            # Cropped where a stage starts (after a whole-frame attention, at an upsampler,
+            # before the head), not before every block: a crop copies the activation, and
+            # a stage run on its entry window (which holds every inner one) stays exact.
+            if windows is not None and (i == 0 or isinstance(steps[i - 1], FrameAttention)
+                                        or isinstance(step, Resample) or step is self.head):  # fmt: skip
                 x, at = _crop_rows(x, at, windows[i]), windows[i][0]
             if step is self.head:
                 x = _run_layers(step, x, cache)

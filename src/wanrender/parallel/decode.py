@@ -12,7 +12,7 @@ upsampling stages, where the decode spends its time, shrink to a band plus a mar
 Per chunk (1, then 4 frames per latent frame) each rank turns its band into uint8 on
 its device and ``dist.gather`` brings the bands to rank 0 (a quarter of the float
 bytes); bands are padded to one height because a gather takes one size from every
-rank. The causal time cache of each rank holds only its band's rows.
+rank. The causal time cache of each rank holds its band and margins only.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def split_decode(vae, latent: torch.Tensor, on_frames: Callable | None = None,
         if short:
             band = torch.cat([band, band.new_zeros(band.shape[0], short, *band.shape[2:])], dim=1)
         got = [torch.empty_like(band) for _ in range(world)] if rank == 0 else None
-        dist.gather(band, got, dst=0, group=group)
+        dist.gather(band, got, dst=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         if got is None:
             return
         frames = torch.cat([g[:, : (b - a) * stride] for g, (a, b) in zip(got, split)], dim=1)

@@ -57,6 +57,9 @@ class Ranks:
         from wanrender.parallel.decode import can_split, split_decode
         from wanrender.pipeline import i2v
 
+        # Rank 0's plan decides for all: each rank planned against its own free memory, and
+        # ranks that chose differently would wait in the split decode's gathers for ever.
+        tiled = bool(self.share(torch.tensor([int(tiled)], device=latent.device)).item())
         if not tiled and can_split(latent.shape[-2], self.size):
             return split_decode(vae, latent, on_frames)
         if self.world.rank == 0:

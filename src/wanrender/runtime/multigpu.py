@@ -113,7 +113,7 @@ def decode_fraction(work: Workload, gpus: int) -> float:
 
 def decode_gather_seconds(work: Workload, gpus: int, interconnect: str) -> float:
     """Rank 0 receives the other ranks' bands of uint8 frames."""
-    if gpus <= 1:
+    if decode_fraction(work, gpus) == 1.0:  # one GPU, or fewer latent rows than GPUs: no split
         return 0.0
     frames = (work.latent_frames - 1) * 4 + 1
     return frames * work.width * work.height * 3 * (gpus - 1) / gpus / (INTERCONNECT_GBS[interconnect] * 1e9)

@@ -186,12 +186,15 @@ def predict(plan: MemoryPlan, ctx: Context, work: Workload) -> Prediction:
     if g > 1:
         a2a = multigpu.all_to_all_seconds(work, g, ctx.interconnect)
         step = step / g + a2a
+        share = multigpu.decode_fraction(work, g) if not plan.tiled_decode else 1.0
         notes.append(
             f"{g} GPUs, sequence parallel: DiT {parts['total']:.2f} s/step on one GPU -> {parts['total'] / g:.2f} s "
             f"+ {a2a:.2f} s all-to-all ({multigpu.INTERCONNECT_GBS[ctx.interconnect]:g} GB/s {ctx.interconnect}, "
-            f"assumed); VAE decode split by rows ({multigpu.decode_fraction(work, g):.2f}x of one GPU's, "
-            "modelled); text encode not split"
-        )
+            "assumed); "
+            + (f"VAE decode split by rows ({share:.2f}x of one GPU's, modelled)" if share < 1.0
+               else "VAE decode on one GPU (tiled, or too few rows to split)")
+            + "; text encode not split"
+        )  # fmt: skip
     if plan.experts == "stream":
         n = plan.resident_blocks or 0
         step += timing.stream_overhead(parts["total"], w.block, w.num_blocks - n, n, link)
