@@ -35,6 +35,21 @@ def one_line_error(r: subprocess.CompletedProcess, code: int, *words: str) -> No
         assert w in lines[0], (w, lines[0])
 
 
+def demo_home(tmp_path_factory):
+    """A module's WANRENDER_HOME with the demo models built once: the service processes it
+    starts find them there. Used as ``home = pytest.fixture(scope="module", name="home")(demo_home)``."""
+    import pytest
+
+    home = tmp_path_factory.mktemp("home")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANRENDER_HOME", str(home))
+    from wanrender.demo import ensure_demo_models
+
+    ensure_demo_models()
+    yield home
+    mp.undo()
+
+
 def wait(check, timeout: float = 60.0, every: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

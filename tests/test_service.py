@@ -22,6 +22,7 @@ pytest.importorskip("nats")
 
 from helpers_service import (
     TINY,  # noqa: E402,F401 - after the skips; test_service_auth imports it from here
+    demo_home,  # noqa: E402
     start_serve,  # noqa: E402
 )
 from helpers_service import cli as _cli  # noqa: E402
@@ -29,17 +30,7 @@ from helpers_service import env as _env  # noqa: E402
 from helpers_service import one_line_error as _one_line_error  # noqa: E402
 from helpers_service import wait as _wait  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import ensure_demo_models
-
-    ensure_demo_models()  # built once here; the service processes find them in the same home
-    yield home
-    mp.undo()
+home = pytest.fixture(scope="module", name="home")(demo_home)
 
 
 @pytest.fixture(scope="module")

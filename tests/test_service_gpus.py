@@ -16,22 +16,13 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("nats")
 
-from helpers_service import cli, env, final, one_line_error, wait  # noqa: E402
+from helpers_service import cli, demo_home, env, final, one_line_error, wait  # noqa: E402
 
 TINY1 = {"prompt": "slow dolly-in", "preset": "demo", "frames": 1, "width": 64, "height": 64, "steps": 1}
 CUDA = pytest.importorskip("torch").cuda.is_available()
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import ensure_demo_models
-
-    ensure_demo_models()  # built once; serve and its child workers find them in the same home
-    yield home
-    mp.undo()
+home = pytest.fixture(scope="module", name="home")(demo_home)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ has run on several GPUs yet."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -18,20 +19,9 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("nats")
 
-from helpers_service import TINY, cli, env, final, nats_url, one_line_error, wait  # noqa: E402
+from helpers_service import TINY, cli, demo_home, env, final, nats_url, one_line_error, wait  # noqa: E402
 
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import demo_image, ensure_demo_models
-
-    ensure_demo_models()
-    demo_image()
-    yield home
-    mp.undo()
+home = pytest.fixture(scope="module", name="home")(demo_home)
 
 
 def _children(pid: int) -> set[int]:
@@ -70,20 +60,36 @@ def _serve(e: dict, data: Path, log: Path):
     return proc, client
 
 
+def _worker(e: dict, data: Path, log: Path) -> subprocess.Popen:
+    """`wanrender worker --parallel 2` on CPU processes, joined to the serve of ``data``."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "wanrender.cli", "worker", "--nats", nats_url(data), "--data",
+                                 str(data), "--device", "cpu", "--parallel", "2"], env=e, stdout=out,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _group(e: dict, tmp_path: Path):
+    """serve with no local worker, and a `worker --parallel 2` beside it: (client, worker, its log)."""
+    data = tmp_path / "data"
+    serve, client = _serve(e, data, tmp_path / "serve.log")
+    worker = None
+    try:
+        worker = _worker(e, data, tmp_path / "worker.log")
+        yield client, worker, tmp_path / "worker.log"
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+        serve.send_signal(signal.SIGINT)
+        serve.wait(60)
+
+
 def test_a_two_process_worker_renders_cancels_and_stops_with_its_ranks(home, tmp_path: Path) -> None:
     from wanrender.demo import demo_image, ensure_demo_models
     from wanrender.media.video import read_video
 
     e = env(home, OMP_NUM_THREADS="1")
-    data = tmp_path / "data"
-    serve, client = _serve(e, data, tmp_path / "serve.log")
-    worker_log = tmp_path / "worker.log"
-    worker = None
-    try:
-        with open(worker_log, "w") as out:
-            worker = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "worker", "--nats", nats_url(data),
-                                       "--data", str(data), "--device", "cpu", "--parallel", "2"], env=e, stdout=out,
-                                      stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    with _group(e, tmp_path) as (client, worker, worker_log):
         (w,) = wait(lambda: worker.poll() is None and client.workers(), 120, 0.2) or [None]
         assert w["gpus"] == 2 and w["device"] == "cpu" and w["name"].endswith("cpux2"), w
         ranks = _children(worker.pid)
@@ -124,11 +130,6 @@ def test_a_two_process_worker_renders_cancels_and_stops_with_its_ranks(home, tmp
         assert "and 1 more (--parallel 2) joined" in text
         wait(lambda: not any(_alive(p) for p in ranks), 20)
         wait(lambda: client.workers() == [], 30, 0.5)  # it deregistered
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-        serve.send_signal(signal.SIGINT)
-        serve.wait(60)
 
 
 def test_a_rank_that_dies_mid_render_ends_the_worker_in_one_line(home, tmp_path: Path) -> None:
@@ -139,15 +140,7 @@ def test_a_rank_that_dies_mid_render_ends_the_worker_in_one_line(home, tmp_path:
     from wanrender.demo import demo_image
 
     e = env(home, OMP_NUM_THREADS="1")
-    data = tmp_path / "data"
-    serve, client = _serve(e, data, tmp_path / "serve.log")
-    worker_log = tmp_path / "worker.log"
-    worker = None
-    try:
-        with open(worker_log, "w") as out:
-            worker = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "worker", "--nats", nats_url(data),
-                                       "--data", str(data), "--device", "cpu", "--parallel", "2"], env=e, stdout=out,
-                                      stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    with _group(e, tmp_path) as (client, worker, worker_log):
         wait(lambda: worker.poll() is None and client.workers(), 120, 0.2)
         ranks = sorted(p for p in _children(worker.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
         assert len(ranks) == 2, ranks
@@ -161,11 +154,6 @@ def test_a_rank_that_dies_mid_render_ends_the_worker_in_one_line(home, tmp_path:
         assert "Traceback" not in text, text[-3000:]
         wait(lambda: not any(_alive(p) for p in ranks), 20)
         assert client.job(slow["id"])["state"] in ("running", "leased", "queued")  # not lost: its lease lapses
-    finally:
-        if worker is not None and worker.poll() is None:
-            worker.kill()
-        serve.send_signal(signal.SIGINT)
-        serve.wait(60)
 
 
 @pytest.mark.parametrize(

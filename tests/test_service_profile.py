@@ -16,22 +16,13 @@ import yaml
 pytest.importorskip("fastapi")
 pytest.importorskip("nats")
 
-from helpers_service import TINY, cli, env, final, one_line_error, start_serve  # noqa: E402
+from helpers_service import TINY, cli, demo_home, env, final, one_line_error, start_serve  # noqa: E402
 
 # Valid on a CPU, and not what a job gets without a profile (precision auto, attention auto -> sdpa).
 KNOBS = {"precision": "bf16", "attention": "reference", "compile": "off"}
 
 
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    home = tmp_path_factory.mktemp("home")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("WANRENDER_HOME", str(home))
-    from wanrender.demo import ensure_demo_models
-
-    ensure_demo_models()
-    yield home
-    mp.undo()
+home = pytest.fixture(scope="module", name="home")(demo_home)
 
 
 @pytest.fixture(scope="module")
