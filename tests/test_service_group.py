@@ -90,7 +90,7 @@ def test_a_two_process_worker_renders_cancels_and_stops_with_its_ranks(home, tmp
 
     e = env(home, OMP_NUM_THREADS="1")
     with _group(e, tmp_path) as (client, worker, worker_log):
-        (w,) = wait(lambda: worker.poll() is None and client.workers(), 120, 0.2) or [None]
+        (w,) = wait(lambda: worker.poll() is None and client.workers(), 120, 0.2)
         assert w["gpus"] == 2 and w["device"] == "cpu" and w["name"].endswith("cpux2"), w
         ranks = _children(worker.pid)
         assert len(ranks) >= 2, ranks  # the two rank processes (and multiprocessing's helper)
@@ -141,19 +141,35 @@ def test_a_rank_that_dies_mid_render_ends_the_worker_in_one_line(home, tmp_path:
 
     e = env(home, OMP_NUM_THREADS="1")
     with _group(e, tmp_path) as (client, worker, worker_log):
-        wait(lambda: worker.poll() is None and client.workers(), 120, 0.2)
+        (w,) = wait(lambda: worker.poll() is None and client.workers(), 120, 0.2)
         ranks = sorted(p for p in _children(worker.pid) if b"spawn_main" in Path(f"/proc/{p}/cmdline").read_bytes())
-        assert len(ranks) == 2, ranks
+        assert len(ranks) == 2 and w["pid"] in ranks, (ranks, w)  # rank 0 is the worker that registered
+        (follower,) = set(ranks) - {w["pid"]}
         slow = client.submit(demo_image(), {"prompt": "slow", **TINY, "steps": 200})
         wait(lambda: (j := client.job(slow["id"]))["state"] == "running" and (j["progress"] or {}).get("step"), 120)
-        os.kill(ranks[-1], signal.SIGKILL)
+        os.kill(follower, signal.SIGKILL)
         assert worker.wait(60) == 2
         text = worker_log.read_text()
         lines = [ln for ln in text.splitlines() if ln.startswith("error:")]
-        assert len(lines) == 1 and "of 2" in lines[0] and "stopped" in lines[0], text[-3000:]
+        # The rank that died is named, not rank 0, which lost it.
+        assert len(lines) == 1 and "rank 1 of 2" in lines[0] and "killed by SIGKILL" in lines[0], text[-3000:]
         assert "Traceback" not in text, text[-3000:]
         wait(lambda: not any(_alive(p) for p in ranks), 20)
         assert client.job(slow["id"])["state"] in ("running", "leased", "queued")  # not lost: its lease lapses
+
+
+def test_rank_0_without_nats_ends_the_worker_in_one_line_and_the_others_with_it(home, tmp_path: Path) -> None:
+    e = env(home, OMP_NUM_THREADS="1", WANRENDER_NATS_WAIT="2")
+    proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "worker", "--nats", "nats://127.0.0.1:9", "--data",
+                             str(tmp_path), "--device", "cpu", "--parallel", "2"], env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    ranks = wait(lambda: {p for p in _children(proc.pid)} or proc.poll() is not None, 60, 0.1)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in out + err, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "cannot reach NATS at nats://127.0.0.1:9" in lines[0], err
+    if isinstance(ranks, set):
+        wait(lambda: not any(_alive(p) for p in ranks), 20)
 
 
 @pytest.mark.parametrize(

@@ -249,8 +249,9 @@ def worker(
         from wanrender.parallel.render import check_parallel
 
         check_parallel(torch_device(dev), parallel, files)  # N divides the heads, N GPUs present
-        _run_group(parallel, dev, dict(url=url, storage=(s3, bucket, storage), files=files, vram_gib=gib,
-                                       profile=prof, shown=nats))  # fmt: skip
+        # S3 is rebuilt in rank 0 from its URL: a boto3 client does not cross a process start.
+        _run_group(parallel, dev, dict(url=url, storage=(s3, bucket, None if s3 is not None else storage),
+                                       files=files, vram_gib=gib, profile=prof, shown=nats))  # fmt: skip
         return
     w = Worker(url, storage, files, dev, vram_gib=gib, profile=prof)
     asyncio.run(_run_worker(w, dev, nats))
@@ -298,7 +299,8 @@ def _check_group(parallel: int, dev: str, gpu: Optional[int]) -> None:
 
 def _run_group(parallel: int, dev: str, spec: dict) -> None:
     """One worker on ``parallel`` processes (parallel/group.py); ends when the worker stops
-    or the group breaks (one line, exit 2: serve restarts it)."""
+    or the group breaks (one line, exit 2: for a supervisor to restart it)."""
+    import logging
     import multiprocessing
     import signal
 
@@ -308,6 +310,7 @@ def _run_group(parallel: int, dev: str, spec: dict) -> None:
 
     ctx = mp.get_context("spawn")
     commands = [ctx.Queue() for _ in range(parallel - 1)]
+    spec = dict(spec, launcher=os.getpid(), verbose=logging.getLogger().level <= logging.DEBUG)
 
     def to_the_ranks(signum: int, frame) -> None:  # noqa: ANN001 - signal's handler signature
         # Rank 0 (the worker) stops at the next step and tells the others; they ignore signals.
@@ -334,22 +337,24 @@ def _group_rank(world, commands: list, spec: dict) -> None:
     """One rank of `worker --parallel N`: rank 0 is the worker, the others follow it."""
     import asyncio
 
+    from wanrender.log import setup_logging
     from wanrender.parallel.group import GroupRunner, follow
-    from wanrender.service.worker import Worker, default_name
+    from wanrender.service.worker import Worker, default_name, emulated_gpu
 
+    setup_logging(spec["verbose"])
     if world.rank != 0:
-        follow(world, commands[world.rank - 1])
+        follow(world, commands[world.rank - 1], spec["launcher"])
         return
-    s3, bucket, storage = spec["storage"]
-    storage = _storage(s3, bucket) if s3 is not None else storage
-    dev = str(world.device) if world.device.type == "cuda" else "cpu"
-    runner = GroupRunner(world, commands)
-    w = Worker(spec["url"], storage, spec["files"], dev, name=default_name(f"{dev}x{world.size}"),
-               vram_gib=spec["vram_gib"], profile=spec["profile"], runner=runner, gpus=world.size)  # fmt: skip
-    try:
+    runner = GroupRunner(world, commands, emulated_gpu(spec["vram_gib"]))
+    try:  # from here on the others hear "stop" however rank 0 ends
+        s3, bucket, storage = spec["storage"]
+        storage = _storage(s3, bucket) if s3 is not None else storage
+        dev = str(world.device) if world.device.type == "cuda" else "cpu"
+        w = Worker(spec["url"], storage, spec["files"], dev, name=default_name(f"{dev}x{world.size}"),
+                   vram_gib=spec["vram_gib"], profile=spec["profile"], runner=runner, gpus=world.size)  # fmt: skip
         asyncio.run(_run_worker(w, dev, spec["shown"], f" and {world.size - 1} more (--parallel {world.size})"))
     finally:
-        runner.close()
+        runner.stop_group()
 
 
 def submit(

@@ -41,6 +41,8 @@ NVLINK_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 LOOPBACK = "127.0.0.1"
 GRACE_S = 3.0  # after a rank fails, how long the others get to report their own reason
+# This process's report channel when ``launch`` started it (see ``report``): (queue, rank).
+_REPORTS: list = []
 
 
 @dataclass(frozen=True)
@@ -158,8 +160,28 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def report(err: BaseException) -> None:
+    """Tell the launcher why this rank is about to end, for a rank that ends itself
+    (``os._exit``) instead of returning: its own error as the run's one line, a lost peer
+    as an echo (the peer's own reason wins), anything else as a crash with its traceback."""
+    if not _REPORTS:
+        return
+    queue, rank = _REPORTS[0]
+    if isinstance(err, WanrenderError):
+        queue.put(("error", rank, str(err)))
+    elif _is_lost(err):
+        queue.put(("lost", rank, str(err).strip().splitlines()[-1][:300] if str(err).strip() else type(err).__name__))
+    else:
+        queue.put(("crash", rank, "".join(traceback.format_exception(err))))
+
+
+def _is_lost(err: BaseException) -> bool:
+    return isinstance(err, dist.DistError) or "Connection closed by peer" in str(err)
+
+
 def _child(rank: int, n: int, device_type: str, port: int, queue: Any, fn: Callable, args: tuple, timeout: float):
     _die_with_parent()
+    _REPORTS.append((queue, rank))
     os.environ.update(NVLINK_OFF)
     os.environ.update(MASTER_ADDR=LOOPBACK, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))  # fmt: skip
@@ -175,7 +197,7 @@ def _child(rank: int, n: int, device_type: str, port: int, queue: Any, fn: Calla
     except KeyboardInterrupt:
         sys.exit(130)
     except Exception as err:
-        lost = isinstance(err, dist.DistError) or "Connection closed by peer" in str(err)
+        lost = _is_lost(err)
         queue.put(
             ("lost", rank, str(err).strip().splitlines()[-1][:300]) if lost else ("crash", rank, traceback.format_exc())
         )
@@ -209,11 +231,12 @@ def _spawn(fn: Callable[..., Any], n: int, device_type: str, args: tuple, timeou
             if failed_at is not None and time.monotonic() - failed_at > GRACE_S:
                 break
     finally:
+        started = [p for p in procs if p.pid is not None]  # a failed start leaves the rest unstarted
         for r, p in enumerate(procs):
-            if p.is_alive():
+            if p.pid is not None and p.is_alive():
                 stopped.add(r)
                 p.terminate()
-        for p in procs:
+        for p in started:
             p.join(10)
             if p.is_alive():
                 p.kill()

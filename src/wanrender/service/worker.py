@@ -86,6 +86,15 @@ def default_name(device: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in raw)
 
 
+def emulated_gpu(vram_gib: float | None):
+    """``--vram``'s card for the render's plan (None: the real one), as routing assumes it."""
+    if vram_gib is None:
+        return None
+    from wanrender.runtime import gpus
+
+    return replace(gpus.named("rtx4090"), name="a GPU").with_vram(vram_gib)
+
+
 def worker_profile(spec: str, device: str) -> Profile | None:
     """``--profile`` of ``serve`` and ``worker``, resolved once before any model loads:
     ``auto`` (the profile matching this device, if any), ``off``, or a profile file, which
@@ -159,12 +168,7 @@ class Worker:
         if self._runner is None:
             from wanrender.runner import Runner
 
-            gpu = None
-            if self.vram_gib is not None:
-                from wanrender.runtime import gpus
-
-                gpu = replace(gpus.named("rtx4090"), name="a GPU").with_vram(self.vram_gib)
-            self._runner = Runner(self.device, gpu=gpu)
+            self._runner = Runner(self.device, gpu=emulated_gpu(self.vram_gib))
         return self._runner
 
     async def run(self, stop: asyncio.Event, ready: asyncio.Event | None = None) -> None:
