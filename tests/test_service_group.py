@@ -36,14 +36,14 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _serve(e: dict, data: Path, log: Path):
+def _serve(e: dict, data: Path, log: Path, *args: str):
     from wanrender.service.broker import free_port
     from wanrender.service.client import Client
 
     port = free_port()
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "wanrender.cli", "serve", "--data", str(data), "--listen",
-                                 f"127.0.0.1:{port}", "--device", "cpu", "--workers", "0", "--lease", "10"], env=e,
+                                 f"127.0.0.1:{port}", "--device", "cpu", "--workers", "0", "--lease", "10", *args], env=e,
                                 stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     client = Client(f"http://127.0.0.1:{port}")
 
@@ -60,22 +60,24 @@ def _serve(e: dict, data: Path, log: Path):
     return proc, client
 
 
-def _worker(e: dict, data: Path, log: Path) -> subprocess.Popen:
-    """`wanrender worker --parallel 2` on CPU processes, joined to the serve of ``data``."""
+def _worker(e: dict, data: Path, log: Path, *where: str) -> subprocess.Popen:
+    """`wanrender worker --parallel 2` on CPU processes, joined to the serve of ``data``
+    (its storage: ``where``, default that data folder)."""
     with open(log, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "wanrender.cli", "worker", "--nats", nats_url(data), "--data",
-                                 str(data), "--device", "cpu", "--parallel", "2"], env=e, stdout=out,
-                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        return subprocess.Popen([sys.executable, "-m", "wanrender.cli", "worker", "--nats", nats_url(data),
+                                 *(where or ("--data", str(data))), "--device", "cpu", "--parallel", "2"], env=e,
+                                stdout=out, stderr=subprocess.STDOUT, text=True)  # fmt: skip
 
 
 @contextlib.contextmanager
-def _group(e: dict, tmp_path: Path):
-    """serve with no local worker, and a `worker --parallel 2` beside it: (client, worker, its log)."""
+def _group(e: dict, tmp_path: Path, *storage: str):
+    """serve with no local worker, and a `worker --parallel 2` beside it: (client, worker, its log).
+    ``storage``: serve's and the worker's storage flags (--s3 URL --bucket B), default a data folder."""
     data = tmp_path / "data"
-    serve, client = _serve(e, data, tmp_path / "serve.log")
+    serve, client = _serve(e, data, tmp_path / "serve.log", *storage)
     worker = None
     try:
-        worker = _worker(e, data, tmp_path / "worker.log")
+        worker = _worker(e, data, tmp_path / "worker.log", *storage)
         yield client, worker, tmp_path / "worker.log"
     finally:
         if worker is not None and worker.poll() is None:
@@ -156,6 +158,28 @@ def test_a_rank_that_dies_mid_render_ends_the_worker_in_one_line(home, tmp_path:
         assert "Traceback" not in text, text[-3000:]
         wait(lambda: not any(_alive(p) for p in ranks), 20)
         assert client.job(slow["id"])["state"] in ("running", "leased", "queued")  # not lost: its lease lapses
+
+
+def test_a_two_process_worker_on_s3_storage(home, tmp_path: Path) -> None:
+    """The storage crosses into rank 0 by its URL (an S3 client does not pickle)."""
+    pytest.importorskip("boto3")
+    pytest.importorskip("moto")
+    from helpers_service import AWS, keys, moto_server, s3_client
+
+    from wanrender.demo import demo_image
+
+    server, url = moto_server()
+    try:
+        s3c = s3_client(url)
+        s3c.create_bucket(Bucket="renders")
+        e = env(home, OMP_NUM_THREADS="1", **AWS)
+        with _group(e, tmp_path, "--s3", url, "--bucket", "renders") as (client, worker, worker_log):
+            wait(lambda: worker.poll() is None and client.workers(), 120, 0.2)
+            job = client.submit(demo_image(), {"prompt": "on s3", **TINY})
+            assert final(client, job["id"], 120)["state"] == "succeeded", worker_log.read_text()[-3000:]
+            assert f"jobs/{job['id']}/attempt-1/result.mp4" in keys(s3c, "renders", f"jobs/{job['id']}/")
+    finally:
+        server.stop()
 
 
 def test_rank_0_without_nats_ends_the_worker_in_one_line_and_the_others_with_it(home, tmp_path: Path) -> None:
