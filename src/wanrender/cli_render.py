@@ -319,9 +319,7 @@ def interpolate(
     try:
         from wanrender.interp import check_paths
         from wanrender.runner import resolve_device
-        from wanrender.spec import X264_PRESET, check_encoding
 
-        check_encoding(crf, X264_PRESET if x264_preset is None else x264_preset)
         if device is not None:
             device = str(resolve_device(device))
         check_paths(src, out)  # the input itself is refused even with --overwrite

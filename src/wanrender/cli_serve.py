@@ -248,7 +248,7 @@ def worker(
     if parallel != 1:
         from wanrender.parallel.render import check_parallel
 
-        check_parallel(torch_device(dev), parallel, files)  # N divides the heads, N GPUs present
+        check_parallel(resolve_device(dev), parallel, files)  # N divides the heads, N GPUs present
         # S3 is rebuilt in rank 0 from its URL: a boto3 client does not cross a process start.
         _run_group(parallel, dev, dict(url=url, storage=(s3, bucket, None if s3 is not None else storage),
                                        files=files, vram_gib=gib, profile=prof, shown=nats))  # fmt: skip
@@ -256,12 +256,6 @@ def worker(
     w = Worker(url, storage, files, dev, vram_gib=gib, profile=prof)
     asyncio.run(_run_worker(w, dev, nats))
     console.print("stopped", highlight=False)
-
-
-def torch_device(name: str):
-    import torch
-
-    return torch.device(name)
 
 
 async def _run_worker(w, dev: str, nats: str, note: str = "") -> None:
